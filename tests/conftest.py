@@ -1,0 +1,39 @@
+"""Shared fixtures: tiny SD pipelines built locally from a fixed seed (no network)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip_gpu)
+
+
+@pytest.fixture(scope="session")
+def micro_pipeline():
+    """The 32 px factory model; treat as read-only (copy before changing weights)."""
+    from server.models.factory import build_pipeline
+
+    return build_pipeline("micro", seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_pipeline():
+    """The 64 px factory model; treat as read-only (copy before changing weights)."""
+    from server.models.factory import build_pipeline
+
+    return build_pipeline("tiny", seed=0)
+
+
+@pytest.fixture()
+def loraloom_home(tmp_path, monkeypatch):
+    """A private data folder for the test (store, caches)."""
+    home = tmp_path / "home"
+    monkeypatch.setenv("LORALOOM_HOME", str(home))
+    return home
