@@ -78,7 +78,7 @@ def write_tokenizer_files(folder: Path) -> Path:
 
 @lru_cache(maxsize=1)
 def _tokenizer_folder() -> Path:
-    from server.models.paths import cache_dir
+    from adapters.home import cache_dir
 
     import tempfile
 

@@ -1,4 +1,4 @@
-"""Where loraloom keeps its data: one folder for the store, caches and engines."""
+"""Where loraloom keeps its data: one folder (LORALOOM_HOME) for the store, caches and engines."""
 
 from __future__ import annotations
 
