@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import logging
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from functools import lru_cache
 
 # transformers, importing image processors we never use, without torchvision.
@@ -45,3 +47,15 @@ def quiet_library_noise() -> None:
     from diffusers.utils import logging as diffusers_logging
 
     _filter_library(diffusers_logging.get_logger(), _DIFFUSERS_NOISE)
+
+
+@contextmanager
+def no_loading_bars() -> Iterator[None]:
+    """Hide diffusers' "Loading pipeline components" bar; our own log line says what loaded."""
+    from diffusers.utils import logging as diffusers_logging
+
+    diffusers_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        diffusers_logging.enable_progress_bar()

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from server.models import tokenizer as clip
+from server.models.noise import no_loading_bars
 
 CONFIG_METADATA_KEY = "loraloom.diffusers_config"
 
@@ -196,7 +197,7 @@ def load_single_file(path: Path, *, dtype: torch.dtype = torch.float32):
     from server.models.sd15_configs import SD15_CONFIGS
 
     configs = embedded_configs(path) or SD15_CONFIGS
-    with tempfile.TemporaryDirectory(prefix="loraloom-config-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="loraloom-config-") as tmp, no_loading_bars():
         folder = write_config_folder(configs, Path(tmp))
         pipeline = StableDiffusionPipeline.from_single_file(
             str(path),

@@ -78,9 +78,9 @@ def write_tokenizer_files(folder: Path) -> Path:
 
 @lru_cache(maxsize=1)
 def _tokenizer_folder() -> Path:
-    from adapters.home import cache_dir
-
     import tempfile
+
+    from adapters.home import cache_dir
 
     folder = cache_dir() / "clip-tokenizer"
     if not (folder / "merges.txt").exists():

@@ -1,0 +1,211 @@
+"""The one place that loads a base model; the server and the trainer both call it.
+
+A source is the name of a built-in model (``micro``, ``tiny``, ``small``: built
+from a seed by the factory), a diffusers folder, or a single-file SD 1.x
+``.safetensors`` checkpoint. Only safetensors weights are read: pickle
+checkpoints (``.ckpt``, ``.bin``, ``.pt``) are refused, never unpickled.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from adapters.canonical import BaseModelRef, ModuleShapes
+from adapters.errors import FailedPrecondition
+from server.models import factory
+from server.models.noise import no_loading_bars, quiet_library_noise
+from server.models.shapes import module_shapes
+
+log = logging.getLogger(__name__)
+
+PICKLE_SUFFIXES = (".ckpt", ".bin", ".pt", ".pth", ".pkl")
+REQUIRED_COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+WEIGHT_COMPONENTS = ("unet", "vae", "text_encoder")
+
+CONVERT_HINT = (
+    "loraloom reads only .safetensors weights, because loading a pickle can run arbitrary code. "
+    "Convert it once, offline, on a machine you trust, e.g. "
+    '`python -c "import torch, safetensors.torch as st; '
+    "sd = torch.load('model.ckpt', weights_only=True); sd = sd.get('state_dict', sd); "
+    "st.save_file({k: v.contiguous() for k, v in sd.items()}, 'model.safetensors')\"` "
+    "(for a diffusers folder: `pipe.save_pretrained(folder, safe_serialization=True)`)."
+)
+
+
+class BaseModelError(FailedPrecondition):
+    """The base model cannot be loaded as asked; the message says what to fix."""
+
+
+@dataclass
+class BaseModel:
+    """A loaded base model and what the rest of loraloom needs to know about it."""
+
+    pipeline: Any
+    source: str
+    name: str
+    architecture: str
+    resolution: int
+    device: torch.device
+    dtype: torch.dtype
+    load_seconds: float = field(default=0.0)
+
+    @cached_property
+    def module_shapes(self) -> ModuleShapes:
+        return module_shapes(self.pipeline)
+
+    @cached_property
+    def fingerprint(self) -> str:
+        """sha256 over every weight (names, shapes, float32 values): names the exact base."""
+        digest = hashlib.sha256()
+        for component in WEIGHT_COMPONENTS:
+            model = getattr(self.pipeline, component)
+            for key, tensor in sorted(model.state_dict().items()):
+                digest.update(f"{component}.{key}:{tuple(tensor.shape)}".encode())
+                digest.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+        return digest.hexdigest()
+
+    @property
+    def base_ref(self) -> BaseModelRef:
+        return BaseModelRef(architecture=self.architecture, fingerprint=self.fingerprint)
+
+
+def builtin_models() -> tuple[str, ...]:
+    return tuple(factory.SPECS)
+
+
+def load_base_model(
+    source: str | Path = "tiny",
+    *,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+) -> BaseModel:
+    """Load ``source`` (a built-in name, a diffusers folder or an SD 1.x single file)."""
+    quiet_library_noise()
+    started = time.perf_counter()
+    text = str(source)
+    if text in factory.SPECS:
+        pipeline = factory.build_pipeline(text, seed=0, dtype=dtype)
+        name = text
+    else:
+        path = Path(text).expanduser()
+        name = path.stem if path.is_file() else path.name
+        pipeline = _load_path(path, dtype)
+    pipeline = pipeline.to(device)
+    for component in WEIGHT_COMPONENTS:
+        getattr(pipeline, component).requires_grad_(False).eval()
+    model = BaseModel(
+        pipeline=pipeline,
+        source=text,
+        name=name,
+        architecture=infer_architecture(pipeline),
+        resolution=pipeline.unet.config.sample_size * pipeline.vae_scale_factor,
+        device=torch.device(device),
+        dtype=dtype,
+        load_seconds=time.perf_counter() - started,
+    )
+    log.info(
+        "loaded base model %s (%s, %d px) on %s in %.2fs",
+        model.name,
+        model.architecture,
+        model.resolution,
+        model.device,
+        model.load_seconds,
+    )
+    return model
+
+
+def _load_path(path: Path, dtype: torch.dtype):
+    if not path.exists():
+        raise BaseModelError(
+            f"base model {str(path)!r} not found: give a diffusers folder, an SD 1.x .safetensors file, "
+            f"or a built-in model ({', '.join(builtin_models())})"
+        )
+    if path.is_dir():
+        return _load_folder(path, dtype)
+    if path.suffix.lower() in PICKLE_SUFFIXES:
+        raise BaseModelError(f"refusing pickle checkpoint {path.name}. {CONVERT_HINT}")
+    if path.suffix.lower() != ".safetensors":
+        raise BaseModelError(
+            f"{path.name} is not a model loraloom can read: expected a diffusers folder "
+            "or an SD 1.x single-file .safetensors checkpoint"
+        )
+    from server.models.single_file import load_single_file
+
+    _refuse_pickle_bytes(path)
+    try:
+        return load_single_file(path, dtype=dtype)
+    except BaseModelError:
+        raise
+    except Exception as error:  # diffusers raises many types for a file it cannot map
+        raise BaseModelError(
+            f"{path.name} is not a loadable SD 1.x checkpoint ({error}). "
+            "SD 2.x and SDXL single files are not supported: convert them to a diffusers folder."
+        ) from error
+
+
+def _refuse_pickle_bytes(path: Path) -> None:
+    """A pickle or a torch zip archive renamed ``.safetensors`` is refused before any parsing."""
+    with path.open("rb") as handle:
+        head = handle.read(8)
+    if head[:2] == b"PK" or head[:1] == b"\x80":
+        raise BaseModelError(f"{path.name} is a pickle/zip archive named .safetensors. {CONVERT_HINT}")
+
+
+def _load_folder(path: Path, dtype: torch.dtype):
+    if not (path / "model_index.json").is_file():
+        raise BaseModelError(
+            f"{path} is not a diffusers folder: model_index.json is missing "
+            "(save one with `pipeline.save_pretrained(folder)`)"
+        )
+    missing = [name for name in REQUIRED_COMPONENTS if not (path / name).is_dir()]
+    if missing:
+        raise BaseModelError(f"diffusers folder {path} is incomplete: missing {', '.join(missing)}/")
+    for component in WEIGHT_COMPONENTS:
+        folder = path / component
+        if any(folder.glob("*.safetensors")):
+            continue
+        pickles = sorted(p.name for p in folder.iterdir() if p.suffix.lower() in PICKLE_SUFFIXES)
+        if pickles:
+            listed = ", ".join(pickles)
+            raise BaseModelError(f"{component}/ holds only pickle weights ({listed}). {CONVERT_HINT}")
+        raise BaseModelError(f"diffusers folder {path} is incomplete: no weights in {component}/")
+    from diffusers import StableDiffusionPipeline
+
+    with no_loading_bars():
+        pipeline = StableDiffusionPipeline.from_pretrained(
+            str(path),
+            torch_dtype=dtype,
+            use_safetensors=True,
+            local_files_only=True,
+            safety_checker=None,
+            requires_safety_checker=False,
+        )
+    pipeline.set_progress_bar_config(disable=True)
+    return pipeline
+
+
+def infer_architecture(pipeline) -> str:
+    """``sd_v1`` / ``sd_v2`` / ``sdxl`` for real checkpoints, ``loraloom:<size>`` for ours."""
+    if getattr(pipeline, "text_encoder_2", None) is not None:
+        return "sdxl"
+    config = pipeline.unet.config
+    channels = tuple(config.block_out_channels)
+    for spec in factory.SPECS.values():
+        if (
+            channels == spec.unet_channels
+            and config.layers_per_block == spec.unet_layers_per_block
+            and config.cross_attention_dim == spec.text_hidden
+            and pipeline.text_encoder.config.num_hidden_layers == spec.text_layers
+        ):
+            return f"loraloom:{spec.name}"
+    if channels == (320, 640, 1280, 1280):
+        return {768: "sd_v1", 1024: "sd_v2"}.get(config.cross_attention_dim, "custom")
+    return "custom"
