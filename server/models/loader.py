@@ -182,7 +182,7 @@ def _load_folder(path: Path, dtype: torch.dtype):
     with no_loading_bars():
         pipeline = StableDiffusionPipeline.from_pretrained(
             str(path),
-            torch_dtype=dtype,
+            dtype=dtype,
             use_safetensors=True,
             local_files_only=True,
             safety_checker=None,
