@@ -1,0 +1,139 @@
+"""Readiness, draining and in-flight accounting of the server.
+
+Health (``grpc.health.v1``): the empty service name is liveness (SERVING while the
+process serves), ``loraloom.v1.Loraloom`` is readiness (SERVING once the base model
+is loaded and warmed up, NOT_SERVING from the moment a drain starts).
+``GateInterceptor`` refuses loraloom.v1 calls with UNAVAILABLE while not ready or
+draining, and counts the calls in flight so a drain can wait for them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+from collections.abc import Awaitable, Callable
+
+import grpc
+from grpc import aio
+from grpc_health.v1 import health_pb2
+from grpc_health.v1.health import aio as health_aio
+
+from server.api.errors import SERVICE_PREFIX
+
+SERVICE_NAME = "loraloom.v1.Loraloom"
+LIVENESS = ""
+
+
+class Lifecycle:
+    """The server's state as health checks and new calls see it. Use on the event loop only."""
+
+    def __init__(self) -> None:
+        self.health = health_aio.HealthServicer()
+        self.ready = False
+        self.draining = False
+        self.inflight = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    async def start(self) -> None:
+        await self.health.set(LIVENESS, health_pb2.HealthCheckResponse.SERVING)
+        await self.health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.NOT_SERVING)
+
+    async def mark_ready(self) -> None:
+        self.ready = True
+        await self.health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
+
+    async def begin_drain(self) -> None:
+        """Readiness goes NOT_SERVING now; new loraloom.v1 calls get UNAVAILABLE from here on."""
+        self.draining = True
+        await self.health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.NOT_SERVING)
+
+    async def wait_idle(self, timeout: float) -> bool:
+        """Wait until no loraloom.v1 call is in flight; False when ``timeout`` passed first."""
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout)
+        except TimeoutError:
+            return False
+        return True
+
+    async def stopped(self) -> None:
+        await self.health.enter_graceful_shutdown()
+
+    def refusal(self) -> str | None:
+        if self.draining:
+            return "the server is shutting down; retry on another replica"
+        if not self.ready:
+            return "the server is starting (base model not loaded and warmed up yet); retry shortly"
+        return None
+
+    def enter(self) -> None:
+        self.inflight += 1
+        self._idle.clear()
+
+    def leave(self) -> None:
+        self.inflight -= 1
+        if self.inflight == 0:
+            self._idle.set()
+
+
+class GateInterceptor(aio.ServerInterceptor):
+    """UNAVAILABLE while not ready or draining; counts loraloom.v1 calls in flight."""
+
+    def __init__(self, lifecycle: Lifecycle) -> None:
+        self.lifecycle = lifecycle
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(handler_call_details)
+        if handler is None or not handler_call_details.method.startswith(SERVICE_PREFIX):
+            return handler
+        return _gated(handler, self.lifecycle)
+
+
+def _gated(handler: grpc.RpcMethodHandler, lifecycle: Lifecycle) -> grpc.RpcMethodHandler:
+    kwargs = {
+        "request_deserializer": handler.request_deserializer,
+        "response_serializer": handler.response_serializer,
+    }
+    for kind, factory in (
+        ("unary_unary", grpc.unary_unary_rpc_method_handler),
+        ("stream_unary", grpc.stream_unary_rpc_method_handler),
+        ("unary_stream", grpc.unary_stream_rpc_method_handler),
+        ("stream_stream", grpc.stream_stream_rpc_method_handler),
+    ):
+        behaviour = getattr(handler, kind)
+        if behaviour is not None:
+            return factory(_gate(behaviour, lifecycle), **kwargs)
+    return handler
+
+
+def _gate(behaviour, lifecycle: Lifecycle):
+    if inspect.isasyncgenfunction(behaviour):
+
+        async def streaming(request, context):
+            reason = lifecycle.refusal()
+            if reason:
+                await context.abort(grpc.StatusCode.UNAVAILABLE, reason)
+            lifecycle.enter()
+            try:
+                async for response in behaviour(request, context):
+                    yield response
+            finally:
+                lifecycle.leave()
+
+        return streaming
+
+    async def unary(request, context):
+        reason = lifecycle.refusal()
+        if reason:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, reason)
+        lifecycle.enter()
+        try:
+            return await behaviour(request, context)
+        finally:
+            lifecycle.leave()
+
+    return unary

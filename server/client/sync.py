@@ -1,0 +1,198 @@
+"""The blocking client: ``with Client("127.0.0.1:50051") as client: client.generate("a red circle")``."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from adapters.errors import DeadlineExceeded, LoraloomError, Unavailable
+from server.api.pb.loraloom.v1 import adapters_pb2, service_pb2_grpc
+from server.client import _common, convert, types
+from server.client.errors import from_rpc_error
+
+
+class Client:
+    """Typed, blocking access to a loraloom server; failures raise ``adapters.errors`` types.
+
+    ``timeout`` (seconds) is the default deadline of every call; each method takes its own too.
+    """
+
+    def __init__(
+        self,
+        target: str | None = None,
+        *,
+        timeout: float | None = None,
+        max_message_bytes: int = _common.DEFAULT_MAX_MESSAGE_BYTES,
+        channel: grpc.Channel | None = None,
+    ) -> None:
+        self.target = target or _common.default_target()
+        self.timeout = timeout
+        self._channel = channel or grpc.insecure_channel(
+            self.target, options=_common.channel_options(max_message_bytes)
+        )
+        self._stub = service_pb2_grpc.LoraloomStub(self._channel)
+        self._health = health_pb2_grpc.HealthStub(self._channel)
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _call(self, method, request, timeout: float | None):
+        try:
+            return method(request, timeout=self.timeout if timeout is None else timeout)
+        except grpc.RpcError as error:
+            raise from_rpc_error(error) from None
+
+    # Generation
+
+    def generate(
+        self,
+        prompt: str,
+        *,
+        timeout: float | None = None,
+        on_event: Callable[[types.StreamEvent], None] | None = None,
+        **options,
+    ) -> types.GenerateResult:
+        """Generate images. With ``on_event`` the call streams and reports each event as it comes.
+
+        ``options``: adapters (``"name[@version][:weight]"`` strings, ``AdapterSpec`` or
+        ``(ref, weight)``), negative_prompt, steps, guidance_scale, seed, width, height,
+        num_images, image_format ("png" or "jpeg"), preview_every, request_id.
+        """
+        if on_event is None:
+            request = convert.generate_request(prompt, **options)
+            return convert.generate_result(self._call(self._stub.Generate, request, timeout))
+        for event in self.generate_stream(prompt, timeout=timeout, **options):
+            on_event(event)
+            if isinstance(event, types.Done):
+                return event.result
+        raise Unavailable("the server closed the stream before the images were complete")
+
+    def generate_stream(
+        self, prompt: str, *, timeout: float | None = None, **options
+    ) -> Iterator[types.StreamEvent]:
+        """Queued, Progress..., ImageReady..., Done. Closing the iterator early cancels the request."""
+        request = convert.generate_request(prompt, **options)
+        call = self._stub.GenerateStream(request, timeout=self.timeout if timeout is None else timeout)
+        assembler = convert.StreamAssembler()
+        try:
+            for message in call:
+                event = assembler.feed(message)
+                if event is not None:
+                    yield event
+        except grpc.RpcError as error:
+            raise from_rpc_error(error) from None
+        finally:
+            call.cancel()
+
+    # Adapters in the store
+
+    def list_adapters(
+        self,
+        *,
+        name_prefix: str = "",
+        architecture: str = "",
+        all_versions: bool = False,
+        page_size: int = 0,
+        page_token: str = "",
+        timeout: float | None = None,
+    ) -> types.AdapterPage:
+        request = _common.list_request(name_prefix, architecture, all_versions, page_size, page_token)
+        response = self._call(self._stub.ListAdapters, request, timeout)
+        return types.AdapterPage(
+            adapters=[convert.adapter_info(item) for item in response.adapters],
+            next_page_token=response.next_page_token,
+        )
+
+    def iter_adapters(self, **filters) -> Iterator[types.AdapterInfo]:
+        """Every matching adapter version, fetching page after page."""
+        token = ""
+        while True:
+            page = self.list_adapters(page_token=token, **filters)
+            yield from page.adapters
+            token = page.next_page_token
+            if not token:
+                return
+
+    def get_adapter(self, ref: str, *, timeout: float | None = None) -> types.AdapterInfo:
+        response = self._call(self._stub.GetAdapter, adapters_pb2.GetAdapterRequest(ref=ref), timeout)
+        return convert.adapter_info(response)
+
+    def upload_adapter(
+        self,
+        source: str | Path | bytes,
+        name: str,
+        *,
+        description: str = "",
+        metadata: dict[str, str] | None = None,
+        aliases: tuple[str, ...] | list[str] = (),
+        chunk_size: int = _common.DEFAULT_CHUNK_BYTES,
+        timeout: float | None = None,
+    ) -> types.AdapterInfo:
+        """Upload a .safetensors file (a path or its bytes) as a new version of ``name``."""
+        data, digest = _common.read_adapter(source)
+        messages = convert.upload_messages(
+            name,
+            data,
+            digest,
+            description=description,
+            metadata=metadata,
+            aliases=aliases,
+            chunk_size=chunk_size,
+        )
+        return convert.adapter_info(self._call(self._stub.UploadAdapter, messages, timeout))
+
+    def delete_adapter(self, ref: str, *, timeout: float | None = None) -> list[types.AdapterInfo]:
+        response = self._call(self._stub.DeleteAdapter, adapters_pb2.DeleteAdapterRequest(ref=ref), timeout)
+        return [convert.adapter_info(item) for item in response.deleted]
+
+    def set_alias(self, name: str, alias: str, version: int, *, timeout: float | None = None):
+        request = adapters_pb2.SetAliasRequest(name=name, alias=alias, version=version)
+        return convert.adapter_info(self._call(self._stub.SetAlias, request, timeout))
+
+    # The engine's adapter cache
+
+    def load_adapter(self, ref: str, *, pin: bool = False, timeout: float | None = None):
+        request = adapters_pb2.LoadAdapterRequest(ref=ref, pin=pin)
+        return convert.resident_adapter(self._call(self._stub.LoadAdapter, request, timeout))
+
+    def unload_adapter(self, ref: str, *, timeout: float | None = None) -> bool:
+        request = adapters_pb2.UnloadAdapterRequest(ref=ref)
+        return self._call(self._stub.UnloadAdapter, request, timeout).unloaded
+
+    def list_resident(self, *, timeout: float | None = None) -> types.ResidentList:
+        request = adapters_pb2.ListResidentAdaptersRequest()
+        return convert.resident_list(self._call(self._stub.ListResidentAdapters, request, timeout))
+
+    # The server
+
+    def server_info(self, *, timeout: float | None = None) -> types.ServerInfo:
+        return convert.server_info(self._call(self._stub.GetServerInfo, _common.SERVER_INFO_REQUEST, timeout))
+
+    def health(self, service: str = _common.READINESS_SERVICE, *, timeout: float | None = 5.0) -> str:
+        """``SERVING``, ``NOT_SERVING``, ... of ``service`` ("" is liveness)."""
+        request = health_pb2.HealthCheckRequest(service=service)
+        response = self._call(self._health.Check, request, timeout)
+        return health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
+
+    def wait_ready(self, timeout: float = 60.0) -> None:
+        """Block until readiness is SERVING; raise DeadlineExceeded after ``timeout`` seconds."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                if self.health(timeout=max(0.1, min(5.0, deadline - time.monotonic()))) == "SERVING":
+                    return
+            except LoraloomError:
+                pass
+            if time.monotonic() >= deadline:
+                raise DeadlineExceeded(f"{self.target} not ready after {timeout:g}s")
+            time.sleep(0.1)

@@ -1,0 +1,199 @@
+"""Plain data the client hands back: no protobuf types leak out of ``server.client``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from adapters.errors import InvalidArgument
+
+
+@dataclass(frozen=True)
+class AdapterSpec:
+    """One adapter of a blend: a reference and a weight.
+
+    A reference is ``name``, ``name@3`` (a version), ``name@alias`` or ``sha256:<hex>``.
+    """
+
+    ref: str
+    weight: float = 1.0
+
+    @classmethod
+    def parse(cls, text: str) -> AdapterSpec:
+        """Parse ``name[@version][:weight]`` (also ``sha256:<hex>[:weight]``)."""
+        text = text.strip()
+        ref, weight = text, 1.0
+        head, sep, tail = text.rpartition(":")
+        is_bare_digest = head == "sha256" and ":" not in tail
+        if sep and not is_bare_digest:
+            try:
+                weight = float(tail)
+            except ValueError:
+                raise InvalidArgument(
+                    f"bad adapter weight {tail!r} in {text!r}: use name[@version][:weight], e.g. style@2:0.8"
+                ) from None
+            ref = head
+        if not ref:
+            raise InvalidArgument(f"empty adapter reference in {text!r}: use name[@version][:weight]")
+        return cls(ref=ref, weight=weight)
+
+
+@dataclass(frozen=True)
+class Image:
+    """An encoded image (PNG or JPEG bytes) and what made it."""
+
+    data: bytes
+    mime_type: str
+    width: int
+    height: int
+    seed: int
+
+    def save(self, path) -> None:
+        from pathlib import Path
+
+        Path(path).write_bytes(self.data)
+
+
+@dataclass(frozen=True)
+class Timing:
+    queue_ms: float = 0.0
+    swap_ms: float = 0.0
+    inference_ms: float = 0.0
+    total_ms: float = 0.0
+
+
+@dataclass(frozen=True)
+class GenerateResult:
+    images: list[Image]
+    timing: Timing
+    blend_signature: str = ""
+
+
+@dataclass(frozen=True)
+class Queued:
+    """Stream event: ``position`` requests are ahead of this one."""
+
+    position: int
+
+
+@dataclass(frozen=True)
+class Progress:
+    """Stream event: ``step`` of ``total_steps`` done; ``preview`` when previews were asked for."""
+
+    step: int
+    total_steps: int
+    preview: Image | None = None
+
+
+@dataclass(frozen=True)
+class ImageReady:
+    """Stream event: image ``index`` is complete (its chunks reassembled)."""
+
+    index: int
+    image: Image
+
+
+@dataclass(frozen=True)
+class Done:
+    """Stream event: the last one; ``result`` holds every image."""
+
+    result: GenerateResult
+
+
+StreamEvent = Queued | Progress | ImageReady | Done
+
+
+@dataclass(frozen=True)
+class AdapterInfo:
+    """One adapter version in the store."""
+
+    name: str
+    version: int
+    sha256: str
+    size_bytes: int
+    architecture: str = ""
+    base_fingerprint: str = ""
+    module_count: int = 0
+    ranks: tuple[int, ...] = ()
+    aliases: tuple[str, ...] = ()
+    description: str = ""
+    metadata: dict[str, str] = field(default_factory=dict)
+    created_at: float = 0.0
+
+    @property
+    def ref(self) -> str:
+        return f"{self.name}@{self.version}"
+
+
+@dataclass(frozen=True)
+class AdapterPage:
+    adapters: list[AdapterInfo]
+    next_page_token: str = ""
+
+
+@dataclass(frozen=True)
+class ResidentAdapter:
+    name: str
+    version: int
+    sha256: str
+    size_bytes: int
+    pinned: bool
+
+
+@dataclass(frozen=True)
+class CacheStats:
+    used_bytes: int = 0
+    capacity_bytes: int = 0
+    entries: int = 0
+    hits: int = 0
+    misses: int = 0
+    evictions: int = 0
+    swaps: int = 0
+
+
+@dataclass(frozen=True)
+class ResidentList:
+    adapters: list[ResidentAdapter]
+    cache: CacheStats
+
+
+@dataclass(frozen=True)
+class BaseModelInfo:
+    name: str = ""
+    source: str = ""
+    architecture: str = ""
+    fingerprint: str = ""
+    resolution: int = 0
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_message_bytes: int = 0
+    max_upload_bytes: int = 0
+    max_queue: int = 0
+    max_steps: int = 0
+    max_images: int = 0
+    max_adapters: int = 0
+    max_size: int = 0
+
+
+@dataclass(frozen=True)
+class QueueStats:
+    queued: int = 0
+    running: int = 0
+    completed: int = 0
+    failed: int = 0
+    cancelled: int = 0
+    rejected: int = 0
+
+
+@dataclass(frozen=True)
+class ServerInfo:
+    version: str
+    base_model: BaseModelInfo
+    backend: str
+    device: str
+    dtype: str
+    limits: Limits
+    cache: CacheStats
+    queue: QueueStats
+    ready: bool
