@@ -36,6 +36,7 @@ def read_adapter(source: str | Path | bytes) -> tuple[bytes, str]:
 def list_request(
     name_prefix: str = "",
     architecture: str = "",
+    tag: str = "",
     all_versions: bool = False,
     page_size: int = 0,
     page_token: str = "",
@@ -43,6 +44,7 @@ def list_request(
     return adapters_pb2.ListAdaptersRequest(
         name_prefix=name_prefix,
         architecture=architecture,
+        tag=tag,
         all_versions=all_versions,
         page_size=page_size,
         page_token=page_token,

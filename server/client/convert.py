@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable, Sequence
 
 from adapters.errors import InvalidArgument
@@ -154,12 +155,16 @@ def adapter_info(message: adapters_pb2.AdapterVersion) -> types.AdapterInfo:
         size_bytes=message.size_bytes,
         architecture=message.architecture,
         base_fingerprint=message.base_fingerprint,
-        module_count=message.module_count,
-        ranks=tuple(message.ranks),
+        rank=message.rank,
+        format=message.format,
         aliases=tuple(message.aliases),
         description=message.description,
         metadata=dict(message.metadata),
         created_at=message.created_at,
+        components=tuple(message.components),
+        tags=tuple(message.tags),
+        trigger_words=tuple(message.trigger_words),
+        training_metadata=json.loads(message.training_metadata_json or "{}"),
     )
 
 
@@ -171,6 +176,8 @@ def upload_messages(
     description: str = "",
     metadata: dict[str, str] | None = None,
     aliases: Sequence[str] = (),
+    tags: Sequence[str] = (),
+    trigger_words: Sequence[str] = (),
     chunk_size: int = 1 << 20,
 ):
     """The UploadAdapter stream: metadata, then ``data`` in chunks of ``chunk_size``."""
@@ -182,6 +189,8 @@ def upload_messages(
             description=description,
             metadata=metadata or {},
             aliases=list(aliases),
+            tags=list(tags),
+            trigger_words=list(trigger_words),
         )
     )
     view = memoryview(data)

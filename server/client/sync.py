@@ -101,12 +101,13 @@ class Client:
         *,
         name_prefix: str = "",
         architecture: str = "",
+        tag: str = "",
         all_versions: bool = False,
         page_size: int = 0,
         page_token: str = "",
         timeout: float | None = None,
     ) -> types.AdapterPage:
-        request = _common.list_request(name_prefix, architecture, all_versions, page_size, page_token)
+        request = _common.list_request(name_prefix, architecture, tag, all_versions, page_size, page_token)
         response = self._call(self._stub.ListAdapters, request, timeout)
         return types.AdapterPage(
             adapters=[convert.adapter_info(item) for item in response.adapters],
@@ -135,6 +136,8 @@ class Client:
         description: str = "",
         metadata: dict[str, str] | None = None,
         aliases: tuple[str, ...] | list[str] = (),
+        tags: tuple[str, ...] | list[str] = (),
+        trigger_words: tuple[str, ...] | list[str] = (),
         chunk_size: int = _common.DEFAULT_CHUNK_BYTES,
         timeout: float | None = None,
     ) -> types.AdapterInfo:
@@ -147,6 +150,8 @@ class Client:
             description=description,
             metadata=metadata,
             aliases=aliases,
+            tags=tags,
+            trigger_words=trigger_words,
             chunk_size=chunk_size,
         )
         return convert.adapter_info(self._call(self._stub.UploadAdapter, messages, timeout))

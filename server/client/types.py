@@ -11,7 +11,7 @@ from adapters.errors import InvalidArgument
 class AdapterSpec:
     """One adapter of a blend: a reference and a weight.
 
-    A reference is ``name``, ``name@3`` (a version), ``name@alias`` or ``sha256:<hex>``.
+    A reference is ``name`` (the newest version), ``name@3`` (a version) or ``name@alias``.
     """
 
     ref: str
@@ -19,12 +19,11 @@ class AdapterSpec:
 
     @classmethod
     def parse(cls, text: str) -> AdapterSpec:
-        """Parse ``name[@version][:weight]`` (also ``sha256:<hex>[:weight]``)."""
+        """Parse ``name[@version][:weight]``, e.g. ``style@2:0.8``."""
         text = text.strip()
         ref, weight = text, 1.0
         head, sep, tail = text.rpartition(":")
-        is_bare_digest = head == "sha256" and ":" not in tail
-        if sep and not is_bare_digest:
+        if sep:
             try:
                 weight = float(tail)
             except ValueError:
@@ -112,12 +111,16 @@ class AdapterInfo:
     size_bytes: int
     architecture: str = ""
     base_fingerprint: str = ""
-    module_count: int = 0
-    ranks: tuple[int, ...] = ()
+    rank: int = 0
+    format: str = ""
     aliases: tuple[str, ...] = ()
     description: str = ""
     metadata: dict[str, str] = field(default_factory=dict)
     created_at: float = 0.0
+    components: tuple[str, ...] = ()
+    tags: tuple[str, ...] = ()
+    trigger_words: tuple[str, ...] = ()
+    training_metadata: dict = field(default_factory=dict)
 
     @property
     def ref(self) -> str:

@@ -179,8 +179,6 @@ def test_upload_sends_metadata_then_chunks_with_the_sha256(scripted, tmp_path):
         ("style:0.8", "style", 0.8),
         ("style@3", "style@3", 1.0),
         ("style@stable:-0.5", "style@stable", -0.5),
-        ("sha256:" + "a" * 64, "sha256:" + "a" * 64, 1.0),
-        ("sha256:" + "1" * 64 + ":0.3", "sha256:" + "1" * 64, 0.3),
     ],
 )
 def test_adapter_spec_parse(text, ref, weight):

@@ -7,7 +7,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class AdapterVersion(_message.Message):
-    __slots__ = ("name", "version", "sha256", "size_bytes", "architecture", "base_fingerprint", "module_count", "ranks", "aliases", "description", "metadata", "created_at")
+    __slots__ = ("name", "version", "sha256", "size_bytes", "architecture", "base_fingerprint", "rank", "format", "aliases", "description", "metadata", "created_at", "components", "tags", "trigger_words", "training_metadata_json")
     class MetadataEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -21,39 +21,49 @@ class AdapterVersion(_message.Message):
     SIZE_BYTES_FIELD_NUMBER: _ClassVar[int]
     ARCHITECTURE_FIELD_NUMBER: _ClassVar[int]
     BASE_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
-    MODULE_COUNT_FIELD_NUMBER: _ClassVar[int]
-    RANKS_FIELD_NUMBER: _ClassVar[int]
+    RANK_FIELD_NUMBER: _ClassVar[int]
+    FORMAT_FIELD_NUMBER: _ClassVar[int]
     ALIASES_FIELD_NUMBER: _ClassVar[int]
     DESCRIPTION_FIELD_NUMBER: _ClassVar[int]
     METADATA_FIELD_NUMBER: _ClassVar[int]
     CREATED_AT_FIELD_NUMBER: _ClassVar[int]
+    COMPONENTS_FIELD_NUMBER: _ClassVar[int]
+    TAGS_FIELD_NUMBER: _ClassVar[int]
+    TRIGGER_WORDS_FIELD_NUMBER: _ClassVar[int]
+    TRAINING_METADATA_JSON_FIELD_NUMBER: _ClassVar[int]
     name: str
     version: int
     sha256: str
     size_bytes: int
     architecture: str
     base_fingerprint: str
-    module_count: int
-    ranks: _containers.RepeatedScalarFieldContainer[int]
+    rank: int
+    format: str
     aliases: _containers.RepeatedScalarFieldContainer[str]
     description: str
     metadata: _containers.ScalarMap[str, str]
     created_at: float
-    def __init__(self, name: _Optional[str] = ..., version: _Optional[int] = ..., sha256: _Optional[str] = ..., size_bytes: _Optional[int] = ..., architecture: _Optional[str] = ..., base_fingerprint: _Optional[str] = ..., module_count: _Optional[int] = ..., ranks: _Optional[_Iterable[int]] = ..., aliases: _Optional[_Iterable[str]] = ..., description: _Optional[str] = ..., metadata: _Optional[_Mapping[str, str]] = ..., created_at: _Optional[float] = ...) -> None: ...
+    components: _containers.RepeatedScalarFieldContainer[str]
+    tags: _containers.RepeatedScalarFieldContainer[str]
+    trigger_words: _containers.RepeatedScalarFieldContainer[str]
+    training_metadata_json: str
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[int] = ..., sha256: _Optional[str] = ..., size_bytes: _Optional[int] = ..., architecture: _Optional[str] = ..., base_fingerprint: _Optional[str] = ..., rank: _Optional[int] = ..., format: _Optional[str] = ..., aliases: _Optional[_Iterable[str]] = ..., description: _Optional[str] = ..., metadata: _Optional[_Mapping[str, str]] = ..., created_at: _Optional[float] = ..., components: _Optional[_Iterable[str]] = ..., tags: _Optional[_Iterable[str]] = ..., trigger_words: _Optional[_Iterable[str]] = ..., training_metadata_json: _Optional[str] = ...) -> None: ...
 
 class ListAdaptersRequest(_message.Message):
-    __slots__ = ("name_prefix", "architecture", "all_versions", "page_size", "page_token")
+    __slots__ = ("name_prefix", "architecture", "tag", "all_versions", "page_size", "page_token")
     NAME_PREFIX_FIELD_NUMBER: _ClassVar[int]
     ARCHITECTURE_FIELD_NUMBER: _ClassVar[int]
+    TAG_FIELD_NUMBER: _ClassVar[int]
     ALL_VERSIONS_FIELD_NUMBER: _ClassVar[int]
     PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
     PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
     name_prefix: str
     architecture: str
+    tag: str
     all_versions: bool
     page_size: int
     page_token: str
-    def __init__(self, name_prefix: _Optional[str] = ..., architecture: _Optional[str] = ..., all_versions: _Optional[bool] = ..., page_size: _Optional[int] = ..., page_token: _Optional[str] = ...) -> None: ...
+    def __init__(self, name_prefix: _Optional[str] = ..., architecture: _Optional[str] = ..., tag: _Optional[str] = ..., all_versions: _Optional[bool] = ..., page_size: _Optional[int] = ..., page_token: _Optional[str] = ...) -> None: ...
 
 class ListAdaptersResponse(_message.Message):
     __slots__ = ("adapters", "next_page_token")
@@ -70,7 +80,7 @@ class GetAdapterRequest(_message.Message):
     def __init__(self, ref: _Optional[str] = ...) -> None: ...
 
 class UploadMetadata(_message.Message):
-    __slots__ = ("name", "sha256", "size_bytes", "description", "metadata", "aliases")
+    __slots__ = ("name", "sha256", "size_bytes", "description", "metadata", "aliases", "tags", "trigger_words")
     class MetadataEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -84,13 +94,17 @@ class UploadMetadata(_message.Message):
     DESCRIPTION_FIELD_NUMBER: _ClassVar[int]
     METADATA_FIELD_NUMBER: _ClassVar[int]
     ALIASES_FIELD_NUMBER: _ClassVar[int]
+    TAGS_FIELD_NUMBER: _ClassVar[int]
+    TRIGGER_WORDS_FIELD_NUMBER: _ClassVar[int]
     name: str
     sha256: str
     size_bytes: int
     description: str
     metadata: _containers.ScalarMap[str, str]
     aliases: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, name: _Optional[str] = ..., sha256: _Optional[str] = ..., size_bytes: _Optional[int] = ..., description: _Optional[str] = ..., metadata: _Optional[_Mapping[str, str]] = ..., aliases: _Optional[_Iterable[str]] = ...) -> None: ...
+    tags: _containers.RepeatedScalarFieldContainer[str]
+    trigger_words: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, name: _Optional[str] = ..., sha256: _Optional[str] = ..., size_bytes: _Optional[int] = ..., description: _Optional[str] = ..., metadata: _Optional[_Mapping[str, str]] = ..., aliases: _Optional[_Iterable[str]] = ..., tags: _Optional[_Iterable[str]] = ..., trigger_words: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class UploadAdapterRequest(_message.Message):
     __slots__ = ("metadata", "chunk")
