@@ -1,0 +1,146 @@
+"""The metadata database: engines for SQLite and PostgreSQL, schema upgrades, retried transactions.
+
+SQLite: WAL journal, foreign keys on, and every transaction is ``BEGIN
+IMMEDIATE`` so writers queue on the busy timeout instead of failing half way
+(a deferred transaction that upgrades to a write lock fails at once in WAL
+mode). PostgreSQL: READ COMMITTED; row locks order competing writers, and a
+transaction-scoped advisory lock serializes concurrent first opens.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import TypeVar
+
+from alembic import command
+from alembic.config import Config
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from sqlalchemy import Connection, Engine, create_engine, event, text
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError, DBAPIError, IntegrityError, OperationalError
+
+from adapters.errors import InvalidArgument
+
+MIGRATIONS = Path(__file__).with_name("migrations")
+SUPPORTED_BACKENDS = ("sqlite", "postgresql")
+BUSY_TIMEOUT_S = 60.0
+# pg_advisory_xact_lock key for schema upgrades: "lorastor" as a big-endian int64.
+_SCHEMA_LOCK_KEY = int.from_bytes(b"lorastor", "big") & (2**63 - 1)
+
+T = TypeVar("T")
+
+
+def sqlite_url(path: Path) -> str:
+    return f"sqlite:///{Path(path).absolute()}"
+
+
+def backend_of(url: str) -> str:
+    try:
+        backend = make_url(url).get_backend_name()
+    except ArgumentError:
+        raise InvalidArgument(
+            f"invalid database URL {url!r}: use sqlite:////path/to/store.db or "
+            "postgresql+psycopg://user:password@host:5432/dbname"
+        ) from None
+    if backend not in SUPPORTED_BACKENDS:
+        raise InvalidArgument(
+            f"unsupported database {backend!r} in the store URL: use SQLite (one host) or PostgreSQL "
+            "(several processes or replicas), e.g. postgresql+psycopg://user:password@host/dbname"
+        )
+    return backend
+
+
+def make_engine(url: str) -> Engine:
+    """An engine for a SQLite or PostgreSQL URL, configured for the store's concurrency rules."""
+    backend = backend_of(url)
+    if backend == "sqlite":
+        return _sqlite_engine(url)
+    if make_url(url).drivername == "postgresql":
+        url = str(make_url(url).set(drivername="postgresql+psycopg"))
+    return create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=5)
+
+
+def _sqlite_engine(url: str) -> Engine:
+    database = make_url(url).database
+    if not database or database == ":memory:":
+        raise InvalidArgument(
+            "the store needs a SQLite file (sqlite:////path/to/store.db), not an in-memory database"
+        )
+    Path(database).parent.mkdir(parents=True, exist_ok=True)
+    engine = create_engine(url, connect_args={"timeout": BUSY_TIMEOUT_S, "check_same_thread": False})
+
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_connection, _record) -> None:
+        # Take transaction control away from the sqlite3 module; "begin" below emits our own.
+        dbapi_connection.isolation_level = None
+        cursor = dbapi_connection.cursor()
+        cursor.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT_S * 1000)}")
+        cursor.execute("PRAGMA journal_mode = WAL")
+        cursor.execute("PRAGMA synchronous = FULL")
+        cursor.execute("PRAGMA foreign_keys = ON")
+        cursor.close()
+
+    @event.listens_for(engine, "begin")
+    def _on_begin(connection: Connection) -> None:
+        connection.exec_driver_sql("BEGIN IMMEDIATE")
+
+    return engine
+
+
+def _alembic_config(connection: Connection) -> Config:
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS))
+    config.attributes["connection"] = connection
+    return config
+
+
+def head_revision() -> str:
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS))
+    head = ScriptDirectory.from_config(config).get_current_head()
+    assert head is not None
+    return head
+
+
+def current_revision(engine: Engine) -> str | None:
+    with engine.connect() as connection:
+        return MigrationContext.configure(connection).get_current_revision()
+
+
+def upgrade(engine: Engine) -> None:
+    """Bring the schema to the newest revision; safe when several processes open a new store at once."""
+    if current_revision(engine) == head_revision():
+        return
+    with engine.begin() as connection:
+        if connection.dialect.name == "postgresql":
+            connection.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _SCHEMA_LOCK_KEY})
+        # SQLite: BEGIN IMMEDIATE already holds the write lock; the loser re-reads the head and does nothing.
+        command.upgrade(_alembic_config(connection), "head")
+
+
+def _is_transient(exc: DBAPIError) -> bool:
+    """Errors a retry of the whole transaction resolves: lock timeouts, deadlocks, unique races."""
+    sqlstate = getattr(exc.orig, "sqlstate", None)
+    if sqlstate in ("40001", "40P01", "55P03", "23505"):
+        return True
+    message = str(exc.orig).lower()
+    if isinstance(exc, OperationalError):
+        return "database is locked" in message or "database is busy" in message
+    return isinstance(exc, IntegrityError) and "unique constraint failed" in message
+
+
+def run_transaction(engine: Engine, work: Callable[[Connection], T], *, attempts: int = 8) -> T:
+    """Run ``work`` in one transaction, retrying it from the start on transient conflicts."""
+    for attempt in range(1, attempts + 1):
+        try:
+            with engine.begin() as connection:
+                return work(connection)
+        except (OperationalError, IntegrityError) as exc:
+            if attempt == attempts or not _is_transient(exc):
+                raise
+            time.sleep(min(0.5, 0.01 * 2**attempt) * (0.5 + random.random()))
+    raise AssertionError("unreachable")
