@@ -1,0 +1,159 @@
+"""diffusers LoRA files (``pytorch_lora_weights.safetensors``).
+
+Read: the PEFT-style layout diffusers writes since 0.22 (``unet.<module>.lora_A.weight``
+/ ``lora_B.weight``, alpha and ranks from the ``lora_adapter_metadata`` JSON or
+``<module>.alpha`` tensors, else alpha = rank), and the older layouts
+``<module>.lora.down/up.weight``, ``<attn>.processor.to_q_lora.down/up.weight``
+and ``<module>.lora_linear_layer.down/up.weight``.
+
+Write: the PEFT-style layout with ``lora_adapter_metadata`` carrying each
+component's ``r``/``lora_alpha`` and per-module ``rank_pattern``/``alpha_pattern``,
+which ``pipe.load_lora_weights`` turns into a ``LoraConfig``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections import Counter
+from collections.abc import Mapping
+
+import torch
+from safetensors.torch import save
+
+from adapters.canonical import COMPONENTS, LoraAdapter
+from adapters.errors import AdapterInvalid
+from adapters.formats.common import PendingModule, collect, match_pattern
+from adapters.formats.names import resolve_key, split_key
+
+METADATA_KEY = "lora_adapter_metadata"
+
+NEW_SUFFIXES = {".lora_A.weight": "down", ".lora_B.weight": "up", ".alpha": "alpha"}
+OLD_SUFFIXES = {
+    ".lora.down.weight": "down",
+    ".lora.up.weight": "up",
+    ".lora_linear_layer.down.weight": "down",
+    ".lora_linear_layer.up.weight": "up",
+    "_lora.down.weight": "down",
+    "_lora.up.weight": "up",
+}
+_PROCESSOR = re.compile(r"\.processor\.(to_q|to_k|to_v|to_out)$")
+
+
+def is_diffusers_key(key: str) -> bool:
+    return key.split(".", 1)[0] in COMPONENTS and (
+        any(key.endswith(s) for s in NEW_SUFFIXES if s != ".alpha")
+        or any(key.endswith(s) for s in OLD_SUFFIXES)
+    )
+
+
+def _module_of(stem: str) -> str:
+    """``...attn1.processor.to_out`` (the old attention-processor layout) -> ``...attn1.to_out.0``."""
+    match = _PROCESSOR.search(stem)
+    if match is None:
+        return stem
+    target = match.group(1)
+    return stem[: match.start()] + "." + ("to_out.0" if target == "to_out" else target)
+
+
+def read(
+    tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str], names: set[str] | None
+) -> dict[str, PendingModule]:
+    suffixes = {**NEW_SUFFIXES, **OLD_SUFFIXES}
+
+    def parse(key: str) -> tuple[str, str] | None:
+        if key.split(".", 1)[0] not in COMPONENTS:
+            return None
+        for suffix, role in suffixes.items():
+            if key.endswith(suffix):
+                return resolve_key(_module_of(key[: -len(suffix)]), names), role
+        return None
+
+    pending = collect(tensors, parse, "diffusers")
+    configs = _component_configs(metadata)
+    for key, item in pending.items():
+        if item.alpha is not None or item.down is None:
+            continue
+        component, path = split_key(key)
+        config = configs.get(component)
+        if config is not None:
+            item.alpha = peft_alpha(config, path, int(item.down.shape[0]))
+    return pending
+
+
+def _component_configs(metadata: Mapping[str, str]) -> dict[str, dict]:
+    raw = metadata.get(METADATA_KEY)
+    if not raw:
+        return {}
+    try:
+        flat = json.loads(raw)
+    except ValueError:
+        raise AdapterInvalid(f"the {METADATA_KEY} metadata is not valid JSON") from None
+    if not isinstance(flat, dict):
+        raise AdapterInvalid(f"the {METADATA_KEY} metadata is not a JSON object")
+    configs: dict[str, dict] = {}
+    for key, value in flat.items():
+        component, _, field = str(key).partition(".")
+        configs.setdefault(component, {})[field] = value
+    for component, config in configs.items():
+        check_peft_config(config, f"{METADATA_KEY} ({component})")
+    return configs
+
+
+def check_peft_config(config: Mapping, where: str) -> None:
+    """Refuse PEFT configs that are not plain LoRA."""
+    peft_type = str(config.get("peft_type") or "LORA").upper()
+    if peft_type != "LORA":
+        raise AdapterInvalid(f"{where} says peft_type {peft_type}; loraloom serves plain LoRA and LoCon only")
+    if config.get("use_dora"):
+        raise AdapterInvalid(f"{where} is DoRA (use_dora); loraloom serves plain LoRA and LoCon only")
+    if config.get("fan_in_fan_out"):
+        raise AdapterInvalid(f"{where} sets fan_in_fan_out, which no Stable Diffusion layer uses")
+    for field in ("r", "lora_alpha"):
+        value = config.get(field)
+        if value is not None and (
+            isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value)
+        ):
+            raise AdapterInvalid(f"{where}: {field} must be a number, is {value!r:.40}")
+
+
+def peft_alpha(config: Mapping, path: str, rank: int) -> float:
+    """The canonical alpha (scale * rank) of one module under a PEFT ``LoraConfig``."""
+    alpha = match_pattern(config.get("alpha_pattern"), path)
+    if alpha is None:
+        alpha = config.get("lora_alpha", config.get("r", rank))
+    if isinstance(alpha, bool) or not isinstance(alpha, int | float) or not math.isfinite(alpha):
+        raise AdapterInvalid(f"alpha of module {path!r} must be a number, is {alpha!r:.40}")
+    if config.get("use_rslora"):
+        return float(alpha) * math.sqrt(rank)  # rsLoRA scales by alpha / sqrt(r)
+    return float(alpha)
+
+
+def to_diffusers(adapter: LoraAdapter) -> bytes:
+    """Safetensors that ``StableDiffusionPipeline.load_lora_weights`` loads as this adapter."""
+    tensors: dict[str, torch.Tensor] = {}
+    per_component: dict[str, dict[str, tuple[int, float]]] = {}
+    for key, module in adapter.modules.items():
+        tensors[f"{key}.lora_A.weight"] = module.down.contiguous()
+        tensors[f"{key}.lora_B.weight"] = module.up.contiguous()
+        component, path = split_key(key)
+        per_component.setdefault(component, {})[path] = (module.rank, float(module.alpha))
+    adapter_metadata: dict[str, object] = {}
+    for component, modules in per_component.items():
+        rank = Counter(r for r, _ in modules.values()).most_common(1)[0][0]
+        alpha = Counter(a for _, a in modules.values()).most_common(1)[0][0]
+        config = {
+            "r": rank,
+            "lora_alpha": alpha,
+            "rank_pattern": {p: r for p, (r, _) in modules.items() if r != rank},
+            "alpha_pattern": {p: a for p, (_, a) in modules.items() if a != alpha},
+            "target_modules": sorted(modules),
+            "peft_type": "LORA",
+            "init_lora_weights": True,
+        }
+        adapter_metadata.update({f"{component}.{k}": v for k, v in config.items()})
+    metadata = {k: v for k, v in adapter.metadata.items() if not k.startswith("loraloom.format")}
+    metadata["format"] = "pt"
+    metadata[METADATA_KEY] = json.dumps(adapter_metadata, sort_keys=True)
+    return save(tensors, metadata=metadata)

@@ -1,0 +1,78 @@
+"""kohya sd-scripts / A1111 / ComfyUI LoRA files.
+
+Keys are ``<prefix><flattened module path>.lora_down.weight``, ``.lora_up.weight``
+and ``.alpha`` with prefix ``lora_unet_``, ``lora_te_`` (SD 1.x/2.x text encoder)
+or ``lora_te1_``/``lora_te2_`` (SDXL). Module paths are flattened with
+underscores, so reading needs the base model's module names.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Mapping
+
+import torch
+from safetensors.torch import save
+
+from adapters.canonical import LoraAdapter
+from adapters.errors import InvalidArgument
+from adapters.formats.base_ref import base_metadata, kohya_version
+from adapters.formats.common import PendingModule, collect
+from adapters.formats.names import KOHYA_PREFIXES, kohya_flat_path, kohya_lookup, kohya_prefix
+
+SUFFIXES = {".lora_down.weight": "down", ".lora_up.weight": "up", ".alpha": "alpha"}
+
+
+def is_kohya_key(key: str) -> bool:
+    return key.startswith(tuple(KOHYA_PREFIXES))
+
+
+def read(tensors: Mapping[str, torch.Tensor], names: set[str] | None) -> dict[str, PendingModule]:
+    if not names:
+        raise InvalidArgument(
+            "this is a kohya/A1111 LoRA: its keys flatten module paths with underscores, which can only be "
+            "mapped back with the base model's module names; pass module_names (the keys of module_shapes)"
+        )
+    lookup = kohya_lookup(names)
+    # Longest prefix first: "lora_te1_" must not be read as "lora_te_" + "1_...".
+    prefixes = sorted(KOHYA_PREFIXES.items(), key=lambda item: -len(item[0]))
+
+    def parse(key: str) -> tuple[str, str] | None:
+        role = next((r for suffix, r in SUFFIXES.items() if key.endswith(suffix)), None)
+        if role is None:
+            return None
+        stem = key[: -len(next(s for s in SUFFIXES if key.endswith(s)))]
+        for prefix, component in prefixes:
+            if stem.startswith(prefix):
+                flat = stem[len(prefix) :]
+                # An unknown module keeps its flattened name; validation then lists it.
+                return lookup.get(f"{component}:{flat}", f"{component}.{flat}"), role
+        return None
+
+    return collect(tensors, parse, "kohya")
+
+
+def to_kohya(adapter: LoraAdapter) -> bytes:
+    """kohya-compatible safetensors (A1111 and ComfyUI load it); alpha is an F32 scalar."""
+    sdxl_text = "text_encoder_2" in adapter.components
+    tensors: dict[str, torch.Tensor] = {}
+    for key, module in adapter.modules.items():
+        component = key.split(".", 1)[0]
+        stem = kohya_prefix(component, sdxl_text) + kohya_flat_path(key)
+        if f"{stem}.alpha" in tensors:
+            raise InvalidArgument(f"two modules flatten to the same kohya name {stem!r}")
+        tensors[f"{stem}.lora_down.weight"] = module.down.contiguous()
+        tensors[f"{stem}.lora_up.weight"] = module.up.contiguous()
+        tensors[f"{stem}.alpha"] = torch.tensor(module.alpha, dtype=torch.float32)
+    metadata = dict(adapter.metadata)
+    metadata.update(base_metadata(adapter.base))
+    metadata.pop("loraloom.format", None)
+    ranks = Counter(m.rank for m in adapter.modules.values())
+    alphas = Counter(m.alpha for m in adapter.modules.values())
+    metadata.setdefault("ss_network_module", "networks.lora")
+    metadata.setdefault("ss_network_dim", str(ranks.most_common(1)[0][0]) if ranks else "0")
+    metadata.setdefault("ss_network_alpha", str(alphas.most_common(1)[0][0]) if alphas else "0")
+    version = kohya_version(adapter.base.architecture) if adapter.base else None
+    if version:
+        metadata.setdefault("ss_base_model_version", version)
+    return save(tensors, metadata=metadata)

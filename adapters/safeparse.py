@@ -1,0 +1,345 @@
+"""Read ``.safetensors`` files that may come from anyone, safely.
+
+A safetensors file is an 8-byte little-endian header length ``N``, ``N`` bytes of
+JSON (``{"__metadata__": {str: str}, name: {"dtype", "shape", "data_offsets"}}``)
+and the tensor data. Every structural check runs on the header alone, before a
+single tensor byte is read, so a hostile or broken file is refused in
+milliseconds with memory bounded by ``ParseLimits.max_header_bytes``:
+
+- the header length is bounded and fits inside the file;
+- the header is a JSON object with no duplicate keys (at any depth) and no
+  NaN/Infinity literals; metadata is a flat ``str -> str`` map;
+- every dtype is on an allow-list (F16, BF16, F32; integer dtypes only for
+  single-element tensors, because diffusers' ``convert_state_dict_to_kohya`` and
+  other converters write ``alpha`` as an int64 scalar);
+- shapes are lists of non-negative ints with a bounded number of dims; element
+  counts are computed with Python integers (no overflow) and bounded;
+- each tensor's byte range matches its shape, ranges are contiguous from 0,
+  and the last one ends exactly at the end of the file (no trailing bytes);
+- the number of tensors is bounded.
+
+After reading, every floating-point tensor must be finite. A PyTorch pickle
+(zip archive or raw pickle protocol) is recognised and refused with a note on
+converting it offline: nothing here ever unpickles.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import struct
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import torch
+
+from adapters.errors import AdapterInvalid
+
+METADATA_KEY = "__metadata__"
+
+# dtype name -> (torch dtype, item size in bytes)
+FLOAT_DTYPES: dict[str, tuple[torch.dtype, int]] = {
+    "F16": (torch.float16, 2),
+    "BF16": (torch.bfloat16, 2),
+    "F32": (torch.float32, 4),
+}
+# Accepted only for tensors of at most one element (an ``alpha`` scalar).
+SCALAR_INT_DTYPES: dict[str, tuple[torch.dtype, int]] = {
+    "I32": (torch.int32, 4),
+    "I64": (torch.int64, 8),
+}
+
+CONVERT_HINT = (
+    "loraloom never unpickles files. Convert it offline, on a machine you trust, with e.g. "
+    '`python -c "import torch, safetensors.torch as s; '
+    "s.save_file(torch.load('in.pt', weights_only=True), 'out.safetensors')\"` "
+    "(or kohya's / diffusers' conversion scripts), then upload the .safetensors file."
+)
+
+
+@dataclass(frozen=True)
+class ParseLimits:
+    """Bounds the pre-check enforces; the defaults fit any real SD 1.x / SDXL LoRA."""
+
+    max_header_bytes: int = 16 * 1024 * 1024
+    max_file_bytes: int = 4 * 1024**3
+    max_tensors: int = 65_536
+    max_dims: int = 4
+    max_tensor_elements: int = 1 << 31
+    max_name_chars: int = 512
+
+
+DEFAULT_LIMITS = ParseLimits()
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """One tensor as the header declares it; ``begin``/``end`` are offsets into the data section."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    begin: int
+    end: int
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+
+@dataclass(frozen=True)
+class SafetensorsHeader:
+    """The checked header of a file: its tensors (in data order) and its metadata."""
+
+    tensors: dict[str, TensorInfo]
+    metadata: dict[str, str] = field(default_factory=dict)
+    header_bytes: int = 0
+    data_bytes: int = 0
+
+
+Source = bytes | bytearray | memoryview | str | os.PathLike
+
+
+def peek_header(source: Source, limits: ParseLimits = DEFAULT_LIMITS) -> SafetensorsHeader:
+    """Run the whole pre-check and return the header, reading no tensor data."""
+    if isinstance(source, bytes | bytearray | memoryview):
+        data = memoryview(source)
+        return _check_header(data[:9].tobytes(), lambda n: data[8 : 8 + n].tobytes(), len(data), limits)
+    with open(os.fspath(source), "rb") as fh:
+        size = os.fstat(fh.fileno()).st_size
+        prefix = fh.read(9)
+
+        def read_header(n: int) -> bytes:
+            fh.seek(8)
+            return fh.read(n)
+
+        return _check_header(prefix, read_header, size, limits)
+
+
+def read_safetensors(
+    source: Source, limits: ParseLimits = DEFAULT_LIMITS
+) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Pre-check, then read every tensor and refuse non-finite values.
+
+    Returns ``(tensors, metadata)``; tensors own their memory (no view on the input).
+    """
+    header = peek_header(source, limits)
+    start = 8 + header.header_bytes
+    if isinstance(source, bytes | bytearray | memoryview):
+        payload = bytearray(memoryview(source)[start : start + header.data_bytes])
+    else:
+        with open(os.fspath(source), "rb") as fh:
+            fh.seek(start)
+            payload = bytearray(fh.read(header.data_bytes))
+        if len(payload) != header.data_bytes:
+            raise AdapterInvalid("the file changed size while it was being read; upload it again")
+    tensors: dict[str, torch.Tensor] = {}
+    for info in header.tensors.values():
+        tensors[info.name] = _materialize(payload, info)
+    return tensors, dict(header.metadata)
+
+
+def _materialize(payload: bytearray, info: TensorInfo) -> torch.Tensor:
+    torch_dtype = _dtype_table(info.dtype)[0]
+    if info.numel == 0:
+        return torch.empty(info.shape, dtype=torch_dtype)
+    tensor = (
+        torch.frombuffer(payload, dtype=torch_dtype, count=info.numel, offset=info.begin)
+        .clone()
+        .reshape(info.shape)
+    )
+    if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+        bad = int((~torch.isfinite(tensor)).sum())
+        raise AdapterInvalid(
+            f"tensor {info.name!r} holds {bad} non-finite value(s) (NaN or Inf); the adapter is corrupt "
+            "or its training diverged; retrain or re-export it"
+        )
+    return tensor
+
+
+def _dtype_table(name: str) -> tuple[torch.dtype, int]:
+    return FLOAT_DTYPES.get(name) or SCALAR_INT_DTYPES[name]
+
+
+def sniff_pickle(prefix: bytes) -> str | None:
+    """Name the pickle-based format a file starts with, or ``None``."""
+    if prefix.startswith(b"PK\x03\x04") or prefix.startswith(b"PK\x05\x06"):
+        return "a zip archive (the PyTorch .pt/.ckpt/.bin checkpoint format, which holds a pickle)"
+    if len(prefix) >= 2 and prefix[0] == 0x80 and 2 <= prefix[1] <= 5:
+        return f"a Python pickle (protocol {prefix[1]}, the legacy PyTorch checkpoint format)"
+    return None
+
+
+def _check_header(prefix: bytes, read_header, file_size: int, limits: ParseLimits) -> SafetensorsHeader:
+    """``prefix`` is the first 9 bytes: the header length and the header's first byte."""
+    plausible = (
+        len(prefix) == 9 and prefix[8:9] == b"{" and struct.unpack("<Q", prefix[:8])[0] <= file_size - 8
+    )
+    kind = None if plausible else sniff_pickle(prefix)
+    if kind is not None:
+        raise AdapterInvalid(f"this file is {kind}, not safetensors. {CONVERT_HINT}")
+    if len(prefix) < 8:
+        raise AdapterInvalid(
+            f"not a safetensors file: {file_size} byte(s), shorter than the 8-byte header length"
+        )
+    if file_size > limits.max_file_bytes:
+        raise AdapterInvalid(
+            f"file is {file_size} bytes, more than the {limits.max_file_bytes}-byte limit for an adapter"
+        )
+    (header_len,) = struct.unpack("<Q", prefix[:8])
+    if header_len > limits.max_header_bytes:
+        raise AdapterInvalid(
+            f"safetensors header declares {header_len} bytes, more than the "
+            f"{limits.max_header_bytes}-byte limit; the file is corrupt or not safetensors"
+        )
+    if 8 + header_len > file_size:
+        raise AdapterInvalid(
+            f"safetensors header declares {header_len} bytes but the file has only "
+            f"{file_size - 8} after the length field; the file is truncated"
+        )
+    if header_len < 2:
+        raise AdapterInvalid("safetensors header is empty; the file is corrupt")
+    raw = read_header(header_len)
+    if not raw.startswith(b"{"):
+        raise AdapterInvalid(
+            "safetensors header does not start with '{'; the file is corrupt or not safetensors"
+        )
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise AdapterInvalid(f"safetensors header is not valid UTF-8 (byte {exc.start})") from None
+    parsed = _parse_json(text)
+    if not isinstance(parsed, dict):
+        raise AdapterInvalid("safetensors header is not a JSON object")
+    metadata = _check_metadata(parsed.pop(METADATA_KEY, None))
+    if len(parsed) > limits.max_tensors:
+        raise AdapterInvalid(
+            f"file declares {len(parsed)} tensors, more than the limit of {limits.max_tensors}"
+        )
+    infos = [_check_entry(name, entry, limits) for name, entry in parsed.items()]
+    data_bytes = file_size - 8 - header_len
+    _check_layout(infos, data_bytes)
+    infos.sort(key=lambda i: (i.begin, i.end))
+    return SafetensorsHeader(
+        tensors={i.name: i for i in infos},
+        metadata=metadata,
+        header_bytes=header_len,
+        data_bytes=data_bytes,
+    )
+
+
+def _no_duplicates(pairs: list[tuple[str, object]]) -> dict[str, object]:
+    seen: dict[str, object] = {}
+    for key, value in pairs:
+        if key in seen:
+            raise AdapterInvalid(
+                f"safetensors header repeats the key {key!r}; readers disagree on which copy wins, "
+                "so the file is refused"
+            )
+        seen[key] = value
+    return seen
+
+
+def _no_constants(name: str) -> object:
+    raise AdapterInvalid(f"safetensors header contains the non-JSON literal {name}")
+
+
+def _parse_json(text: str) -> object:
+    try:
+        return json.loads(text, object_pairs_hook=_no_duplicates, parse_constant=_no_constants)
+    except AdapterInvalid:
+        raise
+    except RecursionError:
+        raise AdapterInvalid("safetensors header nests JSON too deeply; the file is refused") from None
+    except ValueError as exc:
+        raise AdapterInvalid(f"safetensors header is not valid JSON: {exc}") from None
+
+
+def _check_metadata(raw: object) -> dict[str, str]:
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise AdapterInvalid("safetensors __metadata__ must be a JSON object of strings")
+    for key, value in raw.items():
+        if not isinstance(value, str):
+            raise AdapterInvalid(
+                f"safetensors __metadata__ entry {key!r} is a {type(value).__name__}, not a string"
+            )
+    return dict(raw)
+
+
+def _check_entry(name: str, entry: object, limits: ParseLimits) -> TensorInfo:
+    if not name or len(name) > limits.max_name_chars:
+        raise AdapterInvalid(
+            f"tensor name of {len(name)} characters is empty or longer than {limits.max_name_chars}"
+        )
+    if not isinstance(entry, dict) or set(entry) != {"dtype", "shape", "data_offsets"}:
+        raise AdapterInvalid(f"tensor {name!r}: header entry must have exactly dtype, shape and data_offsets")
+    dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
+    if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) for d in shape):
+        raise AdapterInvalid(f"tensor {name!r}: shape must be a list of integers, got {shape!r:.80}")
+    if len(shape) > limits.max_dims:
+        raise AdapterInvalid(
+            f"tensor {name!r} has {len(shape)} dimensions; a LoRA tensor has at most {limits.max_dims}"
+        )
+    if any(d < 0 for d in shape):
+        raise AdapterInvalid(f"tensor {name!r} has a negative dimension in shape {shape}")
+    numel = math.prod(shape)  # Python ints: no overflow, however large the declared dims
+    if numel > limits.max_tensor_elements:
+        raise AdapterInvalid(
+            f"tensor {name!r} declares shape {shape} ({numel} elements), more than the limit of "
+            f"{limits.max_tensor_elements}"
+        )
+    if dtype in SCALAR_INT_DTYPES:
+        if numel > 1:
+            raise AdapterInvalid(
+                f"tensor {name!r} has dtype {dtype}; integer tensors are accepted only as scalars (alpha)"
+            )
+    elif dtype not in FLOAT_DTYPES:
+        raise AdapterInvalid(
+            f"tensor {name!r} has dtype {dtype!r}; adapters must be F16, BF16 or F32 "
+            "(re-save the adapter in one of these)"
+        )
+    if (
+        not isinstance(offsets, list)
+        or len(offsets) != 2
+        or not all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)
+    ):
+        raise AdapterInvalid(f"tensor {name!r}: data_offsets must be two integers, got {offsets!r:.80}")
+    begin, end = offsets
+    if begin < 0 or end < begin:
+        raise AdapterInvalid(f"tensor {name!r}: data_offsets {offsets} are not an increasing range")
+    itemsize = _dtype_table(dtype)[1]
+    if end - begin != numel * itemsize:
+        raise AdapterInvalid(
+            f"tensor {name!r}: shape {shape} of {dtype} needs {numel * itemsize} bytes but data_offsets "
+            f"span {end - begin}"
+        )
+    return TensorInfo(name=name, dtype=dtype, shape=tuple(shape), begin=begin, end=end)
+
+
+def _check_layout(infos: list[TensorInfo], data_bytes: int) -> None:
+    position = 0
+    for info in sorted(infos, key=lambda i: (i.begin, i.end)):
+        if info.begin != position:
+            what = "overlaps the previous tensor" if info.begin < position else "leaves a gap before it"
+            raise AdapterInvalid(
+                f"tensor {info.name!r} starts at data offset {info.begin} but the previous tensor ends at "
+                f"{position}: it {what}; the file is corrupt"
+            )
+        position = info.end
+    if position > data_bytes:
+        raise AdapterInvalid(
+            f"tensors need {position} data bytes but the file holds only {data_bytes}; the file is truncated"
+        )
+    if position < data_bytes:
+        raise AdapterInvalid(
+            f"the file has {data_bytes - position} trailing byte(s) after the last tensor; "
+            "it is corrupt or carries a hidden payload"
+        )
+
+
+def header_to_json(tensors: Mapping[str, TensorInfo]) -> list[dict[str, object]]:
+    """A compact, JSON-friendly listing of a header (for logs and the CLI)."""
+    return [{"name": t.name, "dtype": t.dtype, "shape": list(t.shape)} for t in tensors.values()]
