@@ -37,6 +37,7 @@ from sqlalchemy import Connection, Engine, and_, delete, func, or_, select
 from sqlalchemy.dialects import postgresql, sqlite
 
 from adapters.errors import AdapterIncompatible, AdapterInvalid, InvalidArgument, NotFound
+from adapters.formats.base_ref import normalize_architecture
 from adapters.home import data_home
 from adapters.store import db
 from adapters.store.blobs import BlobStorage, LocalBlobStorage
@@ -735,9 +736,10 @@ def _check_trigger_words(words: Iterable[str]) -> tuple[str, ...]:
 
 
 def _check_base_model(base_model: object) -> str:
+    """An architecture name in its normal spelling (``SD_v1.5`` and ``sd1`` both mean ``sd_v1``)."""
     if not isinstance(base_model, str) or len(base_model) > 128 or not base_model.isprintable():
         raise InvalidArgument(f"invalid base_model {base_model!r}: a short architecture name such as 'sd_v1'")
-    return base_model
+    return normalize_architecture(base_model) if base_model.strip() else ""
 
 
 def _check_training_metadata(training: Mapping[str, Any] | None) -> dict[str, Any]:

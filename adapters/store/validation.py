@@ -32,22 +32,29 @@ def facts_of(adapter: LoraAdapter, format: str) -> AdapterFacts:
     )
 
 
+# Module names that match nothing: kohya keys then keep their flattened paths
+# (``unet.down_blocks_0_...``), enough for rank and components without a base model.
+_NO_BASE_MODEL = frozenset({"unet.__no_base_model__"})
+
+
 def make_validator(shapes: ModuleShapes | None = None, base: BaseModelRef | None = None) -> Validator:
     """A validator built on ``adapters.formats`` and ``adapters.validation``.
 
-    Always: the safe ``.safetensors`` parse and format detection (kohya, diffusers,
-    PEFT, canonical). With ``shapes`` (the base model's module map): every target
-    module must exist with matching shapes, and ``base`` (when given) must match the
-    architecture the adapter was made for.
+    Always: the safe ``.safetensors`` parse (pre-check, finite values, pickle refused)
+    and format detection (kohya, diffusers, PEFT with its config, canonical), with
+    each module's factors checked. With ``shapes`` (the base model's module map):
+    every target module must exist with matching shapes, and ``base`` (when given)
+    must match the architecture the adapter was made for. Without ``shapes`` the
+    fit to a base model is left to whoever loads the adapter.
     """
-    module_names = frozenset(shapes) if shapes is not None else None
+    module_names = frozenset(shapes) if shapes is not None else _NO_BASE_MODEL
 
     def validate(path: Path) -> AdapterFacts:
         from adapters.formats import detect_format, parse_adapter
         from adapters.safeparse import read_safetensors
 
         tensors, metadata = read_safetensors(path)
-        format = detect_format(tensors, metadata, False)
+        format = detect_format(tensors, metadata)
         adapter = parse_adapter(tensors, metadata, module_names=module_names)
         if shapes is not None:
             from adapters.validation import validate_against_base

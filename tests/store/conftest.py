@@ -1,0 +1,216 @@
+"""Store fixtures: a real SQLite file and a real PostgreSQL server, adapter files from the micro model.
+
+PostgreSQL: ``LORALOOM_TEST_POSTGRES_URL`` (a role that may CREATE DATABASE) if set;
+otherwise a throwaway cluster from ``/usr/lib/postgresql/*/bin`` (``.ci/postgres.sh``
+installs them) on a free 127.0.0.1 port for the session; otherwise those tests skip.
+Every test gets its own fresh database.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import glob
+import os
+import secrets
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save
+
+from adapters.canonical import BaseModelRef
+
+ENV_URL = "LORALOOM_TEST_POSTGRES_URL"
+INITDB_GLOB = "/usr/lib/postgresql/*/bin/initdb"
+MICRO_BASE = BaseModelRef("loraloom:micro")
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _as_cluster_owner(argv: list[str]) -> list[str]:
+    """PostgreSQL refuses to run as root: run its tools as the ``postgres`` user then."""
+    if os.geteuid() == 0:
+        return ["runuser", "-u", "postgres", "--", *argv]
+    return argv
+
+
+@contextlib.contextmanager
+def _throwaway_cluster(bindir: Path) -> Iterator[str]:
+    # Not under pytest's tmp folder: that is private to root, and the server runs as postgres.
+    root = Path(tempfile.mkdtemp(prefix="loraloom-pg-"))
+    data = root / "data"
+    if os.geteuid() == 0:
+        shutil.chown(root, "postgres", "postgres")
+    try:
+        subprocess.run(
+            _as_cluster_owner(
+                [
+                    *(str(bindir / "initdb"), "-D", str(data), "-U", "postgres", "--auth=trust"),
+                    *("-E", "UTF8", "--no-sync", "--no-instructions"),
+                ]
+            ),
+            check=True,
+            capture_output=True,
+        )
+        for attempt in range(3):
+            port = _free_port()
+            options = (
+                f"-p {port} -h 127.0.0.1 -k '' -c fsync=off -c synchronous_commit=off "
+                "-c full_page_writes=off -c max_connections=200"
+            )
+            started = subprocess.run(
+                _as_cluster_owner(
+                    [
+                        *(str(bindir / "pg_ctl"), "-D", str(data), "-l", str(root / "server.log")),
+                        *("-o", options, "-w", "-t", "60", "start"),
+                    ]
+                ),
+                capture_output=True,
+                text=True,
+            )
+            if started.returncode == 0:
+                break
+            if attempt == 2:
+                log = (root / "server.log").read_text(errors="replace")[-2000:]
+                raise RuntimeError(f"could not start PostgreSQL: {started.stderr}\n{log}")
+        try:
+            yield f"postgresql+psycopg://postgres@127.0.0.1:{port}/postgres"
+        finally:
+            subprocess.run(
+                _as_cluster_owner([str(bindir / "pg_ctl"), "-D", str(data), "-m", "immediate", "stop"]),
+                capture_output=True,
+            )
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[str]:
+    """An admin URL of a PostgreSQL server for the whole session."""
+    url = os.environ.get(ENV_URL)
+    if url:
+        yield url
+        return
+    initdbs = sorted(glob.glob(INITDB_GLOB))
+    if not initdbs:
+        pytest.skip(
+            f"no PostgreSQL: set {ENV_URL} or install the server binaries (.ci/postgres.sh) "
+            f"so {INITDB_GLOB} exists"
+        )
+    with _throwaway_cluster(Path(initdbs[-1]).parent) as admin_url:
+        yield admin_url
+
+
+@pytest.fixture()
+def postgres_url(postgres_server: str) -> Iterator[str]:
+    """A fresh, empty database on the session's server, dropped after the test."""
+    import psycopg
+    from sqlalchemy.engine import make_url
+
+    admin = make_url(postgres_server)
+    name = f"loraloom_test_{secrets.token_hex(6)}"
+    plain = admin.set(drivername="postgresql").render_as_string(hide_password=False)
+    with psycopg.connect(plain, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    try:
+        yield admin.set(database=name).render_as_string(hide_password=False)
+    finally:
+        with psycopg.connect(plain, autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
+def db_url(request, tmp_path: Path) -> str:
+    """The store database: a SQLite file, then a PostgreSQL database (same tests on both)."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'store' / 'adapters.sqlite3'}"
+    return request.getfixturevalue("postgres_url")
+
+
+@pytest.fixture(scope="session")
+def micro_shapes(micro_pipeline) -> dict[str, tuple[int, ...]]:
+    from server.models.shapes import module_shapes
+
+    return dict(module_shapes(micro_pipeline))
+
+
+@pytest.fixture()
+def store_dir(tmp_path: Path) -> Path:
+    return tmp_path / "store"
+
+
+@pytest.fixture()
+def make_store(db_url: str, store_dir: Path, micro_shapes):
+    """Open a store on ``db_url`` (validating against the micro model unless told otherwise)."""
+    from adapters.store import AdapterStore, LocalBlobStorage, make_validator
+
+    opened = []
+
+    def open_store(**kwargs):
+        kwargs.setdefault("validator", make_validator(micro_shapes, MICRO_BASE))
+        store = AdapterStore(
+            db_url, LocalBlobStorage(store_dir / "blobs"), staging_dir=store_dir / "staging", **kwargs
+        )
+        opened.append(store)
+        return store
+
+    yield open_store
+    for store in opened:
+        store.close()
+
+
+@pytest.fixture()
+def store(make_store):
+    return make_store()
+
+
+def kohya_file(
+    shapes: dict[str, tuple[int, ...]],
+    *,
+    seed: int = 0,
+    rank: int = 2,
+    count: int = 3,
+    metadata: dict[str, str] | None = None,
+) -> bytes:
+    """A kohya / A1111 LoRA file (``lora_unet_*`` / ``lora_te_*``) for the first ``count`` linear layers."""
+    generator = torch.Generator().manual_seed(seed)
+    linear = [key for key, shape in sorted(shapes.items()) if len(shape) == 2]
+    chosen = [key for key in linear if key.startswith("unet.")][: count - 1]
+    chosen += [key for key in linear if key.startswith("text_encoder.")][:1]
+    tensors: dict[str, torch.Tensor] = {}
+    for key in chosen:
+        component, path = key.split(".", 1)
+        stem = ("lora_unet_" if component == "unet" else "lora_te_") + path.replace(".", "_")
+        out_features, in_features = shapes[key]
+        tensors[f"{stem}.lora_down.weight"] = torch.randn(rank, in_features, generator=generator)
+        tensors[f"{stem}.lora_up.weight"] = torch.randn(out_features, rank, generator=generator) * 0.01
+        tensors[f"{stem}.alpha"] = torch.tensor(float(rank))
+    return save(tensors, metadata=metadata)
+
+
+@pytest.fixture()
+def lora(micro_shapes):
+    """``lora(seed=..., rank=...)`` -> the bytes of a valid kohya LoRA for the micro model."""
+
+    def build(**kwargs) -> bytes:
+        return kohya_file(micro_shapes, **kwargs)
+
+    return build
+
+
+def wait_for(predicate, timeout_s: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise TimeoutError("condition not met in time")
+        time.sleep(0.02)
