@@ -1,0 +1,134 @@
+"""The txt2img loop over a StableDiffusionPipeline's components.
+
+Written out (rather than calling ``pipeline(...)``) so the engine controls the
+per-step callback, cancellation, deadlines and previews. It performs exactly the
+operations of diffusers' ``StableDiffusionPipeline.__call__`` for the features it
+supports, so the same seed and parameters give the same image (tested).
+"""
+
+from __future__ import annotations
+
+import inspect
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from server.engine.samplers import make_sampler
+
+# Called after each step with (steps done, total steps, latents); may raise to stop the run.
+StepCallback = Callable[[int, int, torch.Tensor], None]
+# Called before each step with (step index, total steps); may raise to stop the run.
+BeforeStep = Callable[[int, int], None]
+
+
+@dataclass(frozen=True)
+class DenoiseJob:
+    """One request's worth of work: image ``i`` is drawn from ``seeds[i]``."""
+
+    prompt: str
+    negative_prompt: str
+    width: int
+    height: int
+    steps: int
+    guidance_scale: float
+    seeds: Sequence[int]
+    sampler: str
+
+
+@dataclass(frozen=True)
+class DenoiseOutput:
+    images: list[Any]
+    encode_ms: float
+    denoise_ms: float
+    decode_ms: float
+
+
+def _ms(since: float) -> float:
+    return (time.perf_counter() - since) * 1000.0
+
+
+def _encode(pipeline, texts: list[str], device: torch.device) -> torch.Tensor:
+    tokenizer, text_encoder = pipeline.tokenizer, pipeline.text_encoder
+    ids = tokenizer(
+        texts,
+        padding="max_length",
+        max_length=tokenizer.model_max_length,
+        truncation=True,
+        return_tensors="pt",
+    )
+    mask = None
+    if getattr(text_encoder.config, "use_attention_mask", False):
+        mask = ids.attention_mask.to(device)
+    embeds = text_encoder(ids.input_ids.to(device), attention_mask=mask)[0]
+    return embeds.to(dtype=text_encoder.dtype, device=device)
+
+
+@torch.no_grad()
+def denoise(
+    pipeline,
+    job: DenoiseJob,
+    *,
+    before_step: BeforeStep | None = None,
+    after_step: StepCallback | None = None,
+    output_type: str = "pil",
+) -> DenoiseOutput:
+    """Run ``job`` on ``pipeline`` (whatever weights it holds now) and decode the images.
+
+    ``output_type`` is passed to the pipeline's image processor (``"pil"``, ``"np"``, ``"pt"``).
+    """
+    unet, vae = pipeline.unet, pipeline.vae
+    device = unet.device
+    count = len(job.seeds)
+    cfg = job.guidance_scale > 1.0 and unet.config.time_cond_proj_dim is None
+
+    started = time.perf_counter()
+    embeds = _encode(pipeline, [job.prompt], device)
+    embeds = embeds.repeat(1, count, 1).view(count, embeds.shape[1], -1)
+    if cfg:
+        negative = _encode(pipeline, [job.negative_prompt], device)
+        negative = negative.repeat(1, count, 1).view(count, negative.shape[1], -1)
+        embeds = torch.cat([negative, embeds])
+    encode_ms = _ms(started)
+
+    started = time.perf_counter()
+    scheduler = make_sampler(job.sampler, pipeline.scheduler)
+    scheduler.set_timesteps(job.steps, device=device)
+    timesteps = scheduler.timesteps
+    generators = [torch.Generator(device="cpu").manual_seed(int(seed)) for seed in job.seeds]
+    from diffusers.utils.torch_utils import randn_tensor
+
+    factor = pipeline.vae_scale_factor
+    shape = (count, unet.config.in_channels, job.height // factor, job.width // factor)
+    latents = randn_tensor(shape, generator=generators, device=device, dtype=embeds.dtype)
+    latents = latents * scheduler.init_noise_sigma
+    step_params = set(inspect.signature(scheduler.step).parameters)
+    extra: dict[str, Any] = {}
+    if "eta" in step_params:
+        extra["eta"] = 0.0
+    if "generator" in step_params:
+        extra["generator"] = generators
+
+    total = len(timesteps)
+    for index, t in enumerate(timesteps):
+        if before_step is not None:
+            before_step(index, total)
+        model_input = torch.cat([latents] * 2) if cfg else latents
+        model_input = scheduler.scale_model_input(model_input, t)
+        noise = unet(model_input, t, encoder_hidden_states=embeds, return_dict=False)[0]
+        if cfg:
+            uncond, text = noise.chunk(2)
+            noise = uncond + job.guidance_scale * (text - uncond)
+        latents = scheduler.step(noise, t, latents, **extra, return_dict=False)[0]
+        if after_step is not None:
+            after_step(index + 1, total, latents)
+    denoise_ms = _ms(started)
+
+    started = time.perf_counter()
+    decoded = vae.decode(latents / vae.config.scaling_factor, return_dict=False, generator=generators)[0]
+    images = pipeline.image_processor.postprocess(
+        decoded, output_type=output_type, do_denormalize=[True] * count
+    )
+    return DenoiseOutput(images=images, encode_ms=encode_ms, denoise_ms=denoise_ms, decode_ms=_ms(started))

@@ -1,0 +1,423 @@
+"""The resident engine: one base model, any blend of adapters per request, fused in place.
+
+Thread model: ``generate`` may be called from any thread; the blend swap and
+the denoising run together under one lock, so a request sees one blend from its
+first step to its last. Adapter loading and parsing happen outside that lock.
+The scheduler (``server.engine.scheduler``) is the usual caller.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import secrets
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from adapters.blend import Blend
+from adapters.canonical import BaseModelRef
+from adapters.errors import Cancelled, DeadlineExceeded, InvalidArgument, LoraloomError, NotFound
+from adapters.validation import validate_against_base
+from server.engine.cache import ByteLRU
+from server.engine.denoise import BeforeStep, DenoiseJob, denoise
+from server.engine.fuse import BlendPlan, FusedWeights, PreparedAdapter
+from server.engine.preview import latent_preview
+from server.engine.prompt import parse_prompt
+from server.engine.resolvers import AdapterResolver, MemoryResolver, ResolvedAdapter
+from server.engine.samplers import check_sampler
+from server.engine.types import (
+    AppliedAdapter,
+    EngineStats,
+    GenerateRequest,
+    GenerateResult,
+    GenerationParameters,
+    Limits,
+    Progress,
+    ResidentAdapter,
+    Timings,
+)
+from server.models.shapes import lora_targets
+
+log = logging.getLogger(__name__)
+
+DEFAULT_CACHE_BYTES = 2 * 1024**3
+MAX_SEED = 2**63 - 1
+PREVIEW_SIZE = 64
+
+ProgressCallback = Callable[[Progress], None]
+
+
+class CancelFlag(Protocol):
+    """Anything with ``is_set()`` (a ``threading.Event``): polled between denoising steps."""
+
+    def is_set(self) -> bool: ...
+
+
+@dataclass(frozen=True)
+class NormalizedRequest:
+    """A validated request: tags parsed out of the prompt, defaults filled, seed chosen."""
+
+    prompt: str
+    negative_prompt: str
+    width: int
+    height: int
+    steps: int
+    guidance_scale: float
+    seed: int
+    scheduler: str
+    num_images: int
+    adapters: tuple[tuple[str, float], ...]
+    preview_every: int
+    deadline: float | None
+
+    @property
+    def group_key(self) -> tuple[tuple[str, float], ...]:
+        """The blend as asked (refs, not yet versions): what the scheduler groups by."""
+        merged: dict[str, float] = {}
+        for ref, weight in self.adapters:
+            merged[ref] = merged.get(ref, 0.0) + weight
+        return tuple(sorted((ref, weight) for ref, weight in merged.items() if weight != 0.0))
+
+
+def signature_id(signature: Sequence[tuple[str, float]]) -> str:
+    """A short stable id of a blend signature; ``""`` for the base model alone."""
+    if not signature:
+        return ""
+    text = ";".join(f"{sha}:{weight!r}" for sha, weight in signature)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+class Engine:
+    """Keeps ``base`` resident and runs txt2img requests on it under any adapter blend."""
+
+    def __init__(
+        self,
+        base: Any,
+        *,
+        resolver: AdapterResolver | None = None,
+        cache_bytes: int = DEFAULT_CACHE_BYTES,
+        limits: Limits | None = None,
+        before_step: BeforeStep | None = None,
+    ) -> None:
+        """``base`` is a ``server.models.loader.BaseModel``.
+
+        ``before_step(index, total)`` is a seam called before every denoising step
+        (fault injection in tests: a slow step, a failure).
+        """
+        self.base = base
+        self.pipeline = base.pipeline
+        for component in ("unet", "text_encoder", "vae"):
+            getattr(self.pipeline, component).requires_grad_(False).eval()
+        targets = lora_targets(self.pipeline)
+        self.module_names = frozenset(targets)
+        self._shapes = {key: tuple(module.weight.shape) for key, module in targets.items()}
+        self._base_ref = BaseModelRef(architecture=getattr(base, "architecture", "") or "")
+        self.resolver: AdapterResolver = resolver or MemoryResolver(module_names=self.module_names)
+        self.limits = limits or Limits()
+        self._before_step = before_step
+        self._fused = FusedWeights(targets)
+        self._cache: ByteLRU[Any] = ByteLRU(cache_bytes)
+        self._cache_lock = threading.Lock()
+        self._run_lock = threading.RLock()
+        self._hits = 0
+        self._misses = 0
+        self._swaps = 0
+        self._swap_ms_total = 0.0
+        self._swap_ms_last = 0.0
+
+    # ------------------------------------------------------------ describing
+
+    @property
+    def resolution(self) -> int:
+        return int(self.base.resolution)
+
+    @property
+    def blend_signature(self) -> str:
+        """The id of the blend currently written into the weights (``""``: the base)."""
+        return signature_id(self._fused.signature)
+
+    def stats(self) -> EngineStats:
+        with self._cache_lock:
+            return EngineStats(
+                used_bytes=self._cache.used_bytes,
+                capacity_bytes=self._cache.capacity_bytes,
+                entries=sum(1 for key, *_ in self._cache.items() if key[0] == "adapter"),
+                hits=self._hits,
+                misses=self._misses,
+                evictions=self._cache.evictions,
+                swaps=self._swaps,
+                swap_ms_total=self._swap_ms_total,
+                swap_ms_last=self._swap_ms_last,
+                pristine_bytes=self._fused.pristine_bytes,
+                blend_signature=self.blend_signature,
+            )
+
+    def resident(self) -> list[ResidentAdapter]:
+        """Adapter versions held in the cache, most recently used first."""
+        with self._cache_lock:
+            return [
+                ResidentAdapter(value.name, value.version, value.sha256, nbytes, pinned)
+                for key, value, nbytes, pinned in self._cache.items()
+                if key[0] == "adapter"
+            ]
+
+    # ------------------------------------------------------------ adapters
+
+    def load(self, ref: str, pin: bool = False) -> ResidentAdapter:
+        """Resolve ``ref``, load it into the cache (if not there) and optionally pin it."""
+        resolved = self.resolver.resolve(ref)
+        prepared = self._prepared(resolved)
+        key = ("adapter", resolved.sha256)
+        with self._cache_lock:
+            if key not in self._cache:  # evicted between load and now: put it back
+                self._cache.put(key, prepared, prepared.nbytes, pin=pin)
+            elif pin:
+                self._cache.pin(key)
+            pinned = self._cache.is_pinned(key)
+        return ResidentAdapter(prepared.name, prepared.version, prepared.sha256, prepared.nbytes, pinned)
+
+    def unload(self, ref: str) -> bool:
+        """Drop (and unpin) resident versions matching ``ref``: ``name@N``, ``name`` (all), ``name@alias``."""
+        name, _, selector = ref.partition("@")
+        with self._cache_lock:
+            entries = [(key, value) for key, value, *_ in self._cache.items() if key[0] == "adapter"]
+        if selector and not selector.isdigit():
+            try:
+                shas = {self.resolver.resolve(ref).sha256}
+            except NotFound:
+                return False
+            matches = [key for key, value in entries if value.sha256 in shas]
+        else:
+            matches = [
+                key
+                for key, value in entries
+                if value.name == name and (not selector or value.version == int(selector))
+            ]
+        with self._cache_lock:
+            for key in matches:
+                self._cache.pop(key)
+        return bool(matches)
+
+    def _prepared(self, resolved: ResolvedAdapter) -> PreparedAdapter:
+        key = ("adapter", resolved.sha256)
+        with self._cache_lock:
+            prepared = self._cache.get(key)
+            if prepared is not None:
+                self._hits += 1
+                return prepared
+            self._misses += 1
+        adapter = resolved.load()
+        try:
+            validate_against_base(adapter, self._shapes, self._base_ref)
+        except LoraloomError as error:
+            raise type(error)(f"adapter {resolved.ref}: {error}") from None
+        prepared = self._fused.prepare(
+            adapter, name=resolved.name, version=resolved.version, sha256=resolved.sha256
+        )
+        with self._cache_lock:
+            existing = self._cache.peek(key)
+            if existing is not None:
+                return existing
+            self._cache.put(key, prepared, prepared.nbytes)
+        return prepared
+
+    def resolve_blend(self, adapters: Sequence[tuple[str, float]]) -> list[tuple[ResolvedAdapter, float]]:
+        """Resolve refs to exact versions; the same version named twice has its weights summed."""
+        if len(adapters) > self.limits.max_adapters:
+            raise InvalidArgument(
+                f"{len(adapters)} adapters in one blend; at most {self.limits.max_adapters} are allowed"
+            )
+        merged: dict[str, tuple[ResolvedAdapter, float]] = {}
+        for ref, weight in adapters:
+            resolved = self.resolver.resolve(ref)
+            previous = merged.get(resolved.sha256)
+            merged[resolved.sha256] = (resolved, weight + (previous[1] if previous else 0.0))
+        return [(resolved, weight) for resolved, weight in merged.values() if weight != 0.0]
+
+    def _plan(self, entries: Sequence[tuple[PreparedAdapter, float]]) -> BlendPlan:
+        signature = Blend.of((prepared.sha256, weight) for prepared, weight in entries).signature
+        key = ("blend", signature)
+        with self._cache_lock:
+            plan = self._cache.peek(key)
+            if plan is not None:
+                self._cache.get(key)  # mark as recently used
+                return plan
+        plan = self._fused.plan(entries)
+        with self._cache_lock:
+            try:
+                self._cache.put(key, plan, plan.nbytes)
+            except Exception:  # a plan that does not fit is used once and not kept
+                log.debug("blend plan of %d bytes not cached", plan.nbytes)
+        return plan
+
+    # ------------------------------------------------------------ swapping
+
+    def _prepare_blend(
+        self, adapters: Sequence[tuple[str, float]]
+    ) -> tuple[list[tuple[PreparedAdapter, float]], list[AppliedAdapter], float]:
+        """Resolve and load (outside the run lock) what a blend needs; returns (prepared, applied, ms)."""
+        started = time.perf_counter()
+        prepared = [(self._prepared(r), w) for r, w in self.resolve_blend(adapters)]
+        applied = sorted(
+            (AppliedAdapter(p.name, p.version, p.sha256, w) for p, w in prepared),
+            key=lambda a: (a.sha256, a.weight),
+        )
+        return prepared, applied, (time.perf_counter() - started) * 1000.0
+
+    def _swap(self, prepared: Sequence[tuple[PreparedAdapter, float]]) -> float:
+        """Write the blend into the weights (caller holds the run lock); returns ms (0: already there)."""
+        signature = Blend.of((p.sha256, w) for p, w in prepared).signature
+        if signature == self._fused.signature:
+            return 0.0
+        started = time.perf_counter()
+        self._fused.apply(self._plan(prepared) if prepared else None)
+        swap_ms = (time.perf_counter() - started) * 1000.0
+        self._swaps += 1
+        self._swap_ms_total += swap_ms
+        self._swap_ms_last = swap_ms
+        return swap_ms
+
+    def activate(self, adapters: Sequence[tuple[str, float]]) -> tuple[list[AppliedAdapter], float, float]:
+        """Write a blend (``[]``: the base) into the weights now; returns (adapters, load ms, swap ms)."""
+        prepared, applied, load_ms = self._prepare_blend(adapters)
+        with self._run_lock:
+            swap_ms = self._swap(prepared)
+        return applied, load_ms, swap_ms
+
+    # ------------------------------------------------------------ generating
+
+    def normalize(self, request: GenerateRequest) -> NormalizedRequest:
+        """Validate ``request``, parse prompt tags, fill defaults and pick a seed (no I/O)."""
+        limits = self.limits
+        if not isinstance(request.prompt, str) or not request.prompt.strip():
+            raise InvalidArgument("prompt is empty: say what to draw")
+        parsed = parse_prompt(request.prompt)
+        negative = parse_prompt(request.negative_prompt or "")
+        if negative.adapters:
+            raise InvalidArgument("<lora:...> tags belong in the prompt, not the negative prompt")
+        width = int(request.width or self.resolution)
+        height = int(request.height or self.resolution)
+        factor = self.pipeline.vae_scale_factor
+        for label, value in (("width", width), ("height", height)):
+            if value <= 0 or value > limits.max_size or value % factor:
+                raise InvalidArgument(
+                    f"{label} {value} is not allowed: use a multiple of {factor} from {factor} "
+                    f"to {limits.max_size} pixels"
+                )
+        steps = int(request.steps)
+        if not 1 <= steps <= limits.max_steps:
+            raise InvalidArgument(f"steps {steps} is out of range: use 1 to {limits.max_steps}")
+        guidance = float(request.guidance_scale)
+        if not math.isfinite(guidance) or not 0.0 <= guidance <= 50.0:
+            raise InvalidArgument(f"guidance_scale {guidance} is out of range: use 0 to 50 (1 disables it)")
+        count = int(request.num_images)
+        if not 1 <= count <= limits.max_images:
+            raise InvalidArgument(f"num_images {count} is out of range: use 1 to {limits.max_images}")
+        seed = request.seed if request.seed is not None else secrets.randbelow(2**32)
+        if not 0 <= int(seed) <= MAX_SEED - count:
+            raise InvalidArgument(f"seed {seed} is out of range: use 0 to {MAX_SEED - count}")
+        adapters = [*((str(r), float(w)) for r, w in request.adapters), *parsed.adapters]
+        for ref, weight in adapters:
+            if not ref:
+                raise InvalidArgument("an adapter reference is empty: give 'name', 'name@3' or 'name@alias'")
+            if not math.isfinite(weight) or abs(weight) > limits.max_abs_weight:
+                raise InvalidArgument(
+                    f"adapter {ref!r} weight {weight} is out of range: use -{limits.max_abs_weight:g} "
+                    f"to {limits.max_abs_weight:g}"
+                )
+        if len(adapters) > limits.max_adapters:
+            raise InvalidArgument(f"{len(adapters)} adapters in one blend; at most {limits.max_adapters}")
+        if request.preview_every < 0:
+            raise InvalidArgument("preview_every must be >= 0")
+        return NormalizedRequest(
+            prompt=parsed.text,
+            negative_prompt=negative.text,
+            width=width,
+            height=height,
+            steps=steps,
+            guidance_scale=guidance,
+            seed=int(seed),
+            scheduler=check_sampler(request.scheduler),
+            num_images=count,
+            adapters=tuple(adapters),
+            preview_every=int(request.preview_every),
+            deadline=request.deadline,
+        )
+
+    def generate(
+        self,
+        request: GenerateRequest | NormalizedRequest,
+        *,
+        on_progress: ProgressCallback | None = None,
+        cancel: CancelFlag | None = None,
+        queue_ms: float = 0.0,
+    ) -> GenerateResult:
+        """Run one request to the end (blocking) and return its images and exact parameters."""
+        normal = request if isinstance(request, NormalizedRequest) else self.normalize(request)
+
+        def check(*_: object) -> None:
+            if cancel is not None and cancel.is_set():
+                raise Cancelled("the request was cancelled")
+            if normal.deadline is not None and time.monotonic() >= normal.deadline:
+                raise DeadlineExceeded("the request ran past its deadline")
+
+        def before_step(index: int, total: int) -> None:
+            check()
+            if self._before_step is not None:
+                self._before_step(index, total)
+
+        def after_step(done: int, total: int, latents: Any) -> None:
+            if on_progress is None:
+                return
+            preview = None
+            if normal.preview_every and (done % normal.preview_every == 0 or done == total):
+                preview = latent_preview(latents, size=PREVIEW_SIZE)
+            on_progress(Progress("step", step=done, total_steps=total, preview=preview))
+
+        check()
+        job = DenoiseJob(
+            prompt=normal.prompt,
+            negative_prompt=normal.negative_prompt,
+            width=normal.width,
+            height=normal.height,
+            steps=normal.steps,
+            guidance_scale=normal.guidance_scale,
+            seeds=[normal.seed + i for i in range(normal.num_images)],
+            sampler=normal.scheduler,
+        )
+        prepared, applied, load_ms = self._prepare_blend(normal.adapters)
+        with self._run_lock:
+            swap_ms = self._swap(prepared)
+            check()
+            output = denoise(self.pipeline, job, before_step=before_step, after_step=after_step)
+        signature = tuple((a.sha256, a.weight) for a in applied)
+        parameters = GenerationParameters(
+            prompt=normal.prompt,
+            negative_prompt=normal.negative_prompt,
+            width=normal.width,
+            height=normal.height,
+            steps=normal.steps,
+            guidance_scale=normal.guidance_scale,
+            seed=normal.seed,
+            scheduler=normal.scheduler,
+            num_images=normal.num_images,
+            adapters=tuple(applied),
+        )
+        timings = Timings(
+            queue_ms=queue_ms,
+            load_ms=load_ms,
+            swap_ms=swap_ms,
+            encode_ms=output.encode_ms,
+            denoise_ms=output.denoise_ms,
+            decode_ms=output.decode_ms,
+        )
+        return GenerateResult(
+            images=output.images,
+            parameters=parameters,
+            blend_signature=signature_id(signature),
+            timings=timings,
+        )

@@ -1,0 +1,273 @@
+"""The blend-aware scheduler in front of the engine: a bounded queue, one worker thread.
+
+Queued requests are served in *runs*: a run is the requests of one blend that
+are waiting when it starts, so a swap is paid once per run, not per request.
+The next run keeps the blend already in the weights when it can, else takes
+the oldest request's blend. Unfairness is bounded: a run never takes a request
+that would pass over a waiting request which ``max_group_skips`` runs have
+already passed over, and that request's blend goes next. ``max_group_skips=0``
+is plain FIFO.
+
+All torch work runs on the worker thread, never on the caller's (or an
+asyncio loop's) thread. ``submit`` only validates and enqueues.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+
+from adapters.errors import Cancelled, DeadlineExceeded, ResourceExhausted, Unavailable
+from server.engine.engine import CancelFlag, Engine, NormalizedRequest
+from server.engine.types import GenerateRequest, GenerateResult, Progress
+
+log = logging.getLogger(__name__)
+
+ProgressCallback = Callable[[Progress], None]
+
+
+@dataclass(frozen=True)
+class QueueStats:
+    """Scheduler counters since start (``rejected``: refused because the queue was full)."""
+
+    queued: int
+    running: int
+    completed: int
+    failed: int
+    cancelled: int
+    rejected: int
+    max_queue: int
+
+
+@dataclass(eq=False)
+class _Item:
+    seq: int
+    request: NormalizedRequest
+    future: Future
+    on_progress: ProgressCallback | None
+    cancel: CancelFlag | None
+    enqueued: float
+    skips: int = 0
+    stop: threading.Event = field(default_factory=threading.Event)
+
+    @property
+    def key(self) -> tuple[tuple[str, float], ...]:
+        return self.request.group_key
+
+    def is_set(self) -> bool:
+        """Cancelled by the caller or stopped by the scheduler (the engine polls this)."""
+        return self.stop.is_set() or (self.cancel is not None and self.cancel.is_set())
+
+
+class Scheduler:
+    """Runs requests on ``engine`` one at a time from a bounded, blend-grouped queue."""
+
+    def __init__(self, engine: Engine, *, max_queue: int = 64, max_group_skips: int = 4) -> None:
+        if max_queue < 1 or max_group_skips < 0:
+            raise ValueError("max_queue must be >= 1 and max_group_skips >= 0")
+        self.engine = engine
+        self.max_queue = max_queue
+        self.max_group_skips = max_group_skips
+        self._cond = threading.Condition()
+        self._queue: list[_Item] = []
+        self._run: set[int] = set()
+        self._current_key: tuple[tuple[str, float], ...] | None = None
+        self._running: _Item | None = None
+        self._closed = False
+        self._seq = 0
+        self._service_s = 1.0
+        self._completed = self._failed = self._cancelled = self._rejected = 0
+        self._worker = threading.Thread(target=self._loop, name="loraloom-engine", daemon=True)
+        self._worker.start()
+
+    # ------------------------------------------------------------ callers
+
+    def submit(
+        self,
+        request: GenerateRequest,
+        on_progress: ProgressCallback | None = None,
+        cancel: CancelFlag | None = None,
+    ) -> Future[GenerateResult]:
+        """Validate and enqueue ``request``; the future gives the result or a typed error.
+
+        Raises ``InvalidArgument`` for a bad request, ``ResourceExhausted`` (with
+        ``retry_after_s``) when the queue is full and ``Unavailable`` once closing.
+        """
+        normal = self.engine.normalize(request)
+        future: Future[GenerateResult] = Future()
+        with self._cond:
+            if self._closed:
+                raise Unavailable("the server is shutting down; retry on another replica")
+            dropped = self._purge_locked()
+            if len(self._queue) >= self.max_queue:
+                self._rejected += 1
+                retry = max(0.5, self._service_s * (len(self._queue) + 1))
+                raise ResourceExhausted(
+                    f"the queue is full ({self.max_queue} requests waiting); retry in about {retry:.0f} s",
+                    retry_after_s=retry,
+                )
+            self._seq += 1
+            item = _Item(self._seq, normal, future, on_progress, cancel, time.perf_counter())
+            self._queue.append(item)
+            position = len(self._queue) - 1 + (1 if self._running is not None else 0)
+            self._cond.notify_all()
+        self._finish_dropped(dropped)
+        self._emit(item, Progress("queued", queue_position=position))
+        return future
+
+    def stats(self) -> QueueStats:
+        with self._cond:
+            return QueueStats(
+                queued=len(self._queue),
+                running=1 if self._running is not None else 0,
+                completed=self._completed,
+                failed=self._failed,
+                cancelled=self._cancelled,
+                rejected=self._rejected,
+                max_queue=self.max_queue,
+            )
+
+    def close(self, drain: bool = True, timeout: float = 30.0) -> None:
+        """Stop accepting; ``drain``: finish what is queued (up to ``timeout`` s), else fail it at once."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+        if drain:
+            self._worker.join(timeout)
+        with self._cond:
+            abandoned, self._queue = self._queue, []
+            if self._running is not None:
+                self._running.stop.set()
+            self._cond.notify_all()
+        for item in abandoned:
+            if item.future.set_running_or_notify_cancel():
+                item.future.set_exception(Unavailable("the server shut down before this request ran"))
+        self._worker.join(max(1.0, timeout if not drain else 5.0))
+
+    # ------------------------------------------------------------ worker
+
+    def _loop(self) -> None:
+        while True:
+            waiting: list[tuple[_Item, int]] = []
+            with self._cond:
+                while not self._queue and not self._closed:
+                    self._cond.wait()
+                dropped = self._purge_locked()
+                item = self._pick_locked() if self._queue else None
+                if item is not None:
+                    self._queue.remove(item)
+                    self._running = item
+                    waiting = [(i, n) for n, i in enumerate(self._queue) if i.on_progress is not None]
+                elif self._closed:
+                    self._finish_dropped(dropped)
+                    return
+            self._finish_dropped(dropped)
+            if item is None:
+                continue
+            for other, position in waiting:
+                self._emit(other, Progress("queued", queue_position=position + 1))
+            try:
+                self._serve(item)
+            finally:
+                with self._cond:
+                    self._running = None
+
+    def _serve(self, item: _Item) -> None:
+        if not item.future.set_running_or_notify_cancel():
+            with self._cond:
+                self._cancelled += 1
+            return
+        started = time.perf_counter()
+        self._current_key = item.key
+        try:
+            result = self.engine.generate(
+                item.request,
+                on_progress=(lambda p: self._emit(item, p)) if item.on_progress else None,
+                cancel=item,
+                queue_ms=(started - item.enqueued) * 1000.0,
+            )
+        except BaseException as error:
+            with self._cond:
+                if isinstance(error, Cancelled | DeadlineExceeded):
+                    self._cancelled += 1
+                else:
+                    self._failed += 1
+            if not isinstance(error, Exception):
+                item.future.set_exception(Cancelled("the worker was interrupted"))
+                raise
+            if isinstance(error, Cancelled) and item.stop.is_set():
+                error = Unavailable("the server shut down while this request ran")
+            item.future.set_exception(error)
+            return
+        with self._cond:
+            self._completed += 1
+            self._service_s = 0.8 * self._service_s + 0.2 * (time.perf_counter() - started)
+        item.future.set_result(result)
+
+    def _pick_locked(self) -> _Item:
+        """The next item: continue the current run, else start a new one (see the module docstring)."""
+        for item in self._queue:
+            if item.seq in self._run:
+                return item
+        limit = self.max_group_skips
+        starved = [item for item in self._queue if item.skips >= limit]
+        if starved:
+            key = starved[0].key
+        elif any(item.key == self._current_key for item in self._queue):
+            key = self._current_key
+        else:
+            key = self._queue[0].key
+        members: list[_Item] = []
+        for item in self._queue:
+            if item.key != key:
+                continue
+            passed = [o for o in self._queue if o.key != key and o.seq < item.seq]
+            if any(o.skips >= limit for o in passed):
+                break
+            members.append(item)
+        if not members:  # the oldest waiting request of this blend is itself due
+            members = [next(item for item in self._queue if item.key == key)]
+        newest = members[-1].seq
+        for other in self._queue:
+            if other.key != key and other.seq < newest:
+                other.skips += 1
+        self._run = {item.seq for item in members}
+        return members[0]
+
+    def _purge_locked(self) -> list[tuple[_Item, Exception | None]]:
+        """Take cancelled and expired requests out of the queue (futures are failed outside the lock)."""
+        now = time.monotonic()
+        dropped: list[tuple[_Item, Exception | None]] = []
+        for item in list(self._queue):
+            error: Exception | None = None
+            if item.future.cancelled():
+                pass
+            elif item.is_set():
+                error = Cancelled("the request was cancelled while queued")
+            elif item.request.deadline is not None and now >= item.request.deadline:
+                error = DeadlineExceeded("the request's deadline passed while it was queued")
+            else:
+                continue
+            self._queue.remove(item)
+            self._cancelled += 1
+            dropped.append((item, error))
+        return dropped
+
+    @staticmethod
+    def _finish_dropped(dropped: list[tuple[_Item, Exception | None]]) -> None:
+        for item, error in dropped:
+            if error is not None and item.future.set_running_or_notify_cancel():
+                item.future.set_exception(error)
+
+    @staticmethod
+    def _emit(item: _Item, progress: Progress) -> None:
+        if item.on_progress is None:
+            return
+        try:
+            item.on_progress(progress)
+        except Exception:
+            log.exception("progress callback of request %d failed; ignored", item.seq)
