@@ -209,6 +209,10 @@ def _check_header(prefix: bytes, read_header, file_size: int, limits: ParseLimit
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise AdapterInvalid(f"safetensors header is not valid UTF-8 (byte {exc.start})") from None
+    # A cheap upper bound before JSON parsing, so a huge tensor table costs no parse time.
+    declared = raw.count(b'"data_offsets"')
+    if declared > limits.max_tensors:
+        raise AdapterInvalid(f"file declares {declared} tensors, more than the limit of {limits.max_tensors}")
     parsed = _parse_json(text)
     if not isinstance(parsed, dict):
         raise AdapterInvalid("safetensors header is not a JSON object")
@@ -338,6 +342,35 @@ def _check_layout(infos: list[TensorInfo], data_bytes: int) -> None:
             f"the file has {data_bytes - position} trailing byte(s) after the last tensor; "
             "it is corrupt or carries a hidden payload"
         )
+
+
+DTYPE_NAMES = {torch_dtype: name for name, (torch_dtype, _) in {**FLOAT_DTYPES, **SCALAR_INT_DTYPES}.items()}
+
+
+def write_safetensors(
+    tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None
+) -> bytes:
+    """Serialize deterministically: tensors in name order, header keys sorted, header padded to
+    8 bytes. Equal inputs give equal bytes (so equal sha256), unlike writers whose metadata
+    order follows a hash map."""
+    entries: dict[str, object] = {}
+    if metadata:
+        entries[METADATA_KEY] = {str(k): str(v) for k, v in sorted(metadata.items())}
+    chunks: list[bytes] = []
+    offset = 0
+    for name in sorted(tensors):
+        tensor = tensors[name].detach().to("cpu").contiguous()
+        dtype = DTYPE_NAMES.get(tensor.dtype)
+        if dtype is None:
+            raise ValueError(f"tensor {name!r} has dtype {tensor.dtype}; write F16, BF16 or F32")
+        raw = tensor.reshape(-1).view(torch.uint8).numpy().tobytes() if tensor.numel() else b""
+        span = [offset, offset + len(raw)]
+        entries[name] = {"dtype": dtype, "shape": list(tensor.shape), "data_offsets": span}
+        chunks.append(raw)
+        offset += len(raw)
+    header = json.dumps(entries, separators=(",", ":"), sort_keys=False).encode()
+    header += b" " * (-len(header) % 8)
+    return struct.pack("<Q", len(header)) + header + b"".join(chunks)
 
 
 def header_to_json(tensors: Mapping[str, TensorInfo]) -> list[dict[str, object]]:

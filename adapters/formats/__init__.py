@@ -44,6 +44,7 @@ __all__ = [
     "to_kohya",
 ]
 
+LAYOUT_KEYS = {diffusers_io.METADATA_KEY}
 PICKLE_SUFFIXES = {".pt", ".pth", ".ckpt", ".bin", ".pkl", ".pickle"}
 
 
@@ -116,7 +117,8 @@ def parse_adapter(
         else:
             pending = peft_io.read(tensors, peft_config or {}, names)
         base = base_from_metadata(metadata)
-        metadata = dict(metadata)
+        # Layout details of the source format, already folded into the modules.
+        metadata = {k: v for k, v in metadata.items() if k not in LAYOUT_KEYS}
     return LoraAdapter(modules=build_modules(pending), metadata=dict(metadata), base=base)
 
 

@@ -16,12 +16,12 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 import torch
-from safetensors.torch import save
 
 from adapters.canonical import LoraAdapter
 from adapters.formats.base_ref import FORMAT_KEY, base_metadata
 from adapters.formats.common import PendingModule, collect
 from adapters.formats.names import resolve_key
+from adapters.safeparse import write_safetensors
 
 FORMAT = "canonical/1"
 SUFFIXES = {".lora_down.weight": "down", ".lora_up.weight": "up", ".alpha": "alpha"}
@@ -52,4 +52,4 @@ def save_canonical(adapter: LoraAdapter) -> bytes:
     metadata = {k: v for k, v in adapter.metadata.items() if not k.startswith("loraloom.base_")}
     metadata.update(base_metadata(adapter.base))
     metadata[FORMAT_KEY] = FORMAT
-    return save(tensors, metadata=metadata)
+    return write_safetensors(tensors, metadata)

@@ -74,7 +74,6 @@ class PendingModule:
     down: torch.Tensor | None = None
     up: torch.Tensor | None = None
     alpha: float | None = None
-    source: str = ""
 
 
 def scalar(tensor: torch.Tensor, name: str) -> float:
@@ -90,7 +89,7 @@ def scalar(tensor: torch.Tensor, name: str) -> float:
 
 def make_module(key: str, pending: PendingModule) -> LoraModule:
     """Check one module's factors and build the canonical ``LoraModule``."""
-    where = pending.source or key
+    where = key
     if pending.down is None or pending.up is None:
         have, missing = ("up", "down") if pending.down is None else ("down", "up")
         raise AdapterInvalid(
@@ -153,7 +152,7 @@ def collect(tensors: Mapping[str, torch.Tensor], parse, fmt: str) -> dict[str, P
             unknown.append(name)
             continue
         module_key, role = parsed
-        item = pending.setdefault(module_key, PendingModule(source=name.rsplit(".", 2)[0]))
+        item = pending.setdefault(module_key, PendingModule())
         if role == "alpha":
             item.alpha = scalar(tensor, name)
         elif getattr(item, role) is not None:

@@ -13,6 +13,7 @@ which ``pipe.load_lora_weights`` turns into a ``LoraConfig``.
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import math
 import re
@@ -20,12 +21,12 @@ from collections import Counter
 from collections.abc import Mapping
 
 import torch
-from safetensors.torch import save
 
 from adapters.canonical import COMPONENTS, LoraAdapter
 from adapters.errors import AdapterInvalid
 from adapters.formats.common import PendingModule, collect, match_pattern
-from adapters.formats.names import resolve_key, split_key
+from adapters.formats.names import TEXT_MODEL, resolve_key, split_key
+from adapters.safeparse import write_safetensors
 
 METADATA_KEY = "lora_adapter_metadata"
 
@@ -130,11 +131,39 @@ def peft_alpha(config: Mapping, path: str, rank: int) -> float:
     return float(alpha)
 
 
-def to_diffusers(adapter: LoraAdapter) -> bytes:
-    """Safetensors that ``StableDiffusionPipeline.load_lora_weights`` loads as this adapter."""
+def installed_clip_is_flat() -> bool:
+    """Whether the installed transformers has the flattened ``CLIPTextModel`` (>= 5.6; no ``text_model.``).
+
+    Read from the package version, without importing transformers.
+    """
+    try:
+        version = importlib.metadata.version("transformers")
+    except importlib.metadata.PackageNotFoundError:
+        return False
+    parts = [int(p) for p in re.findall(r"\d+", version)[:2]] + [0, 0]
+    return (parts[0], parts[1]) >= (5, 6)
+
+
+def _diffusers_key(key: str, flat_text_encoder: bool) -> str:
+    component, path = split_key(key)
+    if flat_text_encoder and component.startswith("text_encoder") and path.startswith(TEXT_MODEL):
+        return f"{component}.{path[len(TEXT_MODEL) :]}"
+    return key
+
+
+def to_diffusers(adapter: LoraAdapter, *, flat_text_encoder: bool | None = None) -> bytes:
+    """Safetensors that ``StableDiffusionPipeline.load_lora_weights`` loads as this adapter.
+
+    diffusers names text-encoder modules as the installed transformers does, and
+    transformers >= 5.6 dropped the ``text_model.`` level; ``flat_text_encoder``
+    (default: follow the installed transformers) writes them without it.
+    """
+    if flat_text_encoder is None:
+        flat_text_encoder = installed_clip_is_flat()
     tensors: dict[str, torch.Tensor] = {}
     per_component: dict[str, dict[str, tuple[int, float]]] = {}
-    for key, module in adapter.modules.items():
+    for canonical_key, module in adapter.modules.items():
+        key = _diffusers_key(canonical_key, flat_text_encoder)
         tensors[f"{key}.lora_A.weight"] = module.down.contiguous()
         tensors[f"{key}.lora_B.weight"] = module.up.contiguous()
         component, path = split_key(key)
@@ -156,4 +185,4 @@ def to_diffusers(adapter: LoraAdapter) -> bytes:
     metadata = {k: v for k, v in adapter.metadata.items() if not k.startswith("loraloom.format")}
     metadata["format"] = "pt"
     metadata[METADATA_KEY] = json.dumps(adapter_metadata, sort_keys=True)
-    return save(tensors, metadata=metadata)
+    return write_safetensors(tensors, metadata)

@@ -12,13 +12,13 @@ from collections import Counter
 from collections.abc import Mapping
 
 import torch
-from safetensors.torch import save
 
 from adapters.canonical import LoraAdapter
 from adapters.errors import InvalidArgument
 from adapters.formats.base_ref import base_metadata, kohya_version
 from adapters.formats.common import PendingModule, collect
 from adapters.formats.names import KOHYA_PREFIXES, kohya_flat_path, kohya_lookup, kohya_prefix
+from adapters.safeparse import write_safetensors
 
 SUFFIXES = {".lora_down.weight": "down", ".lora_up.weight": "up", ".alpha": "alpha"}
 
@@ -67,6 +67,9 @@ def to_kohya(adapter: LoraAdapter) -> bytes:
     metadata = dict(adapter.metadata)
     metadata.update(base_metadata(adapter.base))
     metadata.pop("loraloom.format", None)
+    metadata.pop(
+        "lora_adapter_metadata", None
+    )  # diffusers' layout key; diffusers misreads kohya files with it
     ranks = Counter(m.rank for m in adapter.modules.values())
     alphas = Counter(m.alpha for m in adapter.modules.values())
     metadata.setdefault("ss_network_module", "networks.lora")
@@ -75,4 +78,4 @@ def to_kohya(adapter: LoraAdapter) -> bytes:
     version = kohya_version(adapter.base.architecture) if adapter.base else None
     if version:
         metadata.setdefault("ss_base_model_version", version)
-    return save(tensors, metadata=metadata)
+    return write_safetensors(tensors, metadata)
