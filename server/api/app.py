@@ -1,0 +1,205 @@
+"""Build and run the grpc.aio server: loraloom.v1, health, reflection, limits, SIGTERM drain.
+
+Start-up: the port is bound and liveness is SERVING at once; readiness
+(``loraloom.v1.Loraloom``) turns SERVING once the base model is loaded and warmed up.
+Shutdown (SIGTERM or SIGINT): readiness goes NOT_SERVING at once, new loraloom.v1
+calls get UNAVAILABLE, calls in flight get ``grace_s`` seconds to finish, exit 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import threading
+from collections.abc import Callable
+from concurrent.futures import Future
+
+from grpc import aio
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from server.api.config import ServerConfig
+from server.api.errors import ErrorInterceptor
+from server.api.lifecycle import GateInterceptor, Lifecycle
+from server.api.pb.loraloom.v1 import service_pb2, service_pb2_grpc
+from server.api.servicer import LoraloomServicer
+
+log = logging.getLogger("loraloom.server")
+
+ServiceFactory = Callable[[ServerConfig], object]
+STOP_GRACE_S = 1.0
+
+
+def _default_factory(config: ServerConfig):
+    from server.service import LoraloomService
+
+    return LoraloomService.create(config)
+
+
+class LoraloomServer:
+    """One grpc.aio server around one ``LoraloomService``. Use from a single event loop."""
+
+    def __init__(self, config: ServerConfig, service_factory: ServiceFactory | None = None) -> None:
+        self.config = config
+        self.factory = service_factory or _default_factory
+        self.lifecycle = Lifecycle()
+        self.servicer = LoraloomServicer(config)
+        self.service = None
+        self.port = 0
+        self._stop = asyncio.Event()
+        self._server = aio.server(
+            interceptors=[GateInterceptor(self.lifecycle), ErrorInterceptor()],
+            options=[
+                ("grpc.max_send_message_length", config.max_message_bytes),
+                ("grpc.max_receive_message_length", config.max_message_bytes),
+                ("grpc.so_reuseport", 0),
+            ],
+        )
+        service_pb2_grpc.add_LoraloomServicer_to_server(self.servicer, self._server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.lifecycle.health, self._server)
+        names = (
+            service_pb2.DESCRIPTOR.services_by_name["Loraloom"].full_name,
+            health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+            reflection.SERVICE_NAME,
+        )
+        reflection.enable_server_reflection(names, self._server)
+
+    @property
+    def address(self) -> str:
+        return f"{self.config.host}:{self.port}"
+
+    async def start(self) -> int:
+        """Bind and start serving health and reflection; returns the port. Call ``load`` next."""
+        self.port = self._server.add_insecure_port(self.config.address)
+        if not self.port:
+            raise OSError(f"cannot listen on {self.config.address}")
+        await self._server.start()
+        await self.lifecycle.start()
+        log.info("listening on %s (readiness NOT_SERVING until the model is warmed up)", self.address)
+        return self.port
+
+    async def load(self) -> None:
+        """Load the base model and warm up (in a thread), then report ready."""
+        self.service = await asyncio.to_thread(self.factory, self.config)
+        self.servicer.service = self.service
+        await asyncio.to_thread(self.service.warmup)
+        await self.lifecycle.mark_ready()
+        log.info("ready: serving loraloom.v1 on %s", self.address)
+
+    def request_stop(self) -> None:
+        self._stop.set()
+
+    async def wait_for_stop(self) -> None:
+        await self._stop.wait()
+
+    async def drain(self, grace_s: float | None = None) -> bool:
+        """Stop taking calls, let those in flight finish within ``grace_s``, then stop. True: all finished."""
+        grace = self.config.grace_s if grace_s is None else grace_s
+        await self.lifecycle.begin_drain()
+        log.info("draining: %d call(s) in flight, up to %.1fs", self.lifecycle.inflight, grace)
+        finished = await self.lifecycle.wait_idle(grace)
+        if not finished:
+            log.warning("grace over; cancelling %d call(s) in flight", self.lifecycle.inflight)
+        await self.stop()
+        return finished
+
+    async def stop(self) -> None:
+        await self.lifecycle.stopped()
+        await self._server.stop(STOP_GRACE_S)
+        if self.service is not None:
+            await asyncio.to_thread(self.service.close)
+        log.info("stopped")
+
+
+async def serve(config: ServerConfig, service_factory: ServiceFactory | None = None) -> int:
+    """Run until SIGTERM/SIGINT, then drain; the exit status (0 after a drain)."""
+    server = LoraloomServer(config, service_factory)
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, server.request_stop)
+    await server.start()
+    loader = asyncio.ensure_future(server.load())
+    stopper = asyncio.ensure_future(server.wait_for_stop())
+    await asyncio.wait({loader, stopper}, return_when=asyncio.FIRST_COMPLETED)
+    if loader.done() and loader.exception() is not None:
+        log.error("could not start: %s", loader.exception(), exc_info=loader.exception())
+        stopper.cancel()
+        await server.stop()
+        return 1
+    await stopper
+    log.info("received a stop signal")
+    if not loader.done():
+        loader.cancel()
+    await server.drain()
+    return 0
+
+
+def run(config: ServerConfig) -> int:
+    """The body of ``loraloom serve``."""
+    logging.basicConfig(
+        level=getattr(logging, config.log_level.upper(), logging.INFO),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    log.info("configuration: %s", config.summary())
+    return asyncio.run(serve(config))
+
+
+class ServerThread:
+    """A server on its own event loop in a background thread (tests, benchmarks, notebooks).
+
+    ``with ServerThread(config) as running: Client(running.address)...``; leaving the
+    block drains with ``config.grace_s``.
+    """
+
+    def __init__(self, config: ServerConfig, service_factory: ServiceFactory | None = None) -> None:
+        self.config = config
+        self.factory = service_factory
+        self.server: LoraloomServer | None = None
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self._started: Future = Future()
+        self._thread = threading.Thread(target=self._main, name="loraloom-server", daemon=True)
+        self._done = None
+
+    @property
+    def address(self) -> str:
+        return self.server.address
+
+    def _main(self) -> None:
+        asyncio.run(self._serve())
+
+    async def _serve(self) -> None:
+        self.loop = asyncio.get_running_loop()
+        self.server = LoraloomServer(self.config, self.factory)
+        self._done = asyncio.Event()
+        try:
+            await self.server.start()
+            await self.server.load()
+        except BaseException as error:
+            self._started.set_exception(error)
+            await self.server.stop()
+            return
+        self._started.set_result(self.server.port)
+        await self._done.wait()
+
+    def start(self, timeout: float = 120.0) -> ServerThread:
+        self._thread.start()
+        self._started.result(timeout)
+        return self
+
+    def call(self, coroutine, timeout: float | None = None):
+        """Run a coroutine on the server's loop and wait for its result."""
+        return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result(timeout)
+
+    def drain(self, grace_s: float | None = None) -> bool:
+        finished = self.call(self.server.drain(grace_s))
+        self.loop.call_soon_threadsafe(self._done.set)
+        self._thread.join(30)
+        return finished
+
+    def __enter__(self) -> ServerThread:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        if self._thread.is_alive() and self.loop is not None and not self._done.is_set():
+            self.drain(self.config.grace_s)

@@ -1,0 +1,171 @@
+"""Protobuf messages to and from the plain types of ``server.service`` and ``server.engine``."""
+
+from __future__ import annotations
+
+import json
+
+from server.api.pb.loraloom.v1 import adapters_pb2, generate_pb2, server_pb2
+from server.engine.types import DEFAULT_GUIDANCE, DEFAULT_STEPS, EngineStats, GenerateRequest, Timings
+from server.service import EncodedImage, ResidentListing, ServerInfo
+
+FORMAT_NAMES = {
+    generate_pb2.IMAGE_FORMAT_UNSPECIFIED: "png",
+    generate_pb2.IMAGE_FORMAT_PNG: "png",
+    generate_pb2.IMAGE_FORMAT_JPEG: "jpeg",
+}
+
+
+def generate_request(
+    message: generate_pb2.GenerateRequest,
+    *,
+    default_steps: int = DEFAULT_STEPS,
+    deadline: float | None = None,
+) -> GenerateRequest:
+    """The engine's request; proto "0 / unset" values become the defaults."""
+    return GenerateRequest(
+        prompt=message.prompt,
+        negative_prompt=message.negative_prompt,
+        width=message.width or None,
+        height=message.height or None,
+        steps=message.steps or default_steps,
+        guidance_scale=message.guidance_scale if message.HasField("guidance_scale") else DEFAULT_GUIDANCE,
+        seed=message.seed if message.HasField("seed") else None,
+        num_images=message.num_images or 1,
+        adapters=[(spec.ref, spec.weight if spec.HasField("weight") else 1.0) for spec in message.adapters],
+        preview_every=message.preview_every,
+        deadline=deadline,
+        request_id=message.request_id,
+    )
+
+
+def image_format(message: generate_pb2.GenerateRequest) -> str:
+    return FORMAT_NAMES.get(message.format, "png")
+
+
+def image(encoded: EncodedImage) -> generate_pb2.Image:
+    return generate_pb2.Image(
+        data=encoded.data,
+        mime_type=encoded.mime_type,
+        width=encoded.width,
+        height=encoded.height,
+        seed=encoded.seed,
+    )
+
+
+def timing(timings: Timings) -> generate_pb2.Timing:
+    return generate_pb2.Timing(
+        queue_ms=timings.queue_ms,
+        swap_ms=timings.load_ms + timings.swap_ms,
+        inference_ms=timings.inference_ms,
+        total_ms=timings.total_ms,
+    )
+
+
+def image_chunks(index: int, encoded: EncodedImage, chunk_bytes: int):
+    """GenerateStream messages carrying one image in pieces of at most ``chunk_bytes``."""
+    total = len(encoded.data)
+    offsets = range(0, total, chunk_bytes) if total else range(1)
+    for offset in offsets:
+        piece = encoded.data[offset : offset + chunk_bytes]
+        yield generate_pb2.GenerateStreamResponse(
+            image_chunk=generate_pb2.ImageChunk(
+                index=index,
+                offset=offset,
+                data=piece,
+                total_size=total,
+                last=offset + chunk_bytes >= total,
+                mime_type=encoded.mime_type,
+                width=encoded.width,
+                height=encoded.height,
+                seed=encoded.seed,
+            )
+        )
+
+
+def adapter_version(version) -> adapters_pb2.AdapterVersion:
+    """An ``adapters.store.models.AdapterVersion`` on the wire."""
+    metadata = version.metadata or {}
+    file_metadata = metadata.get("file", {}) if isinstance(metadata, dict) else {}
+    training = metadata.get("training", {}) if isinstance(metadata, dict) else {}
+    return adapters_pb2.AdapterVersion(
+        name=version.name,
+        version=version.version,
+        sha256=version.sha256,
+        size_bytes=version.size_bytes,
+        architecture=version.base_architecture,
+        base_fingerprint=version.base_fingerprint,
+        rank=version.rank,
+        format=version.format,
+        aliases=list(version.aliases),
+        description=version.description,
+        metadata={str(key): str(value) for key, value in dict(file_metadata).items()},
+        created_at=version.created_at.timestamp() if version.created_at else 0.0,
+        components=list(version.components),
+        tags=list(version.tags),
+        trigger_words=list(version.trigger_words),
+        training_metadata_json=json.dumps(training, sort_keys=True, default=str),
+    )
+
+
+def resident_adapter(item) -> adapters_pb2.ResidentAdapter:
+    return adapters_pb2.ResidentAdapter(
+        name=item.name,
+        version=item.version,
+        sha256=item.sha256,
+        size_bytes=item.size_bytes,
+        pinned=item.pinned,
+    )
+
+
+def cache_stats(stats: EngineStats) -> adapters_pb2.CacheStats:
+    return adapters_pb2.CacheStats(
+        used_bytes=stats.used_bytes,
+        capacity_bytes=stats.capacity_bytes,
+        entries=stats.entries,
+        hits=stats.hits,
+        misses=stats.misses,
+        evictions=stats.evictions,
+        swaps=stats.swaps,
+    )
+
+
+def resident_list(listing: ResidentListing) -> adapters_pb2.ListResidentAdaptersResponse:
+    return adapters_pb2.ListResidentAdaptersResponse(
+        adapters=[resident_adapter(item) for item in listing.adapters], cache=cache_stats(listing.cache)
+    )
+
+
+def server_info(info: ServerInfo) -> server_pb2.ServerInfo:
+    queue = info.queue
+    return server_pb2.ServerInfo(
+        version=info.version,
+        base_model=server_pb2.BaseModel(
+            name=info.base_name,
+            source=info.base_source,
+            architecture=info.architecture,
+            fingerprint=info.fingerprint,
+            resolution=info.resolution,
+        ),
+        backend=info.backend,
+        device=info.device,
+        dtype=info.dtype,
+        limits=server_pb2.Limits(
+            max_message_bytes=info.max_message_bytes,
+            max_upload_bytes=info.max_upload_bytes,
+            max_queue=info.max_queue,
+            max_steps=info.limits.max_steps,
+            max_images=info.limits.max_images,
+            max_adapters=info.limits.max_adapters,
+            max_size=info.limits.max_size,
+        ),
+        cache=cache_stats(info.cache),
+        queue=server_pb2.QueueStats(
+            queued=queue.queued,
+            running=queue.running,
+            completed=queue.completed,
+            failed=queue.failed,
+            cancelled=queue.cancelled,
+            rejected=queue.rejected,
+        ),
+        ready=info.ready,
+    )

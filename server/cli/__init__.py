@@ -1,0 +1,1 @@
+"""The ``loraloom`` command line (``server.cli.main:app``)."""

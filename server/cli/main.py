@@ -1,0 +1,352 @@
+"""``loraloom``: serve the engine, generate images, manage adapters.
+
+Client commands talk to a running server (``--server`` / ``$LORALOOM_SERVER``, default
+127.0.0.1:50051) and import no torch: the heavy imports live inside ``serve`` and ``train``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from adapters.errors import LoraloomError
+
+app = typer.Typer(
+    name="loraloom",
+    help="A Stable Diffusion server that hot-swaps and blends LoRA adapters per request.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+adapters_app = typer.Typer(help="Manage the adapters in the server's store.", no_args_is_help=True)
+app.add_typer(adapters_app, name="adapters")
+
+Server = Annotated[
+    str,
+    typer.Option("--server", "-s", envvar="LORALOOM_SERVER", help="Address of the loraloom server."),
+]
+Timeout = Annotated[float, typer.Option(help="Deadline of the call in seconds.")]
+Json = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
+DEFAULT_SERVER = "127.0.0.1:50051"
+
+
+def _client(server: str, timeout: float | None):
+    from server.client import Client
+
+    return Client(server, timeout=timeout)
+
+
+from server.cli import serve as _serve  # noqa: E402  (registers `serve` on app; imports no torch)
+
+_serve.register(app)
+
+
+@app.command()
+def generate(
+    prompt: Annotated[str, typer.Argument(help="What to draw.")],
+    adapter: Annotated[
+        list[str] | None,
+        typer.Option("--adapter", "-a", help="Adapter of the blend, name[@version][:weight]; repeatable."),
+    ] = None,
+    output: Annotated[
+        Path, typer.Option("--output", "-o", help="PNG file to write (several: out-0.png, ...).")
+    ] = Path("out.png"),
+    negative: Annotated[str, typer.Option("--negative", help="Negative prompt.")] = "",
+    steps: Annotated[int, typer.Option(help="Denoising steps (0: the server's default).")] = 0,
+    seed: Annotated[int | None, typer.Option(help="Seed (default: random; printed).")] = None,
+    guidance: Annotated[float | None, typer.Option(help="Guidance scale (default: the server's).")] = None,
+    width: Annotated[int, typer.Option(help="Width in pixels (0: the model's resolution).")] = 0,
+    height: Annotated[int, typer.Option(help="Height in pixels (0: the model's resolution).")] = 0,
+    num_images: Annotated[int, typer.Option("--num-images", "-n", help="How many images.")] = 1,
+    progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
+    server: Server = DEFAULT_SERVER,
+    timeout: Timeout = 600.0,
+) -> None:
+    """Generate images with an optional blend of adapters and write them as PNG files."""
+    from server.cli.progress import GenerateProgress
+    from server.client import AdapterSpec
+
+    try:
+        specs = [AdapterSpec.parse(text) for text in adapter or ()]
+        with _client(server, timeout) as client, GenerateProgress(enabled=progress) as bar:
+            result = client.generate(
+                prompt,
+                adapters=specs,
+                negative_prompt=negative,
+                steps=steps,
+                seed=seed,
+                guidance_scale=guidance,
+                width=width,
+                height=height,
+                num_images=num_images,
+                on_event=bar.update,
+            )
+    except LoraloomError as error:
+        from server.cli.output import fail
+
+        raise fail(error, server) from None
+    paths = (
+        [output]
+        if len(result.images) == 1
+        else [
+            output.with_name(f"{output.stem}-{index}{output.suffix}") for index in range(len(result.images))
+        ]
+    )
+    output.parent.mkdir(parents=True, exist_ok=True)
+    for path, image in zip(paths, result.images, strict=True):
+        image.save(path)
+        typer.echo(f"wrote {path} ({image.width}x{image.height}, seed {image.seed})")
+    typer.echo(f"{result.timing.total_ms:.0f} ms (queue {result.timing.queue_ms:.0f} ms)")
+
+
+@app.command()
+def info(server: Server = DEFAULT_SERVER, timeout: Timeout = 10.0, json: Json = False) -> None:
+    """Show the server's base model, backend, limits, cache and queue."""
+    from server.cli import output
+
+    try:
+        with _client(server, timeout) as client:
+            details = client.server_info()
+    except LoraloomError as error:
+        raise output.fail(error, server) from None
+    if json:
+        typer.echo(output.as_json(details))
+        return
+    base = details.base_model
+    limits = details.limits
+    cache = details.cache
+    lines = [
+        f"loraloom {details.version} at {server} ({'ready' if details.ready else 'not ready'})",
+        f"base model  {base.name} ({base.architecture}, {base.resolution} px) from {base.source}",
+        f"            fingerprint {base.fingerprint[:16]}",
+        f"backend     {details.backend} on {details.device}, {details.dtype}",
+        f"limits      queue {limits.max_queue}, steps {limits.max_steps}, images {limits.max_images}, "
+        f"adapters {limits.max_adapters}, size {limits.max_size} px, "
+        f"message {output.size(limits.max_message_bytes)}, upload {output.size(limits.max_upload_bytes)}",
+        f"cache       {cache.entries} adapters, {output.size(cache.used_bytes)} of "
+        f"{output.size(cache.capacity_bytes)}, hits {cache.hits}, misses {cache.misses}, swaps {cache.swaps}",
+        f"queue       {details.queue.queued} waiting, {details.queue.running} running, "
+        f"{details.queue.completed} done, {details.queue.rejected} rejected",
+    ]
+    typer.echo("\n".join(lines))
+
+
+@adapters_app.command("list")
+def adapters_list(
+    prefix: Annotated[str, typer.Option(help="Only names starting with this.")] = "",
+    architecture: Annotated[str, typer.Option("--arch", help="Only this base architecture.")] = "",
+    tag: Annotated[str, typer.Option(help="Only versions with this tag.")] = "",
+    all_versions: Annotated[bool, typer.Option("--all", help="Every version, not just the newest.")] = False,
+    server: Server = DEFAULT_SERVER,
+    timeout: Timeout = 30.0,
+    json: Json = False,
+) -> None:
+    """List the adapters in the store (the newest version of each name unless --all)."""
+    from server.cli import output
+
+    try:
+        with _client(server, timeout) as client:
+            found = list(
+                client.iter_adapters(
+                    name_prefix=prefix, architecture=architecture, tag=tag, all_versions=all_versions
+                )
+            )
+    except LoraloomError as error:
+        raise output.fail(error, server) from None
+    if json:
+        typer.echo(output.as_json(found))
+    elif not found:
+        typer.echo("no adapters (add one with: loraloom adapters upload FILE --name NAME)")
+    else:
+        output.console.print(output.adapter_table(found))
+
+
+@adapters_app.command("show")
+def adapters_show(
+    ref: Annotated[str, typer.Argument(help="name, name@version or name@alias.")],
+    server: Server = DEFAULT_SERVER,
+    timeout: Timeout = 30.0,
+    json: Json = False,
+) -> None:
+    """Show one adapter version in full."""
+    from server.cli import output
+
+    try:
+        with _client(server, timeout) as client:
+            found = client.get_adapter(ref)
+    except LoraloomError as error:
+        raise output.fail(error, server) from None
+    typer.echo(output.as_json(found) if json else _describe(found))
+
+
+def _describe(item) -> str:
+    from server.cli import output
+
+    rows = [
+        ("ref", item.ref),
+        ("sha256", item.sha256),
+        ("size", output.size(item.size_bytes)),
+        ("base", f"{item.architecture} {item.base_fingerprint[:16]}".strip()),
+        ("rank", str(item.rank)),
+        ("format", item.format),
+        ("components", ", ".join(item.components)),
+        ("aliases", ", ".join(item.aliases)),
+        ("tags", ", ".join(item.tags)),
+        ("trigger words", ", ".join(item.trigger_words)),
+        ("description", item.description),
+        ("created (UTC)", output.when(item.created_at)),
+    ]
+    return "\n".join(f"{key:<14}{value}" for key, value in rows if value)
+
+
+@adapters_app.command("upload")
+def adapters_upload(
+    file: Annotated[Path, typer.Argument(exists=True, dir_okay=False, help="A LoRA .safetensors file.")],
+    name: Annotated[str, typer.Option("--name", help="Name (a new version if it exists).")],
+    description: Annotated[str, typer.Option(help="Free-form description.")] = "",
+    alias: Annotated[list[str] | None, typer.Option("--alias", help="Alias for the new version.")] = None,
+    tag: Annotated[list[str] | None, typer.Option("--tag", help="Attach a tag (repeatable).")] = None,
+    trigger: Annotated[list[str] | None, typer.Option("--trigger", help="Trigger word (repeatable).")] = None,
+    server: Server = DEFAULT_SERVER,
+    timeout: Timeout = 600.0,
+) -> None:
+    """Upload an adapter file; it is checked against the server's base model before it becomes visible."""
+    from server.cli import output
+
+    try:
+        with _client(server, timeout) as client:
+            created = client.upload_adapter(
+                file,
+                name,
+                description=description,
+                aliases=alias or (),
+                tags=tag or (),
+                trigger_words=trigger or (),
+            )
+    except LoraloomError as error:
+        raise output.fail(error, server) from None
+    typer.echo(f"uploaded {created.ref} ({output.size(created.size_bytes)}, sha256 {created.sha256[:12]})")
+
+
+@adapters_app.command("delete")
+def adapters_delete(
+    ref: Annotated[str, typer.Argument(help="name@version deletes one version; name deletes them all.")],
+    yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask for confirmation.")] = False,
+    server: Server = DEFAULT_SERVER,
+    timeout: Timeout = 30.0,
+) -> None:
+    """Delete one version, or every version of a name."""
+    from server.cli import output
+
+    if not yes and "@" not in ref:
+        typer.confirm(f"delete every version of {ref!r}?", abort=True)
+    try:
+        with _client(server, timeout) as client:
+            deleted = client.delete_adapter(ref)
+    except LoraloomError as error:
+        raise output.fail(error, server) from None
+    typer.echo("deleted " + ", ".join(item.ref for item in deleted))
+
+
+@adapters_app.command("alias")
+def adapters_alias(
+    name: Annotated[str, typer.Argument(help="Adapter name.")],
+    alias: Annotated[str, typer.Argument(help="Alias to set, e.g. stable.")],
+    version: Annotated[int, typer.Argument(help="Version the alias points at.")],
+    server: Server = DEFAULT_SERVER,
+    timeout: Timeout = 30.0,
+) -> None:
+    """Point NAME@ALIAS at a version (creating or moving the alias)."""
+    from server.cli import output
+
+    try:
+        with _client(server, timeout) as client:
+            target = client.set_alias(name, alias, version)
+    except LoraloomError as error:
+        raise output.fail(error, server) from None
+    typer.echo(f"{name}@{alias} -> {target.ref}")
+
+
+@adapters_app.command("load")
+def adapters_load(
+    ref: Annotated[str, typer.Argument(help="name, name@version or name@alias.")],
+    pin: Annotated[bool, typer.Option(help="Keep it resident (never evicted).")] = False,
+    server: Server = DEFAULT_SERVER,
+    timeout: Timeout = 120.0,
+) -> None:
+    """Warm (or pin) an adapter in the engine's cache."""
+    from server.cli import output
+
+    try:
+        with _client(server, timeout) as client:
+            loaded = client.load_adapter(ref, pin=pin)
+    except LoraloomError as error:
+        raise output.fail(error, server) from None
+    state = "pinned" if loaded.pinned else "loaded"
+    typer.echo(f"{state} {loaded.name}@{loaded.version} ({output.size(loaded.size_bytes)})")
+
+
+@adapters_app.command("unload")
+def adapters_unload(
+    ref: Annotated[str, typer.Argument(help="name, name@version or name@alias.")],
+    server: Server = DEFAULT_SERVER,
+    timeout: Timeout = 30.0,
+) -> None:
+    """Drop an adapter from the engine's cache (and unpin it)."""
+    from server.cli import output
+
+    try:
+        with _client(server, timeout) as client:
+            dropped = client.unload_adapter(ref)
+    except LoraloomError as error:
+        raise output.fail(error, server) from None
+    typer.echo(f"unloaded {ref}" if dropped else f"{ref} was not resident")
+
+
+@adapters_app.command("resident")
+def adapters_resident(server: Server = DEFAULT_SERVER, timeout: Timeout = 30.0, json: Json = False) -> None:
+    """List the adapters held in the engine's cache."""
+    from server.cli import output
+
+    try:
+        with _client(server, timeout) as client:
+            listing = client.list_resident()
+    except LoraloomError as error:
+        raise output.fail(error, server) from None
+    if json:
+        typer.echo(output.as_json(listing))
+        return
+    for item in listing.adapters:
+        pin = " (pinned)" if item.pinned else ""
+        typer.echo(f"{item.name}@{item.version}  {output.size(item.size_bytes)}{pin}")
+    cache = listing.cache
+    used, capacity = output.size(cache.used_bytes), output.size(cache.capacity_bytes)
+    typer.echo(f"{cache.entries} resident, {used} of {capacity}")
+
+
+@app.command(
+    context_settings={"allow_extra_args": True, "ignore_unknown_options": True, "help_option_names": []},
+    add_help_option=False,
+)
+def train(ctx: typer.Context) -> None:
+    """Train a LoRA adapter (hands over to the trainer; `loraloom train --help` for its options)."""
+    try:
+        from trainer import cli as trainer_cli
+    except ImportError:
+        typer.echo("the trainer is not installed in this build (trainer.cli is missing)", err=True)
+        raise typer.Exit(2) from None
+    trainer_app = getattr(trainer_cli, "app", None)
+    if trainer_app is None:
+        typer.echo("trainer.cli has no `app` to run", err=True)
+        raise typer.Exit(2)
+    trainer_app(args=list(ctx.args), prog_name="loraloom train")
+
+
+def main() -> None:  # pragma: no cover - `python -m server.cli.main`
+    app()
+
+
+if __name__ == "__main__":
+    main()

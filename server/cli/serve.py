@@ -1,0 +1,50 @@
+"""``loraloom serve``: flags override ``LORALOOM_*`` variables, which override the defaults."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from server.api.config import ServerConfig, env_name
+
+
+def _opt(name: str, *flags: str):
+    """A typer option whose help is the config field's help plus its variable."""
+    field = ServerConfig.__dataclass_fields__[name]
+    default = field.default
+    shown = f"default {default}" if default not in (None, "") else "no default"
+    text = f"{field.metadata['help']} (env {env_name(name)}; {shown})"
+    return typer.Option(*flags, help=text, show_default=False)
+
+
+def register(app: typer.Typer) -> None:
+    @app.command()
+    def serve(
+        host: Annotated[str | None, _opt("host", "--host")] = None,
+        port: Annotated[int | None, _opt("port", "--port", "-p")] = None,
+        model: Annotated[str | None, _opt("model", "--model", "-m")] = None,
+        device: Annotated[str | None, _opt("device", "--device")] = None,
+        dtype: Annotated[str | None, _opt("dtype", "--dtype")] = None,
+        home: Annotated[Path | None, _opt("home", "--home")] = None,
+        store_db_url: Annotated[str | None, _opt("store_db_url", "--store-db-url")] = None,
+        max_queue: Annotated[int | None, _opt("max_queue", "--max-queue")] = None,
+        cache_mb: Annotated[int | None, _opt("cache_mb", "--cache-mb")] = None,
+        max_message_mb: Annotated[int | None, _opt("max_message_mb", "--max-message-mb")] = None,
+        max_upload_mb: Annotated[int | None, _opt("max_upload_mb", "--max-upload-mb")] = None,
+        image_chunk_bytes: Annotated[int | None, _opt("image_chunk_bytes", "--image-chunk-bytes")] = None,
+        default_steps: Annotated[int | None, _opt("default_steps", "--default-steps")] = None,
+        max_steps: Annotated[int | None, _opt("max_steps", "--max-steps")] = None,
+        grace_s: Annotated[float | None, _opt("grace_s", "--grace-s")] = None,
+        warmup: Annotated[bool | None, _opt("warmup", "--warmup/--no-warmup")] = None,
+        log_level: Annotated[str | None, _opt("log_level", "--log-level")] = None,
+    ) -> None:
+        """Serve the gRPC API (no flags: built-in model "tiny", local store, 127.0.0.1:50051)."""
+        from server.api.config import from_env
+
+        overrides = {key: value for key, value in locals().items() if key != "from_env"}
+        config = from_env(**overrides)
+        from server.api.app import run
+
+        raise typer.Exit(run(config))

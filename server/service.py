@@ -1,0 +1,398 @@
+"""The data plane: base model + engine/scheduler + adapter store behind plain Python calls.
+
+``server.api.servicer`` converts protobuf to and from these calls and adds nothing
+else; everything here can be used and tested without gRPC. Blocking calls (store,
+engine) are meant to run off the event loop: the servicer hands them to threads,
+and generation runs on the scheduler's worker thread.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+from adapters.errors import InvalidArgument
+from adapters.store import AdapterStore
+from adapters.store.models import AdapterPage, AdapterVersion
+from adapters.store.names import parse_ref
+from adapters.store.validation import make_validator
+from server.api.config import ServerConfig
+from server.engine.types import (
+    EngineStats,
+    GenerateRequest,
+    GenerateResult,
+    Limits,
+    Progress,
+    ResidentAdapter,
+)
+
+log = logging.getLogger(__name__)
+
+MIME_TYPES = {"png": "image/png", "jpeg": "image/jpeg"}
+UPLOAD_QUEUE_CHUNKS = 8
+
+
+@dataclass(frozen=True)
+class EncodedImage:
+    """An image as bytes on the wire."""
+
+    data: bytes
+    mime_type: str
+    width: int
+    height: int
+    seed: int = 0
+
+
+def encode_image(image, image_format: str = "png", seed: int = 0) -> EncodedImage:
+    """PNG (lossless) or JPEG (quality 95) bytes of a PIL image."""
+    buffer = io.BytesIO()
+    if image_format == "jpeg":
+        image.convert("RGB").save(buffer, format="JPEG", quality=95)
+    elif image_format == "png":
+        image.save(buffer, format="PNG")
+    else:
+        raise InvalidArgument(f"unknown image format {image_format!r}; use png or jpeg")
+    return EncodedImage(buffer.getvalue(), MIME_TYPES[image_format], image.width, image.height, seed)
+
+
+@dataclass(frozen=True)
+class QueueStats:
+    queued: int = 0
+    running: int = 0
+    completed: int = 0
+    failed: int = 0
+    cancelled: int = 0
+    rejected: int = 0
+
+
+@dataclass(frozen=True)
+class ServerInfo:
+    """What GetServerInfo reports."""
+
+    version: str
+    base_name: str
+    base_source: str
+    architecture: str
+    fingerprint: str
+    resolution: int
+    backend: str
+    device: str
+    dtype: str
+    limits: Limits
+    max_queue: int
+    max_message_bytes: int
+    max_upload_bytes: int
+    cache: EngineStats
+    queue: QueueStats
+    ready: bool
+
+
+@dataclass
+class ResidentListing:
+    adapters: list[ResidentAdapter]
+    cache: EngineStats
+
+
+class _ChunkReader(io.RawIOBase):
+    """A read-only stream fed chunk by chunk from another thread (bounded, so uploads apply backpressure)."""
+
+    def __init__(self) -> None:
+        self._chunks: queue.Queue[bytes | BaseException | None] = queue.Queue(UPLOAD_QUEUE_CHUNKS)
+        self._buffer = b""
+        self._eof = False
+
+    def readable(self) -> bool:
+        return True
+
+    def feed(self, chunk: bytes | BaseException | None, consumer: Future) -> None:
+        """Queue ``chunk``; if the consumer has stopped, raise its error instead of waiting forever."""
+        while True:
+            try:
+                self._chunks.put(chunk, timeout=0.05)
+                return
+            except queue.Full:
+                if consumer.done():
+                    consumer.result()
+                    raise InvalidArgument("the store stopped reading the upload") from None
+
+    def readinto(self, target) -> int:
+        while not self._buffer and not self._eof:
+            item = self._chunks.get()
+            if item is None:
+                self._eof = True
+            elif isinstance(item, BaseException):
+                raise item
+            else:
+                self._buffer = item
+        size = min(len(target), len(self._buffer))
+        target[:size] = self._buffer[:size]
+        self._buffer = self._buffer[size:]
+        return size
+
+
+@dataclass
+class UploadSession:
+    """One UploadAdapter in progress: ``write`` chunks, then ``finish`` (or ``abort``).
+
+    The store reads the chunks as they come (on its own thread), hashes and stages
+    them; nothing is visible until ``finish`` returns the new version.
+    """
+
+    name: str
+    sha256: str
+    size_bytes: int
+    _reader: _ChunkReader
+    _result: Future
+    _aliases: tuple[str, ...]
+    _set_alias: Callable[[str, str, int], AdapterVersion]
+    received: int = 0
+    _closed: bool = field(default=False)
+
+    def write(self, chunk: bytes) -> None:
+        self.received += len(chunk)
+        if self.received > self.size_bytes:
+            error = InvalidArgument(
+                f"upload of {self.name!r} sent more than the {self.size_bytes} bytes its metadata declared"
+            )
+            self.abort(error)
+            raise error
+        self._reader.feed(bytes(chunk), self._result)
+
+    def finish(self) -> AdapterVersion:
+        if self.received != self.size_bytes:
+            error = InvalidArgument(
+                f"upload of {self.name!r} ended after {self.received} of {self.size_bytes} declared bytes; "
+                "send the whole file"
+            )
+            self.abort(error)
+            raise error
+        self._closed = True
+        self._reader.feed(None, self._result)
+        version = self._result.result()
+        for alias in self._aliases:
+            version = self._set_alias(version.name, alias, version.version)
+        return version
+
+    def abort(self, reason: BaseException | None = None) -> None:
+        """Stop the upload; the store discards what it staged."""
+        if self._closed:
+            return
+        self._closed = True
+        with contextlib.suppress(BaseException):  # failing is the expected outcome
+            self._reader.feed(reason or InvalidArgument("upload aborted"), self._result)
+            self._result.result()
+
+
+class LoraloomService:
+    """Generation and adapter management for one resident base model."""
+
+    def __init__(self, config: ServerConfig, base, store: AdapterStore, engine, scheduler) -> None:
+        self.config = config
+        self.base = base
+        self.store = store
+        self.engine = engine
+        self.scheduler = scheduler
+        self.ready = False
+        self._uploads = ThreadPoolExecutor(max_workers=4, thread_name_prefix="loraloom-upload")
+
+    # ------------------------------------------------------------------ lifecycle
+
+    @classmethod
+    def create(cls, config: ServerConfig, *, before_step=None) -> LoraloomService:
+        """Load the base model, open the store (validating uploads against it), start the engine.
+
+        ``before_step(index, total)`` is the engine's seam called before every denoising step
+        (tests use it to slow steps down or inject failures).
+        """
+        import torch
+
+        from server.engine import Engine, StoreResolver
+        from server.engine.scheduler import Scheduler
+        from server.models.loader import load_base_model
+
+        dtype = getattr(torch, config.dtype)
+        base = load_base_model(config.model, device=config.device, dtype=dtype)
+        validator = make_validator(base.module_shapes, base.base_ref)
+        store = AdapterStore.open(
+            config.home,
+            config.store_db_url,
+            validator=validator,
+            max_blob_bytes=config.max_upload_bytes,
+        )
+        engine = Engine(
+            base,
+            resolver=StoreResolver(store, module_names=base.module_shapes),
+            cache_bytes=config.cache_mb << 20,
+            limits=_limits(config),
+            before_step=before_step,
+        )
+        scheduler = Scheduler(engine, max_queue=config.max_queue, max_group_skips=config.max_group_skips)
+        return cls(config, base, store, engine, scheduler)
+
+    def warmup(self) -> None:
+        """One short generation so the first real request does not pay for lazy initialisation."""
+        if self.config.warmup:
+            started = time.perf_counter()
+            self.scheduler.submit(GenerateRequest(prompt="warmup", steps=2, seed=0)).result()
+            log.info("warmed up in %.2fs", time.perf_counter() - started)
+        self.ready = True
+
+    def close(self, timeout: float = 5.0) -> None:
+        self.scheduler.close(drain=False, timeout=timeout)
+        self._uploads.shutdown(wait=False, cancel_futures=True)
+        self.store.close()
+
+    # ------------------------------------------------------------------ generation
+
+    def submit(
+        self,
+        request: GenerateRequest,
+        on_progress: Callable[[Progress], None] | None = None,
+        cancel: threading.Event | None = None,
+    ) -> Future[GenerateResult]:
+        """Queue a request (raises ResourceExhausted when the queue is full)."""
+        return self.scheduler.submit(request, on_progress=on_progress, cancel=cancel)
+
+    @staticmethod
+    def encode(result: GenerateResult, image_format: str = "png") -> list[EncodedImage]:
+        pairs = zip(result.images, result.parameters.seeds, strict=False)
+        return [encode_image(image, image_format, seed) for image, seed in pairs]
+
+    # ------------------------------------------------------------------ the store
+
+    def list_adapters(
+        self,
+        prefix: str = "",
+        architecture: str = "",
+        tag: str = "",
+        all_versions: bool = False,
+        page_size: int = 0,
+        page_token: str = "",
+    ) -> AdapterPage:
+        return self.store.list(
+            prefix=prefix or None,
+            tag=tag or None,
+            base_model=architecture or None,
+            page_size=page_size or 50,
+            page_token=page_token or None,
+            latest_only=not all_versions,
+        )
+
+    def get_adapter(self, ref: str) -> AdapterVersion:
+        return self.store.get(ref)
+
+    def begin_upload(
+        self,
+        name: str,
+        sha256: str,
+        size_bytes: int,
+        *,
+        description: str = "",
+        metadata: dict[str, str] | None = None,
+        aliases: tuple[str, ...] = (),
+        tags: tuple[str, ...] = (),
+        trigger_words: tuple[str, ...] = (),
+    ) -> UploadSession:
+        if not sha256:
+            raise InvalidArgument("upload metadata needs the file's sha256 (lowercase hex)")
+        if size_bytes <= 0:
+            raise InvalidArgument("upload metadata needs the file's size_bytes (> 0)")
+        if size_bytes > self.config.max_upload_bytes:
+            raise InvalidArgument(
+                f"adapter of {size_bytes} bytes exceeds this server's upload limit of "
+                f"{self.config.max_upload_bytes} bytes (LORALOOM_MAX_UPLOAD_MB)"
+            )
+        reader = _ChunkReader()
+        result = self._uploads.submit(
+            self.store.register,
+            name,
+            io.BufferedReader(reader, buffer_size=1 << 20),
+            description=description,
+            tags=tags,
+            trigger_words=trigger_words,
+            training_metadata=dict(metadata or {}),
+            expected_sha256=sha256,
+        )
+        return UploadSession(name, sha256, size_bytes, reader, result, tuple(aliases), self.store.set_alias)
+
+    def delete_adapter(self, ref: str) -> list[AdapterVersion]:
+        """Delete ``name@version`` (or the version an alias names), or every version of ``name``."""
+        parsed = parse_ref(ref)
+        if parsed.version is None and parsed.alias is None:
+            doomed = list(self.store.versions_of(parsed.name))
+            self.store.delete(parsed.name)
+        else:
+            doomed = [self.store.get(parsed)]
+            self.store.delete(parsed.name, doomed[0].version)
+        for version in doomed:
+            self.engine.unload(version.ref)
+        return doomed
+
+    def set_alias(self, name: str, alias: str, version: int) -> AdapterVersion:
+        return self.store.set_alias(name, alias, version)
+
+    # ------------------------------------------------------------------ the engine's cache
+
+    def load_adapter(self, ref: str, pin: bool = False) -> ResidentAdapter:
+        return self.engine.load(ref, pin=pin)
+
+    def unload_adapter(self, ref: str) -> bool:
+        """Drop ``name@N``, ``name@alias`` or every resident version of ``name``; False if none was."""
+        return self.engine.unload(ref)
+
+    def resident(self) -> ResidentListing:
+        return ResidentListing(adapters=list(self.engine.resident()), cache=self.engine.stats())
+
+    # ------------------------------------------------------------------ the server
+
+    def info(self) -> ServerInfo:
+        return ServerInfo(
+            version=package_version(),
+            base_name=self.base.name,
+            base_source=self.base.source,
+            architecture=self.base.architecture,
+            fingerprint=self.base.fingerprint,
+            resolution=self.base.resolution,
+            backend=getattr(self.engine, "backend_name", "torch"),
+            device=str(self.base.device),
+            dtype=str(self.base.dtype).removeprefix("torch."),
+            limits=_limits(self.config),
+            max_queue=self.config.max_queue,
+            max_message_bytes=self.config.max_message_bytes,
+            max_upload_bytes=self.config.max_upload_bytes,
+            cache=self.engine.stats(),
+            queue=_queue_stats(self.scheduler),
+            ready=self.ready,
+        )
+
+
+def _limits(config: ServerConfig) -> Limits:
+    return Limits(
+        max_steps=config.max_steps,
+        max_images=config.max_images,
+        max_adapters=config.max_adapters,
+        max_size=config.max_size,
+    )
+
+
+def _queue_stats(scheduler) -> QueueStats:
+    stats = scheduler.stats() if hasattr(scheduler, "stats") else None
+    if stats is None:
+        return QueueStats()
+    return QueueStats(**{key: int(getattr(stats, key, 0)) for key in QueueStats.__dataclass_fields__})
+
+
+def package_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("loraloom")
+    except PackageNotFoundError:
+        return "0.1.0+source"

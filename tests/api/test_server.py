@@ -1,0 +1,295 @@
+"""Every RPC against a real in-process server (micro model, SQLite store, 127.0.0.1:0)."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import threading
+import time
+
+import grpc
+import pytest
+from PIL import Image as PILImage
+
+from adapters import errors
+from server.api.pb.loraloom.v1 import adapters_pb2, service_pb2_grpc
+from server.client import Done, ImageReady, Progress, Queued, ServerError
+from tests.api.conftest import adapter_bytes
+
+
+def decode(data: bytes) -> PILImage.Image:
+    image = PILImage.open(io.BytesIO(data))
+    image.load()
+    return image
+
+
+def test_server_info_and_health(client):
+    info = client.server_info()
+    assert info.ready
+    assert (info.base_model.name, info.base_model.architecture, info.base_model.resolution) == (
+        "micro",
+        "loraloom:micro",
+        32,
+    )
+    assert len(info.base_model.fingerprint) == 64
+    assert (info.backend, info.device, info.dtype) == ("torch", "cpu", "float32")
+    assert info.limits.max_queue == 2 and info.limits.max_message_bytes == 64 << 20
+    assert info.queue.completed >= 1  # the warm-up
+    assert client.health("") == "SERVING"
+    assert client.health() == "SERVING"
+
+
+def test_generate_returns_a_png_and_is_reproducible(client):
+    first = client.generate("a red circle", steps=2, seed=11)
+    again = client.generate("a red circle", steps=2, seed=11)
+    (image,) = first.images
+    assert image.mime_type == "image/png" and (image.width, image.height, image.seed) == (32, 32, 11)
+    assert decode(image.data).size == (32, 32)
+    assert again.images[0].data == image.data
+    assert first.timing.total_ms > 0 and first.blend_signature == ""
+    jpeg = client.generate("a red circle", steps=2, seed=11, image_format="jpeg", num_images=2)
+    assert [item.seed for item in jpeg.images] == [11, 12]
+    assert all(decode(item.data).format == "JPEG" for item in jpeg.images)
+
+
+def test_stream_order_previews_and_chunked_images(client):
+    events = list(client.generate_stream("a red circle", steps=3, seed=11, preview_every=2, num_images=2))
+    kinds = [type(event) for event in events]
+    assert kinds == [Queued, Progress, Progress, Progress, ImageReady, ImageReady, Done]
+    assert [(event.step, event.total_steps) for event in events[1:4]] == [(1, 3), (2, 3), (3, 3)]
+    assert [event.preview is not None for event in events[1:4]] == [False, True, True]
+    unary = client.generate("a red circle", steps=3, seed=11, num_images=2)
+    streamed = events[-1].result.images
+    assert [item.data for item in streamed] == [item.data for item in unary.images]
+    assert len(streamed[0].data) > 700  # the server's chunk size: the image came in pieces
+
+
+def test_stream_chunks_on_the_wire(running, client):
+    from server.api.pb.loraloom.v1 import generate_pb2
+
+    with grpc.insecure_channel(running.address) as channel:
+        stub = service_pb2_grpc.LoraloomStub(channel)
+        messages = list(stub.GenerateStream(generate_pb2.GenerateRequest(prompt="x", steps=1, seed=3)))
+    chunks = [m.image_chunk for m in messages if m.WhichOneof("event") == "image_chunk"]
+    assert len(chunks) >= 2 and all(len(chunk.data) <= 700 for chunk in chunks)
+    assert [chunk.last for chunk in chunks] == [False] * (len(chunks) - 1) + [True]
+    assert messages[-1].WhichOneof("event") == "done"
+
+
+def test_adapter_lifecycle(client, micro_shapes, tmp_path):
+    data = adapter_bytes(micro_shapes, seed=5)
+    path = tmp_path / "style.safetensors"
+    path.write_bytes(data)
+    created = client.upload_adapter(path, "style", description="a style", tags=["demo"], aliases=["stable"])
+    assert (created.name, created.version, created.sha256) == ("style", 1, hashlib.sha256(data).hexdigest())
+    assert created.architecture == "loraloom:micro" and created.rank == 4 and created.format == "canonical"
+    assert created.aliases == ("stable",) and created.tags == ("demo",)
+    second = client.upload_adapter(adapter_bytes(micro_shapes, seed=6), "style", chunk_size=4096)
+    assert second.version == 2
+
+    assert [item.ref for item in client.list_adapters().adapters] == ["style@2"]
+    every = client.list_adapters(all_versions=True, page_size=1)
+    assert [item.ref for item in every.adapters] == ["style@1"] and every.next_page_token
+    paged = client.iter_adapters(all_versions=True, page_size=1)
+    assert [item.ref for item in paged] == ["style@1", "style@2"]
+    assert client.list_adapters(tag="demo", all_versions=True).adapters[0].ref == "style@1"
+    assert client.get_adapter("style@stable").version == 1
+    assert client.get_adapter("style").version == 2
+    assert client.set_alias("style", "stable", 2).aliases == ("stable",)
+
+    base = client.generate("a red circle", steps=2, seed=4)
+    styled = client.generate("a red circle", steps=2, seed=4, adapters=["style@stable:0.8"])
+    assert styled.blend_signature and styled.images[0].data != base.images[0].data
+    assert client.generate("a red circle", steps=2, seed=4).images[0].data == base.images[0].data
+
+    pinned = client.load_adapter("style@1", pin=True)
+    assert (pinned.name, pinned.version, pinned.pinned) == ("style", 1, True)
+    resident = client.list_resident()
+    assert {(item.version, item.pinned) for item in resident.adapters} == {(1, True), (2, False)}
+    assert resident.cache.entries == 2 and resident.cache.used_bytes > 0 and resident.cache.swaps >= 1
+    assert client.unload_adapter("style@1") is True
+    assert client.unload_adapter("style@1") is False
+
+    assert [item.ref for item in client.delete_adapter("style@1")] == ["style@1"]
+    assert [item.ref for item in client.delete_adapter("style")] == ["style@2"]
+    with pytest.raises(errors.NotFound):
+        client.get_adapter("style")
+    assert client.list_resident().adapters == []
+
+
+def test_invalid_arguments(client, micro_shapes):
+    with pytest.raises(errors.InvalidArgument, match="prompt is empty"):
+        client.generate("   ")
+    with pytest.raises(errors.InvalidArgument, match="steps"):
+        client.generate("x", steps=1000)
+    with pytest.raises(errors.InvalidArgument, match="sha256 mismatch"):
+        _upload_raw(client, "bad-hash", adapter_bytes(micro_shapes), sha256="0" * 64)
+    with pytest.raises(errors.InvalidArgument):
+        client.upload_adapter(b"not a safetensors file at all", "garbage")
+    with pytest.raises(errors.InvalidArgument, match="name"):
+        client.upload_adapter(adapter_bytes(micro_shapes), "Bad Name!")
+    with pytest.raises(errors.InvalidArgument, match="UploadMetadata first"):
+        _upload_messages(client, [adapters_pb2.UploadAdapterRequest(chunk=b"abc")])
+    assert client.list_adapters(all_versions=True).adapters == []
+
+
+def test_not_found(client):
+    with pytest.raises(errors.NotFound):
+        client.get_adapter("nobody")
+    with pytest.raises(errors.NotFound):
+        client.generate("x", steps=1, adapters=["nobody:0.5"])
+    with pytest.raises(errors.NotFound):
+        client.delete_adapter("nobody@3")
+    with pytest.raises(errors.NotFound):
+        client.load_adapter("nobody")
+
+
+def test_incompatible_adapter_is_failed_precondition(client, tiny_pipeline):
+    from server.models.shapes import module_shapes
+
+    data = adapter_bytes(module_shapes(tiny_pipeline), architecture="loraloom:tiny")
+    with pytest.raises(errors.FailedPrecondition):
+        client.upload_adapter(data, "made-for-tiny")
+    assert client.list_adapters(all_versions=True).adapters == []
+
+
+def test_unary_image_over_the_message_limit_is_failed_precondition(running, client):
+    running.server.config.max_message_mb = 0  # a limit no image fits (read per call)
+    try:
+        with pytest.raises(errors.FailedPrecondition, match="GenerateStream"):
+            client.generate("x", steps=1)
+    finally:
+        running.server.config.max_message_mb = 64
+
+
+def test_unexpected_failure_is_internal_without_details(client, seam):
+    seam.fail_with = RuntimeError("secret internal detail")
+    with pytest.raises(ServerError) as caught:
+        client.generate("x", steps=2)
+    assert caught.value.code == grpc.StatusCode.INTERNAL
+    assert "secret" not in str(caught.value) and "incident" in str(caught.value)
+
+
+def test_cancel_stops_within_one_step_and_frees_the_slot(client, seam):
+    seam.delay_s = 0.2
+    stream = client.generate_stream("x", steps=40, seed=1)
+    for event in stream:
+        if isinstance(event, Progress) and event.step == 2:
+            break
+    cancelled_at = time.monotonic()
+    stream.close()  # cancels the call
+    time.sleep(1.0)
+    assert seam.steps_after(cancelled_at) <= 1
+    seam.delay_s = 0.0
+    assert client.generate("x", steps=1).images  # the worker is free again
+
+
+def test_deadline_stops_within_one_step(client, seam):
+    seam.delay_s = 0.2
+    started = time.monotonic()
+    with pytest.raises(errors.DeadlineExceeded):
+        client.generate("x", steps=40, timeout=1.0)
+    deadline = started + 1.0
+    time.sleep(0.8)
+    assert seam.steps_after(deadline) <= 1
+    assert len(seam.calls) < 10
+
+
+def test_full_queue_is_resource_exhausted_with_a_retry_hint(client, seam, running):
+    seam.delay_s = 0.2
+    results: list[object] = []
+
+    def one() -> None:
+        try:
+            results.append(client.generate("x", steps=5, seed=1))
+        except errors.LoraloomError as error:
+            results.append(error)
+
+    workers = [threading.Thread(target=one) for _ in range(3)]  # 1 running + 2 queued (max_queue=2)
+    for worker in workers:
+        worker.start()
+        time.sleep(0.3)
+    with pytest.raises(errors.ResourceExhausted, match="queue is full") as caught:
+        client.generate("x", steps=5)
+    assert caught.value.retry_after_s >= 0.5
+    for worker in workers:
+        worker.join(60)
+    assert all(not isinstance(item, Exception) for item in results), results
+
+
+def test_upload_of_a_large_adapter_in_chunks(client, micro_shapes):
+    data = adapter_bytes(micro_shapes, seed=9, rank=1450)  # ~25 MB
+    assert len(data) > 24 << 20
+    created = client.upload_adapter(data, "large", chunk_size=1 << 20)
+    assert created.size_bytes == len(data) and created.sha256 == hashlib.sha256(data).hexdigest()
+    client.delete_adapter("large")
+
+
+def test_upload_aborted_mid_stream_leaves_nothing_visible(running, client, micro_shapes):
+    data = adapter_bytes(micro_shapes, seed=3)
+    sent = threading.Event()
+
+    def messages():
+        meta = adapters_pb2.UploadMetadata(
+            name="aborted", sha256=hashlib.sha256(data).hexdigest(), size_bytes=len(data)
+        )
+        yield adapters_pb2.UploadAdapterRequest(metadata=meta)
+        yield adapters_pb2.UploadAdapterRequest(chunk=data[:1000])
+        sent.set()
+        time.sleep(30)  # the client gives up long before this
+
+    with grpc.insecure_channel(running.address) as channel:
+        call = service_pb2_grpc.LoraloomStub(channel).UploadAdapter.future(messages())
+        assert sent.wait(10)
+        time.sleep(0.5)
+        call.cancel()
+    staging = running.server.config.home / "store" / "staging"
+    deadline = time.monotonic() + 10
+    while any(staging.iterdir()) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not any(staging.iterdir())
+    assert client.list_adapters(all_versions=True).adapters == []
+    with pytest.raises(errors.NotFound):
+        client.get_adapter("aborted")
+
+
+def test_short_upload_is_refused(client, micro_shapes):
+    data = adapter_bytes(micro_shapes, seed=3)
+    with pytest.raises(errors.InvalidArgument, match="ended after"):
+        _upload_raw(client, "short", data, size_bytes=len(data) + 10)
+    assert client.list_adapters(all_versions=True).adapters == []
+
+
+def test_reflection_lists_the_services(running):
+    from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+    with grpc.insecure_channel(running.address) as channel:
+        stub = reflection_pb2_grpc.ServerReflectionStub(channel)
+        request = reflection_pb2.ServerReflectionRequest(list_services="")
+        (response,) = list(stub.ServerReflectionInfo(iter([request])))
+        names = {service.name for service in response.list_services_response.service}
+        assert {"loraloom.v1.Loraloom", "grpc.health.v1.Health"} <= names
+        request = reflection_pb2.ServerReflectionRequest(file_containing_symbol="loraloom.v1.Loraloom")
+        (response,) = list(stub.ServerReflectionInfo(iter([request])))
+        assert response.file_descriptor_response.file_descriptor_proto
+
+
+def _upload_raw(client, name: str, data: bytes, *, sha256: str | None = None, size_bytes: int | None = None):
+    meta = adapters_pb2.UploadMetadata(
+        name=name,
+        sha256=sha256 or hashlib.sha256(data).hexdigest(),
+        size_bytes=len(data) if size_bytes is None else size_bytes,
+    )
+    parts = [adapters_pb2.UploadAdapterRequest(metadata=meta)]
+    step = 65536
+    parts += [adapters_pb2.UploadAdapterRequest(chunk=data[i : i + step]) for i in range(0, len(data), step)]
+    return _upload_messages(client, parts)
+
+
+def _upload_messages(client, parts):
+    from server.client.errors import from_rpc_error
+
+    try:
+        return client._stub.UploadAdapter(iter(parts), timeout=30)
+    except grpc.RpcError as error:
+        raise from_rpc_error(error) from None
