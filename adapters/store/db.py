@@ -9,9 +9,10 @@ transaction-scoped advisory lock serializes concurrent first opens.
 
 from __future__ import annotations
 
+import contextlib
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TypeVar
 
@@ -30,6 +31,8 @@ SUPPORTED_BACKENDS = ("sqlite", "postgresql")
 BUSY_TIMEOUT_S = 60.0
 # pg_advisory_xact_lock key for schema upgrades: "lorastor" as a big-endian int64.
 _SCHEMA_LOCK_KEY = int.from_bytes(b"lorastor", "big") & (2**63 - 1)
+
+READ_ONLY_OPTION = "loraloom_read_only"
 
 T = TypeVar("T")
 
@@ -86,9 +89,20 @@ def _sqlite_engine(url: str) -> Engine:
 
     @event.listens_for(engine, "begin")
     def _on_begin(connection: Connection) -> None:
-        connection.exec_driver_sql("BEGIN IMMEDIATE")
+        # Readers never wait for writers in WAL mode; writers take the write lock up front.
+        read_only = connection.get_execution_options().get(READ_ONLY_OPTION, False)
+        connection.exec_driver_sql("BEGIN DEFERRED" if read_only else "BEGIN IMMEDIATE")
 
     return engine
+
+
+@contextlib.contextmanager
+def read_transaction(engine: Engine) -> Iterator[Connection]:
+    """A transaction for reads only (one consistent snapshot; on SQLite it takes no write lock)."""
+    with engine.connect() as connection:
+        connection.execution_options(**{READ_ONLY_OPTION: True})
+        with connection.begin():
+            yield connection
 
 
 def _alembic_config(connection: Connection) -> Config:

@@ -295,7 +295,7 @@ class AdapterStore:
     def get(self, ref: str | AdapterRef) -> AdapterVersion:
         """Resolve ``name`` (newest version), ``name@3``, ``name@alias`` or ``name@latest``."""
         parsed = parse_ref(ref) if isinstance(ref, str) else ref
-        with self.engine.begin() as conn:
+        with db.read_transaction(self.engine) as conn:
             adapter_id = self._adapter_id(conn, parsed.name)
             query = _version_query().where(versions.c.adapter_id == adapter_id)
             if parsed.version is not None:
@@ -324,7 +324,7 @@ class AdapterStore:
     def versions_of(self, name: str) -> tuple[AdapterVersion, ...]:
         """Every version of ``name``, oldest first."""
         name = check_name(name)
-        with self.engine.begin() as conn:
+        with db.read_transaction(self.engine) as conn:
             adapter_id = self._adapter_id(conn, name)
             rows = conn.execute(
                 _version_query().where(versions.c.adapter_id == adapter_id).order_by(versions.c.version)
@@ -426,7 +426,7 @@ class AdapterStore:
         each goes under its row lock) and temp files older than ``grace_s`` (younger
         ones may belong to uploads in progress). Broken versions are only reported.
         """
-        with self.engine.begin() as conn:
+        with db.read_transaction(self.engine) as conn:
             rows = conn.execute(
                 select(adapters.c.name, versions.c.version, versions.c.sha256, versions.c.size_bytes)
                 .join(adapters, adapters.c.id == versions.c.adapter_id)
@@ -546,7 +546,7 @@ class AdapterStore:
                 )
             )
         query = query.order_by(adapters.c.name, versions.c.version).limit(page_size + 1)
-        with self.engine.begin() as conn:
+        with db.read_transaction(self.engine) as conn:
             rows = conn.execute(query).all()
             items = self._to_versions(conn, rows[:page_size])
         token = _encode_token(items[-1].name, items[-1].version) if len(rows) > page_size else None

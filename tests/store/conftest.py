@@ -214,3 +214,57 @@ def wait_for(predicate, timeout_s: float = 30.0) -> None:
         if time.monotonic() > deadline:
             raise TimeoutError("condition not met in time")
         time.sleep(0.02)
+
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+WORKER = Path(__file__).with_name("store_worker.py")
+
+
+@pytest.fixture()
+def spawn_worker(db_url: str, store_dir: Path, micro_shapes, tmp_path: Path):
+    """Start ``store_worker.py`` on this test's store: ``spawn_worker(name=..., files=[...], ...)``."""
+    import json
+    import sys
+
+    shapes_file = tmp_path / "shapes.json"
+    shapes_file.write_text(json.dumps(micro_shapes))
+    procs: list[subprocess.Popen] = []
+
+    def spawn(**job) -> subprocess.Popen:
+        job = {"db_url": db_url, "store_dir": str(store_dir), "shapes_file": str(shapes_file), **job}
+        env = {
+            **os.environ,
+            "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")]),
+        }
+        proc = subprocess.Popen(
+            [sys.executable, str(WORKER), json.dumps(job)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+            cwd=REPO_ROOT,
+        )
+        procs.append(proc)
+        return proc
+
+    yield spawn
+    for proc in procs:
+        if proc.poll() is None:
+            proc.kill()
+        proc.communicate()
+
+
+def _worker_output(proc: subprocess.Popen, timeout_s: float = 60.0) -> tuple[int, list[dict]]:
+    import json
+
+    stdout, stderr = proc.communicate(timeout=timeout_s)
+    lines = [json.loads(line) for line in stdout.splitlines() if line.startswith("{")]
+    if proc.returncode not in (0, -9):
+        raise AssertionError(f"worker failed ({proc.returncode}):\n{stderr[-3000:]}")
+    return proc.returncode, lines
+
+
+@pytest.fixture()
+def worker_output():
+    """``worker_output(proc)`` waits for a worker and returns (exit code, its JSON lines)."""
+    return _worker_output
