@@ -59,7 +59,12 @@ class Blend:
 
     @classmethod
     def of(cls, pairs: Iterable[tuple[str, float]]) -> Blend:
-        return cls(tuple(BlendEntry(key, float(weight)) for key, weight in pairs))
+        """A blend from (key, weight) pairs; a key listed twice (two names for one blob) has its
+        weights summed, which is the same update."""
+        merged: dict[str, float] = {}
+        for key, weight in pairs:
+            merged[key] = merged.get(key, 0.0) + float(weight)
+        return cls(tuple(BlendEntry(key, weight) for key, weight in merged.items()))
 
     @property
     def signature(self) -> tuple[tuple[str, float], ...]:
