@@ -224,7 +224,7 @@ class AdapterStore:
             self._stage("committed")
         finally:
             staged.path.unlink(missing_ok=True)
-        return self.get(AdapterRef(name, version=version))
+        return version
 
     def _stage(self, stage: str) -> None:
         if self._on_stage is not None:
@@ -248,7 +248,7 @@ class AdapterStore:
             raise AdapterInvalid("the adapter data is empty (0 bytes); send the .safetensors file's contents")
         return _Staged(path, sha256, size)
 
-    def _insert_version(self, conn: Connection, new: _NewVersion) -> int:
+    def _insert_version(self, conn: Connection, new: _NewVersion) -> AdapterVersion:
         now = _now()
         upsert = _insert(conn, adapters).values(name=new.name, last_version=1, created_at=now)
         upsert = upsert.on_conflict_do_update(
@@ -280,14 +280,17 @@ class AdapterStore:
         ).scalar_one()
         if new.tags:
             conn.execute(version_tags.insert(), [{"version_id": version_id, "tag": tag} for tag in new.tags])
+        row = conn.execute(_version_query().where(versions.c.id == version_id)).one()
         self._stage("before_commit")
-        return int(version)
+        return self._to_versions(conn, [row])[0]
 
     def _lock_blob(self, conn: Connection, sha256: str, size_bytes: int) -> None:
         """Insert the blob's row or row-lock the existing one (a no-op update takes the lock)."""
         stmt = _insert(conn, blobs).values(sha256=sha256, size_bytes=size_bytes, created_at=_now())
         conn.execute(
-            stmt.on_conflict_do_update(index_elements=[blobs.c.sha256], set_={"size_bytes": size_bytes})
+            stmt.on_conflict_do_update(
+                index_elements=[blobs.c.sha256], set_={"size_bytes": blobs.c.size_bytes}
+            )
         )
 
     # ------------------------------------------------------------------ read
@@ -382,7 +385,7 @@ class AdapterStore:
         if version is not None:
             version = check_version(version)
 
-        def work(conn: Connection) -> tuple[int, ...]:
+        def work(conn: Connection) -> tuple[tuple[int, ...], set[str]]:
             adapter_id = self._adapter_id(conn, name, lock=True)
             query = select(versions.c.id, versions.c.version, versions.c.sha256).where(
                 versions.c.adapter_id == adapter_id
@@ -396,24 +399,26 @@ class AdapterStore:
                 conn.execute(delete(adapters).where(adapters.c.id == adapter_id))
             else:
                 conn.execute(delete(versions).where(versions.c.id == rows[0].id))
-            for sha256 in sorted({row.sha256 for row in rows}):
-                self._release_blob(conn, sha256)
-            return tuple(int(row.version) for row in rows)
+            return tuple(int(row.version) for row in rows), {row.sha256 for row in rows}
 
-        return db.run_transaction(self.engine, work)
+        deleted, used = db.run_transaction(self.engine, work)
+        # Then each blob in its own transaction: a crash in between leaves an unused blob
+        # (verify's orphan), never a version whose blob is gone.
+        for sha256 in sorted(used):
+            db.run_transaction(self.engine, lambda conn, sha256=sha256: self._remove_if_unused(conn, sha256))
+        return deleted
 
-    def _release_blob(self, conn: Connection, sha256: str) -> bool:
-        """Remove the blob (file and row) if no version uses it, under its row lock."""
-        locked = conn.execute(
-            select(blobs.c.sha256).where(blobs.c.sha256 == sha256).with_for_update()
-        ).scalar()
+    def _remove_if_unused(self, conn: Connection, sha256: str) -> bool:
+        """Remove a blob (row and file) if no version uses it, holding its row lock.
+
+        The file goes before commit, under the lock, so a registration waiting for the
+        lock finds it gone and writes it again rather than committing a version without it.
+        """
+        self._lock_blob(conn, sha256, 0)
         in_use = conn.execute(select(func.count()).where(versions.c.sha256 == sha256)).scalar_one()
         if in_use:
             return False
-        if locked is not None:
-            conn.execute(delete(blobs).where(blobs.c.sha256 == sha256))
-        # The file goes before commit, under the lock, so a registration that waits for the
-        # lock sees it gone and writes it again rather than committing a version without it.
+        conn.execute(delete(blobs).where(blobs.c.sha256 == sha256))
         self.blobs.delete(sha256)
         return True
 
@@ -457,7 +462,7 @@ class AdapterStore:
         if repair:
             for sha256 in orphans:
                 if db.run_transaction(
-                    self.engine, lambda conn, sha256=sha256: self._remove_orphan(conn, sha256)
+                    self.engine, lambda conn, sha256=sha256: self._remove_if_unused(conn, sha256)
                 ):
                     removed.append(sha256)
         partials = self._staging_partials(grace_s, repair) + self.blobs.partials(
@@ -474,13 +479,6 @@ class AdapterStore:
             partials=tuple(partials),
             removed=tuple(removed),
         )
-
-    def _remove_orphan(self, conn: Connection, sha256: str) -> bool:
-        size = 0
-        with contextlib.suppress(NotFound, OSError):
-            size = self.blobs.path(sha256).stat().st_size
-        self._lock_blob(conn, sha256, size)
-        return self._release_blob(conn, sha256)
 
     def _staging_partials(self, older_than_s: float, remove: bool) -> builtins.list[str]:
         found: builtins.list[str] = []

@@ -49,3 +49,9 @@ def test_concurrent_first_opens(make_store, lora):
     assert all(db.current_revision(s.engine) == db.head_revision() for s in stores)
     v = stores[0].register("cat", lora())
     assert stores[3].get("cat") == v
+
+
+def test_plain_postgresql_urls_use_psycopg_3():
+    engine = db.make_engine("postgresql://user:secret@db.example:5432/loraloom")
+    assert engine.dialect.driver == "psycopg"
+    engine.dispose()
