@@ -11,6 +11,7 @@ from __future__ import annotations
 from adapters.canonical import BaseModelRef, LoraAdapter, ModuleShapes
 from adapters.errors import AdapterIncompatible, AdapterInvalid
 from adapters.formats.base_ref import normalize_architecture
+from adapters.formats.names import text_model_aliases
 
 SHOWN = 5
 SDXL_SGM_MARKERS = ("input_blocks", "output_blocks", "middle_block")
@@ -62,7 +63,12 @@ def validate_against_base(
     if mismatched:
         parts.append(f"{len(mismatched)} shape mismatch(es): {_listing(mismatched)}")
     hint = "the adapter was made for a different base model; use one trained for this base"
-    if any(marker in key for key in unknown for marker in SDXL_SGM_MARKERS):
+    if any(alias in shapes for key in unknown for alias in text_model_aliases(key)[1:]):
+        hint = (
+            "some text-encoder keys differ only by the 'text_model.' level; load the adapter with "
+            "module_names=<the base's module keys> so they are matched"
+        )
+    elif any(marker in key for key in unknown for marker in SDXL_SGM_MARKERS):
         hint = (
             "module names like input_blocks/output_blocks are SDXL (sgm) names; use an adapter for this base"
         )

@@ -286,3 +286,17 @@ def test_kohya_metadata_fills_base(micro_shapes):
     adapter.metadata.update({"ss_base_model_version": "sd_v1", "ss_new_sd_model_hash": "d" * 64})
     back = load_adapter(to_kohya(adapter), module_names=micro_shapes)
     assert back.base == BaseModelRef("sd_v1", "d" * 64)
+
+
+def test_sdxl_style_two_text_encoders_use_te1_te2():
+    shapes = {
+        "unet.down_blocks.1.attentions.0.proj_in": (64, 64, 1, 1),
+        "text_encoder.text_model.encoder.layers.0.self_attn.q_proj": (32, 32),
+        "text_encoder_2.text_model.encoder.layers.0.self_attn.q_proj": (64, 64),
+    }
+    adapter = make_adapter(shapes, keys=tuple(shapes))
+    tensors = safetensors.torch.load(to_kohya(adapter))
+    assert "lora_te1_text_model_encoder_layers_0_self_attn_q_proj.alpha" in tensors
+    assert "lora_te2_text_model_encoder_layers_0_self_attn_q_proj.alpha" in tensors
+    back = load_adapter(to_kohya(adapter), module_names=shapes)
+    assert {k: m.weight_shape for k, m in back.modules.items()} == shapes

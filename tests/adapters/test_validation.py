@@ -78,3 +78,11 @@ def test_conv_kernel_mismatch_is_a_shape_mismatch(micro_shapes):
         AdapterIncompatible, match=r"adapter updates \[32, 32, 1, 1\], base weight is \[32, 32, 3, 3\]"
     ):
         validate_against_base(LoraAdapter(modules={key: one_by_one}), micro_shapes)
+
+
+def test_text_model_spelling_mismatch_gets_a_hint(micro_shapes):
+    key = "text_encoder.text_model.encoder.layers.0.self_attn.q_proj"
+    module = make_adapter(micro_shapes, keys=(key,)).modules[key]
+    flat = LoraAdapter(modules={"text_encoder.encoder.layers.0.self_attn.q_proj": module})
+    with pytest.raises(AdapterIncompatible, match="load the adapter with module_names"):
+        validate_against_base(flat, micro_shapes)
