@@ -86,6 +86,7 @@ class _NewVersion:
     base_architecture: str
     base_fingerprint: str
     metadata: dict[str, Any]
+    aliases: tuple[str, ...]
 
 
 class AdapterStore:
@@ -178,17 +179,21 @@ class AdapterStore:
         base_model: str = "",
         training_metadata: Mapping[str, Any] | None = None,
         expected_sha256: str | None = None,
+        aliases: Iterable[str] = (),
     ) -> AdapterVersion:
         """Add a new version of ``name`` from bytes, a binary stream or a file path.
 
         ``base_model`` is the architecture the caller says the adapter was made for
         (e.g. ``sd_v1``, ``loraloom:tiny``); it must agree with what the file records.
+        ``aliases`` are pointed at the new version in the same transaction that makes it
+        visible (moved there if they exist).
         Raises InvalidArgument (bad arguments), AdapterInvalid (unsafe, corrupt or
         unsupported file, sha256 mismatch), AdapterIncompatible (wrong base model).
         """
         name = check_name(name)
         description = _check_description(description)
         tag_list = _check_tags(tags)
+        alias_list = _check_aliases(aliases)
         words = _check_trigger_words(trigger_words)
         base_model = _check_base_model(base_model)
         training = _check_training_metadata(training_metadata)
@@ -219,6 +224,7 @@ class AdapterStore:
                 base_architecture=architecture,
                 base_fingerprint=fingerprint,
                 metadata={"file": dict(facts.metadata), "training": training},
+                aliases=alias_list,
             )
             version = db.run_transaction(self.engine, lambda conn: self._insert_version(conn, new))
             self._stage("committed")
@@ -280,6 +286,8 @@ class AdapterStore:
         ).scalar_one()
         if new.tags:
             conn.execute(version_tags.insert(), [{"version_id": version_id, "tag": tag} for tag in new.tags])
+        for alias in new.aliases:
+            self._point_alias(conn, adapter_id, alias, version_id)
         row = conn.execute(_version_query().where(versions.c.id == version_id)).one()
         self._stage("before_commit")
         return self._to_versions(conn, [row])[0]
@@ -349,15 +357,18 @@ class AdapterStore:
             ).scalar()
             if version_id is None:
                 raise self._not_found(conn, adapter_id, AdapterRef(name, version=version))
-            stmt = _insert(conn, aliases).values(adapter_id=adapter_id, alias=alias, version_id=version_id)
-            conn.execute(
-                stmt.on_conflict_do_update(
-                    index_elements=[aliases.c.adapter_id, aliases.c.alias], set_={"version_id": version_id}
-                )
-            )
+            self._point_alias(conn, adapter_id, alias, version_id)
 
         db.run_transaction(self.engine, work)
         return self.get(AdapterRef(name, version=version))
+
+    def _point_alias(self, conn: Connection, adapter_id: int, alias: str, version_id: int) -> None:
+        stmt = _insert(conn, aliases).values(adapter_id=adapter_id, alias=alias, version_id=version_id)
+        conn.execute(
+            stmt.on_conflict_do_update(
+                index_elements=[aliases.c.adapter_id, aliases.c.alias], set_={"version_id": version_id}
+            )
+        )
 
     def remove_alias(self, name: str, alias: str) -> None:
         name, alias = check_name(name), check_alias(alias)
@@ -374,10 +385,10 @@ class AdapterStore:
 
     # ------------------------------------------------------------------ delete
 
-    def delete(self, name: str, version: int | None = None) -> tuple[int, ...]:
+    def delete(self, name: str, version: int | None = None) -> tuple[AdapterVersion, ...]:
         """Delete one version, or the whole name with all its versions and aliases.
 
-        Returns the deleted version numbers. A blob is removed once no version uses it.
+        Returns the deleted versions as they were (oldest first). A blob is removed once no version uses it.
         Aliases pointing at a deleted version go with it. Version numbers of a name
         are never reused while the name exists; deleting the whole name forgets it.
         """
@@ -385,28 +396,28 @@ class AdapterStore:
         if version is not None:
             version = check_version(version)
 
-        def work(conn: Connection) -> tuple[tuple[int, ...], set[str]]:
+        def work(conn: Connection) -> builtins.list[AdapterVersion]:
             adapter_id = self._adapter_id(conn, name, lock=True)
-            query = select(versions.c.id, versions.c.version, versions.c.sha256).where(
-                versions.c.adapter_id == adapter_id
-            )
+            query = _version_query().where(versions.c.adapter_id == adapter_id)
             if version is not None:
                 query = query.where(versions.c.version == version)
             rows = conn.execute(query.order_by(versions.c.version)).all()
             if version is not None and not rows:
                 raise self._not_found(conn, adapter_id, AdapterRef(name, version=version))
+            gone = self._to_versions(conn, rows)
             if version is None:
                 conn.execute(delete(adapters).where(adapters.c.id == adapter_id))
             else:
                 conn.execute(delete(versions).where(versions.c.id == rows[0].id))
-            return tuple(int(row.version) for row in rows), {row.sha256 for row in rows}
+            return gone
 
-        deleted, used = db.run_transaction(self.engine, work)
+        deleted = db.run_transaction(self.engine, work)
+        used = {v.sha256 for v in deleted}
         # Then each blob in its own transaction: a crash in between leaves an unused blob
         # (verify's orphan), never a version whose blob is gone.
         for sha256 in sorted(used):
             db.run_transaction(self.engine, lambda conn, sha256=sha256: self._remove_if_unused(conn, sha256))
-        return deleted
+        return tuple(deleted)
 
     def _remove_if_unused(self, conn: Connection, sha256: str) -> bool:
         """Remove a blob (row and file) if no version uses it, holding its row lock.
@@ -713,6 +724,12 @@ def _check_tags(tags: Iterable[str]) -> tuple[str, ...]:
     if len(unique) > MAX_TAGS:
         raise InvalidArgument(f"{len(unique)} tags given; the limit is {MAX_TAGS}")
     return tuple(unique)
+
+
+def _check_aliases(names: Iterable[str]) -> tuple[str, ...]:
+    if isinstance(names, str):
+        raise InvalidArgument(f"aliases must be a list of strings, not the string {names!r}")
+    return tuple(sorted({check_alias(alias) for alias in names}))
 
 
 def _check_trigger_words(words: Iterable[str]) -> tuple[str, ...]:

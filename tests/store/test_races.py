@@ -16,7 +16,7 @@ def test_delete_of_the_last_user_while_a_registration_reuses_the_blob(make_store
         # current user goes, and with it the blob file.
         if stage == "blob_written" and not fired:
             fired.append(stage)
-            assert other.delete("first") == (1,)
+            assert [v.ref for v in other.delete("first")] == ["first@1"]
             assert not other.blobs.exists(hashlib.sha256(data).hexdigest())
 
     store = make_store(on_stage=on_stage)

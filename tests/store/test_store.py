@@ -77,6 +77,18 @@ def test_versions_aliases_and_refs(store, lora):
     assert [v.version for v in store.versions_of("cat")] == [1, 2, 3]
 
 
+def test_register_points_aliases_at_the_new_version(store, lora):
+    first = store.register("cat", lora(seed=1), aliases=["stable", "canary"])
+    assert first.aliases == ("canary", "stable")
+    second = store.register("cat", lora(seed=2), aliases=["canary"])
+    assert second.aliases == ("canary",)
+    assert store.get("cat@stable").version == 1
+    assert store.get("cat@canary").version == 2
+    with pytest.raises(InvalidArgument, match="all digits"):
+        store.register("cat", lora(seed=3), aliases=["7"])
+    assert store.get("cat").version == 2
+
+
 def test_not_found_messages_say_what_exists(store, lora):
     store.register("cat", lora())
     with pytest.raises(NotFound, match="no adapter named 'dog'"):
@@ -178,7 +190,7 @@ def test_delete_version_and_name_and_blob_sharing(store, lora):
     v2 = store.register("cat", other)
     dog = store.register("dog", shared)
     store.set_alias("cat", "stable", 1)
-    assert store.delete("cat", 1) == (1,)
+    assert [v.ref for v in store.delete("cat", 1)] == ["cat@1"]
     # The blob stays: dog@1 still uses it; the alias went with the version.
     assert store.blobs.exists(v1.sha256)
     assert store.blob_path(dog).read_bytes() == shared
@@ -186,12 +198,12 @@ def test_delete_version_and_name_and_blob_sharing(store, lora):
         store.get("cat@stable")
     # Numbers are never reused while the name exists.
     assert store.register("cat", shared).version == 3
-    assert store.delete("cat") == (2, 3)
+    assert [v.ref for v in store.delete("cat")] == ["cat@2", "cat@3"]
     assert not store.blobs.exists(v2.sha256)
     assert store.blobs.exists(v1.sha256)
     with pytest.raises(NotFound, match="no adapter named 'cat'"):
         store.get("cat")
-    assert store.delete("dog", 1) == (1,)
+    assert store.delete("dog", 1) == (dog,)
     assert not store.blobs.exists(v1.sha256)
     with pytest.raises(NotFound, match="no versions left"):
         store.get("dog")
