@@ -83,3 +83,31 @@ def test_bytes_and_paths_give_the_same_refusal(corpus, micro_shapes):
         with pytest.raises(case.error, match=case.match):
             adapter = load_adapter(case.path.read_bytes(), module_names=micro_shapes)
             validate_against_base(adapter, micro_shapes, MICRO)
+
+
+def test_random_corruption_only_ever_raises_loraloom_errors(micro_shapes):
+    """Byte flips (mostly in the header) and truncations of files from all three writers."""
+    import random
+
+    from adapters.errors import LoraloomError
+    from adapters.formats import save_canonical, to_diffusers, to_kohya
+    from tests.adapters.corpus import make_adapter
+
+    adapter = make_adapter(micro_shapes)
+    rng = random.Random(0)
+    refused = 0
+    for writer in (save_canonical, to_kohya, to_diffusers):
+        data = writer(adapter)
+        header_end = 8 + int.from_bytes(data[:8], "little")
+        for _ in range(150):
+            mutated = bytearray(data)
+            for _ in range(rng.randint(1, 4)):
+                limit = header_end + 16 if rng.random() < 0.8 else len(mutated)
+                mutated[rng.randrange(limit)] = rng.randrange(256)
+            if rng.random() < 0.1:
+                mutated = mutated[: rng.randrange(len(mutated))]
+            try:
+                validate_against_base(load_adapter(bytes(mutated), module_names=micro_shapes), micro_shapes)
+            except LoraloomError:
+                refused += 1
+    assert refused > 300
