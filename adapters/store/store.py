@@ -701,8 +701,8 @@ def _reconcile_base(facts: AdapterFacts, base_model: str) -> tuple[str, str]:
     fingerprint = facts.base.fingerprint if facts.base else ""
     if base_model and architecture and base_model != architecture:
         raise AdapterIncompatible(
-            f"base_model {base_model!r} was given, but the file says it was made for {architecture!r}; "
-            "register it against the right base model or leave base_model empty"
+            f"base_model {base_model!r} was given, but the adapter was made for {architecture!r} (its file "
+            "says so, or it was validated against that base model); leave base_model empty or correct it"
         )
     return architecture or base_model, fingerprint
 

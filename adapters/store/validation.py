@@ -44,8 +44,10 @@ def make_validator(shapes: ModuleShapes | None = None, base: BaseModelRef | None
     and format detection (kohya, diffusers, PEFT with its config, canonical), with
     each module's factors checked. With ``shapes`` (the base model's module map):
     every target module must exist with matching shapes, and ``base`` (when given)
-    must match the architecture the adapter was made for. Without ``shapes`` the
-    fit to a base model is left to whoever loads the adapter.
+    must match the architecture the adapter was made for; an adapter whose file does
+    not say what it was made for is then recorded as made for ``base``'s architecture
+    (it fits it). Without ``shapes`` the fit to a base model is left to whoever loads
+    the adapter.
     """
     module_names = frozenset(shapes) if shapes is not None else _NO_BASE_MODEL
 
@@ -60,6 +62,8 @@ def make_validator(shapes: ModuleShapes | None = None, base: BaseModelRef | None
             from adapters.validation import validate_against_base
 
             validate_against_base(adapter, shapes, base)
+            if adapter.base is None and base is not None:
+                adapter.base = BaseModelRef(base.architecture)
         return facts_of(adapter, format)
 
     return validate

@@ -9,7 +9,7 @@ from datetime import UTC, datetime
 import pytest
 
 from adapters.errors import AdapterIncompatible, InvalidArgument, NotFound
-from adapters.store import AdapterRef, AdapterStore, AdapterVersion
+from adapters.store import AdapterRef, AdapterStore, AdapterVersion, make_validator
 
 
 def test_register_records_what_the_file_is(store, lora):
@@ -140,6 +140,13 @@ def test_bad_arguments_are_invalid(store, lora):
         store.get("cat")  # nothing above was registered
 
 
+def test_an_adapter_that_does_not_say_is_recorded_for_the_base_it_fits(store, lora):
+    assert store.register("cat", lora()).base_architecture == "loraloom:micro"
+    assert store.register("cat", lora(), base_model="loraloom:micro").base_architecture == "loraloom:micro"
+    with pytest.raises(AdapterIncompatible, match="made for 'loraloom:micro'"):
+        store.register("cat", lora(), base_model="sd_v1")
+
+
 def test_declared_base_must_agree_with_the_file(store, lora):
     data = lora(metadata={"loraloom.base_architecture": "loraloom:micro"})
     with pytest.raises(AdapterIncompatible, match="made for 'loraloom:micro'"):
@@ -147,7 +154,9 @@ def test_declared_base_must_agree_with_the_file(store, lora):
     assert store.register("cat", data, base_model="loraloom:micro").base_architecture == "loraloom:micro"
 
 
-def test_list_filters_and_pages(store, lora):
+def test_list_filters_and_pages(make_store, micro_shapes, lora):
+    # No base model in the validator: the architecture comes from base_model alone here.
+    store = make_store(validator=make_validator(micro_shapes))
     store.register("anime-a", lora(seed=1), tags=["anime"], base_model="loraloom:micro")
     store.register("anime-a", lora(seed=2), tags=["anime", "v2"], base_model="loraloom:micro")
     store.register("anime_b", lora(seed=3), tags=["anime"])
