@@ -20,7 +20,14 @@ from typing import Any, Protocol
 
 from adapters.blend import Blend
 from adapters.canonical import BaseModelRef
-from adapters.errors import Cancelled, DeadlineExceeded, InvalidArgument, LoraloomError, NotFound
+from adapters.errors import (
+    Cancelled,
+    DeadlineExceeded,
+    InvalidArgument,
+    LoraloomError,
+    NotFound,
+    ResourceExhausted,
+)
 from adapters.validation import validate_against_base
 from server.engine.cache import ByteLRU
 from server.engine.denoise import BeforeStep, DenoiseJob, denoise
@@ -100,11 +107,14 @@ class Engine:
         *,
         resolver: AdapterResolver | None = None,
         cache_bytes: int = DEFAULT_CACHE_BYTES,
+        plan_cache_bytes: int | None = None,
         limits: Limits | None = None,
         before_step: BeforeStep | None = None,
     ) -> None:
         """``base`` is a ``server.models.loader.BaseModel``.
 
+        ``cache_bytes`` bounds the prepared adapters (LRU, pinning); stacked blend
+        factors are kept apart, in ``plan_cache_bytes`` (default a quarter of it).
         ``before_step(index, total)`` is a seam called before every denoising step
         (fault injection in tests: a slow step, a failure).
         """
@@ -116,11 +126,14 @@ class Engine:
         self.module_names = frozenset(targets)
         self._shapes = {key: tuple(module.weight.shape) for key, module in targets.items()}
         self._base_ref = BaseModelRef(architecture=getattr(base, "architecture", "") or "")
-        self.resolver: AdapterResolver = resolver or MemoryResolver(module_names=self.module_names)
+        self.resolver: AdapterResolver = resolver or MemoryResolver()
         self.limits = limits or Limits()
         self._before_step = before_step
         self._fused = FusedWeights(targets)
-        self._cache: ByteLRU[Any] = ByteLRU(cache_bytes)
+        self._cache: ByteLRU[PreparedAdapter] = ByteLRU(cache_bytes)
+        self._plans: ByteLRU[BlendPlan] = ByteLRU(
+            cache_bytes // 4 if plan_cache_bytes is None else plan_cache_bytes
+        )
         self._cache_lock = threading.Lock()
         self._run_lock = threading.RLock()
         self._hits = 0
@@ -145,7 +158,7 @@ class Engine:
             return EngineStats(
                 used_bytes=self._cache.used_bytes,
                 capacity_bytes=self._cache.capacity_bytes,
-                entries=sum(1 for key, *_ in self._cache.items() if key[0] == "adapter"),
+                entries=len(self._cache),
                 hits=self._hits,
                 misses=self._misses,
                 evictions=self._cache.evictions,
@@ -153,6 +166,7 @@ class Engine:
                 swap_ms_total=self._swap_ms_total,
                 swap_ms_last=self._swap_ms_last,
                 pristine_bytes=self._fused.pristine_bytes,
+                plan_bytes=self._plans.used_bytes,
                 blend_signature=self.blend_signature,
             )
 
@@ -161,8 +175,7 @@ class Engine:
         with self._cache_lock:
             return [
                 ResidentAdapter(value.name, value.version, value.sha256, nbytes, pinned)
-                for key, value, nbytes, pinned in self._cache.items()
-                if key[0] == "adapter"
+                for _, value, nbytes, pinned in self._cache.items()
             ]
 
     # ------------------------------------------------------------ adapters
@@ -171,7 +184,7 @@ class Engine:
         """Resolve ``ref``, load it into the cache (if not there) and optionally pin it."""
         resolved = self.resolver.resolve(ref)
         prepared = self._prepared(resolved)
-        key = ("adapter", resolved.sha256)
+        key = resolved.sha256
         with self._cache_lock:
             if key not in self._cache:  # evicted between load and now: put it back
                 self._cache.put(key, prepared, prepared.nbytes, pin=pin)
@@ -184,7 +197,7 @@ class Engine:
         """Drop (and unpin) resident versions matching ``ref``: ``name@N``, ``name`` (all), ``name@alias``."""
         name, _, selector = ref.partition("@")
         with self._cache_lock:
-            entries = [(key, value) for key, value, *_ in self._cache.items() if key[0] == "adapter"]
+            entries = [(key, value) for key, value, *_ in self._cache.items()]
         if selector and not selector.isdigit():
             try:
                 shas = {self.resolver.resolve(ref).sha256}
@@ -203,14 +216,14 @@ class Engine:
         return bool(matches)
 
     def _prepared(self, resolved: ResolvedAdapter) -> PreparedAdapter:
-        key = ("adapter", resolved.sha256)
+        key = resolved.sha256
         with self._cache_lock:
             prepared = self._cache.get(key)
             if prepared is not None:
                 self._hits += 1
                 return prepared
             self._misses += 1
-        adapter = resolved.load()
+        adapter = resolved.load(self.module_names)
         try:
             validate_against_base(adapter, self._shapes, self._base_ref)
         except LoraloomError as error:
@@ -240,21 +253,17 @@ class Engine:
 
     def _plan(self, entries: Sequence[tuple[PreparedAdapter, float]]) -> BlendPlan:
         signature = Blend.of((prepared.sha256, weight) for prepared, weight in entries).signature
-        key = ("blend", signature)
         with self._cache_lock:
-            plan = self._cache.peek(key)
-            if plan is not None:
-                self._cache.get(key)  # mark as recently used
-                return plan
+            plan = self._plans.get(signature)
+        if plan is not None:
+            return plan
         plan = self._fused.plan(entries)
         with self._cache_lock:
             try:
-                self._cache.put(key, plan, plan.nbytes)
-            except Exception:  # a plan that does not fit is used once and not kept
+                self._plans.put(signature, plan, plan.nbytes)
+            except ResourceExhausted:  # larger than the plan budget: used once, not kept
                 log.debug("blend plan of %d bytes not cached", plan.nbytes)
         return plan
-
-    # ------------------------------------------------------------ swapping
 
     def _prepare_blend(
         self, adapters: Sequence[tuple[str, float]]
@@ -301,7 +310,7 @@ class Engine:
             raise InvalidArgument("<lora:...> tags belong in the prompt, not the negative prompt")
         width = int(request.width or self.resolution)
         height = int(request.height or self.resolution)
-        factor = self.pipeline.vae_scale_factor
+        factor = max(8, int(self.pipeline.vae_scale_factor))
         for label, value in (("width", width), ("height", height)):
             if value <= 0 or value > limits.max_size or value % factor:
                 raise InvalidArgument(

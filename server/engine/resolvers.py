@@ -25,19 +25,23 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class ResolvedAdapter:
-    """An exact adapter version; ``load()`` reads and parses it (done once, then cached by the engine)."""
+    """An exact adapter version; ``load()`` reads and parses it (done once, then cached by the engine).
+
+    ``module_names`` (the base model's module keys) lets the parser map kohya names
+    and both text-encoder spellings onto the base's modules.
+    """
 
     name: str
     version: int
     sha256: str
-    loader: Callable[[], LoraAdapter] = field(repr=False, compare=False)
+    loader: Callable[[frozenset[str] | None], LoraAdapter] = field(repr=False, compare=False)
 
     @property
     def ref(self) -> str:
         return f"{self.name}@{self.version}"
 
-    def load(self) -> LoraAdapter:
-        return self.loader()
+    def load(self, module_names: Iterable[str] | None = None) -> LoraAdapter:
+        return self.loader(frozenset(module_names) if module_names is not None else None)
 
 
 class AdapterResolver(Protocol):
@@ -55,15 +59,14 @@ def _load_source(source: bytes | Path, module_names: Iterable[str] | None) -> Lo
 class StoreResolver:
     """Resolves through an ``AdapterStore`` and parses the version's blob on ``load()``."""
 
-    def __init__(self, store: AdapterStore, *, module_names: Iterable[str] | None = None) -> None:
+    def __init__(self, store: AdapterStore) -> None:
         self.store = store
-        self._module_names = frozenset(module_names) if module_names is not None else None
 
     def resolve(self, ref: str) -> ResolvedAdapter:
         version = self.store.get(ref)
-        store, names = self.store, self._module_names
+        store = self.store
 
-        def load() -> LoraAdapter:
+        def load(names: frozenset[str] | None) -> LoraAdapter:
             return _load_source(store.blob_path(version), names)
 
         return ResolvedAdapter(name=version.name, version=version.version, sha256=version.sha256, loader=load)
@@ -72,8 +75,7 @@ class StoreResolver:
 class MemoryResolver:
     """Adapters registered in this process, versioned like the store (``name``, ``name@N``)."""
 
-    def __init__(self, *, module_names: Iterable[str] | None = None) -> None:
-        self._module_names = frozenset(module_names) if module_names is not None else None
+    def __init__(self) -> None:
         self._versions: dict[str, list[ResolvedAdapter]] = {}
         self._lock = threading.Lock()
 
@@ -81,23 +83,23 @@ class MemoryResolver:
         """Register a ``.safetensors`` adapter file; it is parsed on first use, not now."""
         path = Path(path)
         digest = hashlib.sha256(path.read_bytes()).hexdigest()
-        names = self._module_names
-        return self._add(name, digest, lambda: _load_source(path, names))
+        return self._add(name, digest, lambda names: _load_source(path, names))
 
     def add_bytes(self, name: str, data: bytes) -> ResolvedAdapter:
         """Register an adapter file's bytes (any format ``adapters.formats`` reads)."""
         data = bytes(data)
-        names = self._module_names
-        return self._add(name, hashlib.sha256(data).hexdigest(), lambda: _load_source(data, names))
+        return self._add(name, hashlib.sha256(data).hexdigest(), lambda names: _load_source(data, names))
 
     def add_adapter(self, name: str, adapter: LoraAdapter) -> ResolvedAdapter:
         """Register a parsed adapter; its sha256 is that of its canonical file."""
         from adapters.formats import save_canonical
 
         digest = hashlib.sha256(save_canonical(adapter)).hexdigest()
-        return self._add(name, digest, lambda: adapter)
+        return self._add(name, digest, lambda names: adapter)
 
-    def _add(self, name: str, sha256: str, loader: Callable[[], LoraAdapter]) -> ResolvedAdapter:
+    def _add(
+        self, name: str, sha256: str, loader: Callable[[frozenset[str] | None], LoraAdapter]
+    ) -> ResolvedAdapter:
         if not name or "@" in name or ":" in name:
             raise InvalidArgument(f"invalid adapter name {name!r}: no '@' or ':' and not empty")
         with self._lock:

@@ -44,3 +44,20 @@ def random_adapter(
         up = torch.randn((shape[0], rank, *([1] * (len(shape) - 2))), generator=generator) * strength
         modules[key] = LoraModule(down=down, up=up, alpha=float(alpha if alpha is not None else rank))
     return LoraAdapter(modules=modules, metadata={"loraloom.synthetic_seed": str(seed)}, base=base)
+
+
+def diffusers_file(adapter: LoraAdapter, pipeline) -> bytes:
+    """``adapter`` as a diffusers LoRA file that this pipeline's ``load_lora_weights`` accepts.
+
+    Text-encoder keys are written in the installed transformers' module layout
+    (without ``text_model.`` since transformers 5.6): diffusers 0.42 looks the
+    file's names up verbatim. ``adapters.formats.load_adapter`` reads both spellings.
+    """
+    from adapters.formats import to_diffusers
+
+    flat = not hasattr(pipeline.text_encoder, "text_model")
+    modules = {
+        (key.replace("text_encoder.text_model.", "text_encoder.", 1) if flat else key): module
+        for key, module in adapter.modules.items()
+    }
+    return to_diffusers(LoraAdapter(modules=modules, metadata=dict(adapter.metadata), base=adapter.base))

@@ -141,7 +141,12 @@ class ResidentAdapter:
 
 @dataclass(frozen=True)
 class EngineStats:
-    """Cache and swap statistics since the engine started."""
+    """Cache and swap statistics since the engine started.
+
+    ``used_bytes``/``capacity_bytes``/``entries``/``hits``/``misses``/``evictions``
+    are the adapter cache's; ``plan_bytes`` is held by stacked blend factors and
+    ``pristine_bytes`` by the pristine copies of the weights blends have touched.
+    """
 
     used_bytes: int
     capacity_bytes: int
@@ -153,4 +158,5 @@ class EngineStats:
     swap_ms_total: float
     swap_ms_last: float
     pristine_bytes: int
+    plan_bytes: int
     blend_signature: str

@@ -54,6 +54,15 @@ def make_engine(pipeline, name: str, adapters: dict[str, LoraAdapter], **kwargs)
     return Engine(base, resolver=resolver, **kwargs)
 
 
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    """The micro models are far faster on one thread, above all on a busy 2-core machine."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 @pytest.fixture(scope="session")
 def micro_adapters(micro_pipeline) -> dict[str, LoraAdapter]:
     return make_adapters(micro_pipeline)

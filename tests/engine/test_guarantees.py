@@ -76,7 +76,6 @@ def test_a_blend_after_any_history_equals_the_blend_on_a_fresh_engine(
     assert not np.array_equal(pixels(base)[0], pixels(on_fresh)[0])  # the blend matters
 
 
-@pytest.mark.slow
 def test_interleaved_streams_never_see_each_others_weights(micro_pipeline, micro_adapters):
     blends = {"x": [("ink", 1.0), ("clay", 0.5)], "y": [("moss", 0.7), ("rust", -0.4)]}
     reference = make_engine(micro_pipeline, "micro", micro_adapters)

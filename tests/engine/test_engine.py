@@ -1,0 +1,145 @@
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+
+from adapters.canonical import LoraAdapter, LoraModule
+from adapters.errors import AdapterIncompatible, InvalidArgument, NotFound, ResourceExhausted
+from server.engine import Engine, GenerateRequest, MemoryResolver
+from tests.engine.conftest import base_from
+
+
+def test_own_loop_gives_the_pipelines_images(micro_pipeline, micro_engine):
+    request = GenerateRequest(
+        "a castle on a hill", negative_prompt="fog", steps=4, seed=21, num_images=2, guidance_scale=6.0
+    )
+    result = micro_engine.generate(request)
+    generators = [torch.Generator().manual_seed(seed) for seed in (21, 22)]
+    reference = copy.deepcopy(micro_pipeline)(
+        "a castle on a hill",
+        negative_prompt="fog",
+        num_inference_steps=4,
+        num_images_per_prompt=2,
+        guidance_scale=6.0,
+        height=32,
+        width=32,
+        generator=generators,
+    ).images
+    assert [np.asarray(i).tobytes() for i in result.images] == [np.asarray(i).tobytes() for i in reference]
+    assert result.parameters.seeds == (21, 22) and result.parameters.width == 32
+
+
+def test_an_ancestral_sampler_matches_too(micro_pipeline, micro_engine):
+    from diffusers import EulerAncestralDiscreteScheduler
+
+    result = micro_engine.generate(GenerateRequest("a boat", steps=3, seed=4, scheduler="euler_a"))
+    reference = copy.deepcopy(micro_pipeline)
+    reference.scheduler = EulerAncestralDiscreteScheduler.from_config(reference.scheduler.config)
+    image = reference(
+        "a boat", num_inference_steps=3, height=32, width=32, generator=[torch.Generator().manual_seed(4)]
+    )
+    assert np.array_equal(np.asarray(result.images[0]), np.asarray(image.images[0]))
+
+
+def test_result_reports_what_reproduces_it(micro_engine):
+    first = micro_engine.generate(GenerateRequest("a tree <lora:ink:0.7>", steps=2, adapters=[("neon", 0.5)]))
+    params = first.parameters
+    assert params.prompt == "a tree"
+    assert {(a.name, a.version, a.weight) for a in params.adapters} == {("ink", 1, 0.7), ("neon", 1, 0.5)}
+    assert all(len(a.sha256) == 64 for a in params.adapters)
+    again = micro_engine.generate(
+        GenerateRequest(
+            params.prompt,
+            steps=params.steps,
+            seed=params.seed,
+            adapters=[(a.ref, a.weight) for a in params.adapters],
+        )
+    )
+    assert again.blend_signature == first.blend_signature
+    assert np.array_equal(np.asarray(again.images[0]), np.asarray(first.images[0]))
+    assert first.timings.denoise_ms > 0 and first.timings.decode_ms > 0
+
+
+def test_prompt_tags_equal_explicit_adapters(micro_engine):
+    tagged = micro_engine.generate(GenerateRequest("a tree <lora:ink:0.7>", steps=2, seed=3))
+    explicit = micro_engine.generate(GenerateRequest("a tree", steps=2, seed=3, adapters=[("ink@1", 0.7)]))
+    assert tagged.blend_signature == explicit.blend_signature
+    assert np.array_equal(np.asarray(tagged.images[0]), np.asarray(explicit.images[0]))
+
+
+def test_same_version_twice_sums_and_zero_weight_is_the_base(micro_engine):
+    twice = micro_engine.generate(
+        GenerateRequest("x", steps=1, seed=1, adapters=[("ink", 0.25), ("ink@1", 0.5)])
+    )
+    once = micro_engine.generate(GenerateRequest("x", steps=1, seed=1, adapters=[("ink", 0.75)]))
+    assert twice.blend_signature == once.blend_signature
+    base = micro_engine.generate(GenerateRequest("x", steps=1, seed=1, adapters=[("ink", 0.0)]))
+    assert base.blend_signature == "" and base.parameters.adapters == ()
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"prompt": "  "},
+        {"width": 30},
+        {"height": 4096},
+        {"steps": 0},
+        {"num_images": 9},
+        {"guidance_scale": float("nan")},
+        {"scheduler": "magic"},
+        {"adapters": [("ink", 99.0)]},
+        {"adapters": [("", 1.0)]},
+        {"negative_prompt": "<lora:ink:1>"},
+    ],
+)
+def test_bad_requests_are_refused(micro_engine, change):
+    request = GenerateRequest(**{"prompt": "a cat", "steps": 2, **change})
+    with pytest.raises(InvalidArgument):
+        micro_engine.generate(request)
+
+
+def test_unknown_and_incompatible_adapters(micro_pipeline, micro_engine):
+    with pytest.raises(NotFound):
+        micro_engine.generate(GenerateRequest("a cat", steps=1, adapters=[("nobody", 1.0)]))
+    with pytest.raises(NotFound):
+        micro_engine.load("ink@7")
+    wrong = LoraAdapter(
+        modules={
+            "unet.conv_in": LoraModule(down=torch.zeros(2, 4, 3, 3), up=torch.zeros(99, 2, 1, 1), alpha=2.0)
+        }
+    )
+    micro_engine.resolver.add_adapter("wrong", wrong)
+    with pytest.raises(AdapterIncompatible, match="wrong@1"):
+        micro_engine.generate(GenerateRequest("a cat", steps=1, adapters=[("wrong", 1.0)]))
+    assert micro_engine.blend_signature == ""  # nothing was half applied
+
+
+def test_load_pin_unload_and_the_byte_bound(micro_pipeline, micro_adapters):
+    resolver = MemoryResolver()
+    for name, adapter in micro_adapters.items():
+        resolver.add_adapter(name, adapter)
+    probe = Engine(base_from(micro_pipeline, "micro"), resolver=resolver)
+    sizes = {name: probe.load(name).size_bytes for name in micro_adapters}
+    budget = sizes["ink"] + sizes["neon"] + sizes["clay"] // 2
+    engine = Engine(base_from(micro_pipeline, "micro"), resolver=resolver, cache_bytes=budget)
+
+    pinned = engine.load("ink", pin=True)
+    assert pinned.pinned and pinned.size_bytes == sizes["ink"]
+    engine.load("neon")
+    engine.load("clay")  # evicts neon, never the pinned ink
+    assert [a.name for a in engine.resident()] == ["clay", "ink"]
+    assert engine.stats().evictions >= 1 and engine.stats().used_bytes <= budget
+    engine.activate([("neon", 1.0)])  # a miss: loaded again on first use
+    assert "neon" in [a.name for a in engine.resident()]
+    assert engine.unload("ink") and not engine.unload("ink")
+    assert "ink" not in [a.name for a in engine.resident()]
+    stats = engine.stats()
+    assert stats.misses >= 4 and stats.swaps == 1 and stats.capacity_bytes == budget
+
+    small = Engine(base_from(micro_pipeline, "micro"), resolver=resolver, cache_bytes=sizes["ink"])
+    small.load("ink", pin=True)
+    with pytest.raises(ResourceExhausted):
+        small.load("neon")
