@@ -150,8 +150,6 @@ class UploadSession:
     size_bytes: int
     _reader: _ChunkReader
     _result: Future
-    _aliases: tuple[str, ...]
-    _set_alias: Callable[[str, str, int], AdapterVersion]
     received: int = 0
     _closed: bool = field(default=False)
 
@@ -175,10 +173,7 @@ class UploadSession:
             raise error
         self._closed = True
         self._reader.feed(None, self._result)
-        version = self._result.result()
-        for alias in self._aliases:
-            version = self._set_alias(version.name, alias, version.version)
-        return version
+        return self._result.result()
 
     def abort(self, reason: BaseException | None = None) -> None:
         """Stop the upload; the store discards what it staged."""
@@ -228,7 +223,7 @@ class LoraloomService:
         )
         engine = Engine(
             base,
-            resolver=StoreResolver(store, module_names=base.module_shapes),
+            resolver=StoreResolver(store),
             cache_bytes=config.cache_mb << 20,
             limits=_limits(config),
             before_step=before_step,
@@ -319,21 +314,20 @@ class LoraloomService:
             trigger_words=trigger_words,
             training_metadata=dict(metadata or {}),
             expected_sha256=sha256,
+            aliases=tuple(aliases),
         )
-        return UploadSession(name, sha256, size_bytes, reader, result, tuple(aliases), self.store.set_alias)
+        return UploadSession(name, sha256, size_bytes, reader, result)
 
     def delete_adapter(self, ref: str) -> list[AdapterVersion]:
         """Delete ``name@version`` (or the version an alias names), or every version of ``name``."""
         parsed = parse_ref(ref)
-        if parsed.version is None and parsed.alias is None:
-            doomed = list(self.store.versions_of(parsed.name))
-            self.store.delete(parsed.name)
-        else:
-            doomed = [self.store.get(parsed)]
-            self.store.delete(parsed.name, doomed[0].version)
-        for version in doomed:
-            self.engine.unload(version.ref)
-        return doomed
+        version = None
+        if parsed.version is not None or parsed.alias is not None:
+            version = self.store.get(parsed).version
+        deleted = list(self.store.delete(parsed.name, version))
+        for item in deleted:
+            self.engine.unload(item.ref)
+        return deleted
 
     def set_alias(self, name: str, alias: str, version: int) -> AdapterVersion:
         return self.store.set_alias(name, alias, version)

@@ -157,6 +157,7 @@ class ServerThread:
         self.factory = service_factory
         self.server: LoraloomServer | None = None
         self.loop: asyncio.AbstractEventLoop | None = None
+        self._bound: Future = Future()
         self._started: Future = Future()
         self._thread = threading.Thread(target=self._main, name="loraloom-server", daemon=True)
         self._done = None
@@ -174,18 +175,25 @@ class ServerThread:
         self._done = asyncio.Event()
         try:
             await self.server.start()
+            self._bound.set_result(self.server.port)
             await self.server.load()
         except BaseException as error:
-            self._started.set_exception(error)
+            for future in (self._bound, self._started):
+                if not future.done():
+                    future.set_exception(error)
             await self.server.stop()
             return
         self._started.set_result(self.server.port)
         await self._done.wait()
 
-    def start(self, timeout: float = 120.0) -> ServerThread:
+    def start(self, timeout: float = 120.0, *, wait_ready: bool = True) -> ServerThread:
+        """Start the thread; wait until ready (or only until the port is bound)."""
         self._thread.start()
-        self._started.result(timeout)
+        (self._started if wait_ready else self._bound).result(timeout)
         return self
+
+    def wait_ready(self, timeout: float = 120.0) -> None:
+        self._started.result(timeout)
 
     def call(self, coroutine, timeout: float | None = None):
         """Run a coroutine on the server's loop and wait for its result."""

@@ -76,6 +76,7 @@ def test_stream_chunks_on_the_wire(running, client):
     assert messages[-1].WhichOneof("event") == "done"
 
 
+@pytest.mark.slow
 def test_adapter_lifecycle(client, micro_shapes, tmp_path):
     data = adapter_bytes(micro_shapes, seed=5)
     path = tmp_path / "style.safetensors"
@@ -218,8 +219,8 @@ def test_full_queue_is_resource_exhausted_with_a_retry_hint(client, seam, runnin
 
 
 def test_upload_of_a_large_adapter_in_chunks(client, micro_shapes):
-    data = adapter_bytes(micro_shapes, seed=9, rank=1450)  # ~25 MB
-    assert len(data) > 24 << 20
+    data = adapter_bytes(micro_shapes, seed=9, rank=2900)  # ~50 MB
+    assert len(data) > 48 << 20
     created = client.upload_adapter(data, "large", chunk_size=1 << 20)
     assert created.size_bytes == len(data) and created.sha256 == hashlib.sha256(data).hexdigest()
     client.delete_adapter("large")

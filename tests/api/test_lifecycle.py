@@ -1,0 +1,148 @@
+"""Health transitions, UNAVAILABLE while starting and draining, and the error mapping of every type."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import grpc
+import pytest
+
+from adapters import errors
+from server.api.errors import STATUS_BY_ERROR, status_for
+from server.client import Client
+from tests.api.conftest import StepSeam, micro_config
+
+
+@pytest.mark.slow
+def test_start_ready_drain_transitions(tmp_path):
+    from server.api.app import ServerThread
+    from server.service import LoraloomService
+
+    release = threading.Event()
+    seam = StepSeam()
+
+    def slow_factory(config):
+        assert release.wait(60)
+        return LoraloomService.create(config, before_step=seam)
+
+    running = ServerThread(micro_config(tmp_path, warmup=False), slow_factory).start(wait_ready=False)
+    with Client(running.address, timeout=30) as client:
+        assert client.health("") == "SERVING"
+        assert client.health() == "NOT_SERVING"
+        with pytest.raises(errors.Unavailable, match="starting"):
+            client.server_info()
+        release.set()
+        running.wait_ready(120)
+        assert client.health() == "SERVING"
+        assert client.server_info().ready
+
+        seam.delay_s = 0.1
+        outcome: list[object] = []
+        inflight = threading.Thread(target=lambda: outcome.append(client.generate("x", steps=10, seed=1)))
+        inflight.start()
+        while not seam.calls:
+            time.sleep(0.01)
+        drained: list[bool] = []
+        drainer = threading.Thread(target=lambda: drained.append(running.drain(10.0)))
+        drainer.start()
+        time.sleep(0.2)
+        assert client.health() == "NOT_SERVING"
+        with pytest.raises(errors.Unavailable, match="shutting down"):
+            client.generate("x", steps=1)
+        inflight.join(30)
+        drainer.join(30)
+        assert drained == [True]
+        assert len(outcome) == 1 and outcome[0].images  # the call in flight finished
+        with pytest.raises(errors.Unavailable):
+            client.health("", timeout=2)
+
+
+@pytest.mark.parametrize(("kind", "code"), [(kind, code) for kind, code in STATUS_BY_ERROR])
+def test_every_typed_error_has_its_status(kind, code):
+    error = kind("what is wrong") if kind is not errors.ResourceExhausted else kind("full", 2.0)
+    mapped, message, trailers = status_for(error)
+    assert mapped == code
+    assert message == str(error)
+    if kind is errors.ResourceExhausted:
+        assert dict(trailers) == {"grpc-retry-pushback-ms": "2000", "retry-after-s": "2"}
+    else:
+        assert trailers == ()
+
+
+@pytest.mark.parametrize(
+    ("error", "code"),
+    [
+        (errors.AdapterInvalid("x"), grpc.StatusCode.INVALID_ARGUMENT),
+        (errors.AdapterIncompatible("x"), grpc.StatusCode.FAILED_PRECONDITION),
+        (errors.LoraloomError("x"), grpc.StatusCode.INTERNAL),
+        (KeyError("secret"), grpc.StatusCode.INTERNAL),
+    ],
+)
+def test_subclasses_and_unexpected_errors(error, code):
+    mapped, message, _ = status_for(error)
+    assert mapped == code
+    if code is grpc.StatusCode.INTERNAL:
+        assert "secret" not in message and "incident" in message
+
+
+def test_interceptor_over_a_real_channel():
+    """Each typed error raised in a loraloom.v1 handler reaches a client as its status and typed error."""
+    import asyncio
+
+    from grpc import aio
+
+    from server.api.errors import ErrorInterceptor
+    from server.client.errors import ServerError, from_rpc_error
+
+    raised = {kind.__name__: kind for kind, _ in STATUS_BY_ERROR} | {"KeyError": KeyError}
+
+    async def behaviour(request: bytes, context):
+        kind = raised[request.decode()]
+        raise kind("full", 3.0) if kind is errors.ResourceExhausted else kind("why and what to do")
+
+    async def streaming(request: bytes, context):
+        yield b"first"
+        raise errors.NotFound("gone mid-stream")
+
+    handler = grpc.method_handlers_generic_handler(
+        "loraloom.v1.Loraloom",
+        {
+            "Raise": grpc.unary_unary_rpc_method_handler(behaviour),
+            "Stream": grpc.unary_stream_rpc_method_handler(streaming),
+        },
+    )
+    outcomes: dict[str, object] = {}
+
+    async def main() -> None:
+        server = aio.server(interceptors=[ErrorInterceptor()])
+        server.add_generic_rpc_handlers((handler,))
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        try:
+            async with aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+                call = channel.unary_unary("/loraloom.v1.Loraloom/Raise")
+                for name in raised:
+                    try:
+                        await call(name.encode(), timeout=10)
+                    except grpc.RpcError as error:
+                        outcomes[name] = (error.code(), from_rpc_error(error))
+                stream = channel.unary_stream("/loraloom.v1.Loraloom/Stream")(b"", timeout=10)
+                received = []
+                try:
+                    async for item in stream:
+                        received.append(item)
+                except grpc.RpcError as error:
+                    outcomes["stream"] = (received, error.code())
+        finally:
+            await server.stop(None)
+
+    asyncio.run(main())
+    for kind, code in STATUS_BY_ERROR:
+        status, typed = outcomes[kind.__name__]
+        assert status == code
+        assert type(typed) is kind if kind is not errors.AdapterInvalid else isinstance(typed, kind)
+    assert outcomes["ResourceExhausted"][1].retry_after_s == 3.0
+    status, typed = outcomes["KeyError"]
+    assert status == grpc.StatusCode.INTERNAL and isinstance(typed, ServerError)
+    assert outcomes["stream"] == ([b"first"], grpc.StatusCode.NOT_FOUND)
