@@ -294,3 +294,39 @@ def _upload_messages(client, parts):
         return client._stub.UploadAdapter(iter(parts), timeout=30)
     except grpc.RpcError as error:
         raise from_rpc_error(error) from None
+
+
+def test_async_client(running, micro_shapes):
+    import asyncio
+
+    from server.client import AsyncClient
+
+    async def main():
+        async with AsyncClient(running.address, timeout=60) as client:
+            assert await client.health() == "SERVING"
+            info = await client.server_info()
+            result = await client.generate("a red circle", steps=2, seed=11)
+            seen = []
+            streamed = await client.generate("a red circle", steps=2, seed=11, on_event=seen.append)
+            created = await client.upload_adapter(adapter_bytes(micro_shapes, seed=8), "async-style")
+            page = await client.list_adapters()
+            resident = await client.load_adapter("async-style")
+            listing = await client.list_resident()
+            unloaded = await client.unload_adapter("async-style")
+            deleted = await client.delete_adapter("async-style")
+            try:
+                await client.get_adapter("async-style")
+            except errors.NotFound as error:
+                missing = error
+            return info, result, seen, streamed, created, page, resident, listing, unloaded, deleted, missing
+
+    info, result, seen, streamed, created, page, resident, listing, unloaded, deleted, missing = asyncio.run(
+        main()
+    )
+    assert info.base_model.name == "micro"
+    assert streamed.images[0].data == result.images[0].data
+    assert [type(event) for event in seen] == [Queued, Progress, Progress, ImageReady, Done]
+    assert created.ref == "async-style@1" and [item.ref for item in page.adapters] == ["async-style@1"]
+    assert resident.version == 1 and [item.name for item in listing.adapters] == ["async-style"]
+    assert unloaded is True and [item.ref for item in deleted] == ["async-style@1"]
+    assert isinstance(missing, errors.NotFound)

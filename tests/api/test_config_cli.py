@@ -1,0 +1,85 @@
+"""Server configuration (defaults, LORALOOM_* variables, flags) and the CLI's help and argument handling."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from server.api.config import ServerConfig, from_env
+from server.cli.main import app
+
+
+def test_defaults_serve_the_builtin_model_on_localhost():
+    config = from_env({})
+    assert (config.host, config.port, config.model, config.device) == ("127.0.0.1", 50051, "tiny", "cpu")
+    assert config.home is None and config.store_db_url is None and config.warmup
+
+
+def test_environment_then_flags():
+    environ = {
+        "LORALOOM_PORT": "6000",
+        "LORALOOM_MODEL": "micro",
+        "LORALOOM_WARMUP": "false",
+        "LORALOOM_GRACE_S": "2.5",
+        "LORALOOM_HOME": "/tmp/somewhere",
+        "LORALOOM_STORE_DB_URL": "sqlite:////tmp/x.sqlite3",
+    }
+    config = from_env(environ, port=7000, host=None)
+    assert (config.port, config.model, config.warmup, config.grace_s) == (7000, "micro", False, 2.5)
+    assert config.home == Path("/tmp/somewhere") and config.store_db_url.endswith("x.sqlite3")
+    assert config.host == "127.0.0.1"
+
+
+def test_limits_derived_from_the_config():
+    config = ServerConfig(max_message_mb=4)
+    assert config.max_message_bytes == 4 << 20
+    assert config.chunk_bytes == (4 << 20) - 64 * 1024
+    assert ServerConfig(image_chunk_bytes=700).chunk_bytes == 700
+    assert "model=tiny" in config.summary()
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        [],
+        ["serve"],
+        ["generate"],
+        ["info"],
+        ["adapters"],
+        ["adapters", "list"],
+        ["adapters", "show"],
+        ["adapters", "upload"],
+        ["adapters", "delete"],
+        ["adapters", "alias"],
+        ["adapters", "load"],
+        ["adapters", "unload"],
+        ["adapters", "resident"],
+    ],
+)
+def test_every_command_has_help(command):
+    result = CliRunner().invoke(app, [*command, "--help"])
+    assert result.exit_code == 0, result.output
+    assert "Usage" in result.output and len(result.output) > 200
+
+
+def test_serve_help_names_the_environment_variables():
+    result = CliRunner().invoke(app, ["serve", "--help"], env={"COLUMNS": "200"})
+    assert "LORALOOM_PORT" in result.output and "LORALOOM_MODEL" in result.output
+
+
+def test_bad_adapter_spec_is_refused_before_any_call():
+    result = CliRunner().invoke(app, ["generate", "x", "--adapter", "style:heavy", "--server", "127.0.0.1:1"])
+    assert result.exit_code == 1
+    assert "bad adapter weight" in result.output
+
+
+def test_train_hands_over_to_the_trainer_or_says_it_is_missing():
+    import importlib.util
+
+    result = CliRunner().invoke(app, ["train", "--help"])
+    if importlib.util.find_spec("trainer.cli") is None:
+        assert result.exit_code == 2 and "trainer" in result.output
+    else:
+        assert result.exit_code == 0 and "Usage" in result.output
