@@ -82,7 +82,7 @@ def _sqlite_engine(url: str) -> Engine:
         dbapi_connection.isolation_level = None
         cursor = dbapi_connection.cursor()
         cursor.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT_S * 1000)}")
-        cursor.execute("PRAGMA journal_mode = WAL")
+        _use_wal(cursor)
         cursor.execute("PRAGMA synchronous = FULL")
         cursor.execute("PRAGMA foreign_keys = ON")
         cursor.close()
@@ -103,6 +103,24 @@ def read_transaction(engine: Engine) -> Iterator[Connection]:
         connection.execution_options(**{READ_ONLY_OPTION: True})
         with connection.begin():
             yield connection
+
+
+def _use_wal(cursor) -> None:
+    """Switch a new database to WAL. The switch fails at once (no busy wait) while another
+    connection is creating the file, so it is retried; an existing WAL database costs one read."""
+    import sqlite3
+
+    deadline = time.monotonic() + BUSY_TIMEOUT_S
+    while True:
+        try:
+            if cursor.execute("PRAGMA journal_mode").fetchone()[0].lower() == "wal":
+                return
+            cursor.execute("PRAGMA journal_mode = WAL")
+        except sqlite3.OperationalError as exc:
+            transient = "locked" in str(exc) or "busy" in str(exc)
+            if not transient or time.monotonic() > deadline:
+                raise
+            time.sleep(0.005 + 0.02 * random.random())
 
 
 def _alembic_config(connection: Connection) -> Config:

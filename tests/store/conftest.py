@@ -3,7 +3,7 @@
 PostgreSQL: ``LORALOOM_TEST_POSTGRES_URL`` (a role that may CREATE DATABASE) if set;
 otherwise a throwaway cluster from ``/usr/lib/postgresql/*/bin`` (``.ci/postgres.sh``
 installs them) on a free 127.0.0.1 port for the session; otherwise those tests skip.
-Every test gets its own fresh database.
+Every test gets its own fresh schema.
 """
 
 from __future__ import annotations
@@ -113,20 +113,25 @@ def postgres_server() -> Iterator[str]:
 
 @pytest.fixture()
 def postgres_url(postgres_server: str) -> Iterator[str]:
-    """A fresh, empty database on the session's server, dropped after the test."""
+    """A fresh, empty schema on the session's server (the URL sets search_path), dropped after the test.
+
+    A schema costs a millisecond where CREATE DATABASE costs a few hundred, and needs
+    no CREATEDB privilege on a server given through LORALOOM_TEST_POSTGRES_URL.
+    """
     import psycopg
     from sqlalchemy.engine import make_url
 
     admin = make_url(postgres_server)
-    name = f"loraloom_test_{secrets.token_hex(6)}"
+    schema = f"loraloom_test_{secrets.token_hex(6)}"
     plain = admin.set(drivername="postgresql").render_as_string(hide_password=False)
     with psycopg.connect(plain, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
+        conn.execute(f'CREATE SCHEMA "{schema}"')
     try:
-        yield admin.set(database=name).render_as_string(hide_password=False)
+        url = admin.update_query_dict({"options": f"-csearch_path={schema}"})
+        yield url.render_as_string(hide_password=False)
     finally:
         with psycopg.connect(plain, autocommit=True) as conn:
-            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+            conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
 
 
 @pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
