@@ -330,3 +330,22 @@ def test_async_client(running, micro_shapes):
     assert resident.version == 1 and [item.name for item in listing.adapters] == ["async-style"]
     assert unloaded is True and [item.ref for item in deleted] == ["async-style@1"]
     assert isinstance(missing, errors.NotFound)
+
+
+def test_reflection_alone_is_enough_to_call_generate(running):
+    """A client without the stubs: descriptors from reflection, dynamic messages, a raw call."""
+    from google.protobuf import descriptor_pool, message_factory
+    from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
+
+    with grpc.insecure_channel(running.address) as channel:
+        pool = descriptor_pool.DescriptorPool(ProtoReflectionDescriptorDatabase(channel))
+        method = pool.FindServiceByName("loraloom.v1.Loraloom").methods_by_name["Generate"]
+        request_class = message_factory.GetMessageClass(method.input_type)
+        response_class = message_factory.GetMessageClass(method.output_type)
+        call = channel.unary_unary(
+            "/loraloom.v1.Loraloom/Generate",
+            request_serializer=request_class.SerializeToString,
+            response_deserializer=response_class.FromString,
+        )
+        response = call(request_class(prompt="a red circle", steps=1, seed=5), timeout=60)
+    assert decode(response.images[0].data).size == (32, 32)
