@@ -441,7 +441,11 @@ class AdapterStore:
         With ``repair``: remove orphan blobs (safe against concurrent registrations:
         each goes under its row lock) and temp files older than ``grace_s`` (younger
         ones may belong to uploads in progress). Broken versions are only reported.
+        A registration committing while this runs may show its blob among the orphans;
+        repair re-checks each under its lock and keeps it.
         """
+        # Blobs first, rows second: a blob whose version commits in between is not an orphan.
+        stored = set(self.blobs.iter_blobs())
         with db.read_transaction(self.engine) as conn:
             rows = conn.execute(
                 select(adapters.c.name, versions.c.version, versions.c.sha256, versions.c.size_bytes)
@@ -467,7 +471,6 @@ class AdapterStore:
                 corrupt.append(sha256)
         broken = sorted(ref for sha256 in (*missing, *corrupt) for ref in users[sha256])
 
-        stored = set(self.blobs.iter_blobs())
         orphans = sorted((stored | blob_rows) - set(users))
         removed: builtins.list[str] = []
         if repair:
