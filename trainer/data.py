@@ -1,0 +1,284 @@
+"""The training set: images and captions from a folder, batched by aspect-ratio bucket.
+
+Two folder conventions are read: kohya's (``img.png`` next to ``img.txt``) and
+diffusers' (``metadata.jsonl`` with ``file_name`` and ``text`` per line). Every
+image is opened once while scanning, so a broken file is reported before
+training starts, by name.
+
+Everything random here (data order, caption shuffling and dropout, flips) is a
+pure function of the seed and the position in training, so a resumed run sees
+exactly the batches an uninterrupted run would.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+from collections import Counter
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from adapters.errors import InvalidArgument
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+METADATA_FILE = "metadata.jsonl"
+CAPTION_COLUMNS = ("text", "caption")
+
+
+class DatasetError(InvalidArgument):
+    """The training folder cannot be used as it is; the message names the file."""
+
+
+@dataclass(frozen=True)
+class Example:
+    image: Path
+    caption: str
+    size: tuple[int, int]  # original (width, height)
+    bucket: tuple[int, int]  # training (width, height)
+
+
+@dataclass(frozen=True)
+class Batch:
+    pixels: torch.Tensor  # (batch, 3, height, width) in [-1, 1]
+    captions: list[str]
+    indices: list[int]
+
+
+@dataclass(frozen=True)
+class CaptionOptions:
+    trigger_word: str = ""
+    dropout: float = 0.0
+    shuffle_tags: bool = False
+    keep_tokens: int = 0
+
+
+def split_tags(caption: str) -> list[str]:
+    return [tag.strip() for tag in caption.split(",") if tag.strip()]
+
+
+def process_caption(caption: str, options: CaptionOptions, rng: random.Random) -> str:
+    """Shuffle tags (keeping the first ``keep_tokens``), prepend the trigger word, maybe drop it all."""
+    tags = split_tags(caption)
+    if options.shuffle_tags and len(tags) > options.keep_tokens + 1:
+        head, tail = tags[: options.keep_tokens], tags[options.keep_tokens :]
+        rng.shuffle(tail)
+        tags = head + tail
+    if options.trigger_word:
+        tags = [options.trigger_word, *tags]
+    text = ", ".join(tags)
+    if options.dropout and rng.random() < options.dropout:
+        return ""
+    return text
+
+
+def make_buckets(resolution: int, step: int, min_side: int, max_side: int) -> list[tuple[int, int]]:
+    """kohya-style buckets: sides multiples of ``step`` within bounds, area at most resolution²."""
+    area = resolution * resolution
+    buckets = {(resolution, resolution)}
+    width = min_side
+    while width <= max_side:
+        height = min(max_side, (area // width) // step * step)
+        if height >= min_side:
+            buckets.add((width, height))
+            buckets.add((height, width))
+        width += step
+    return sorted(buckets)
+
+
+def nearest_bucket(size: tuple[int, int], buckets: list[tuple[int, int]]) -> tuple[int, int]:
+    ratio = math.log(size[0] / size[1])
+    return min(buckets, key=lambda b: (abs(math.log(b[0] / b[1]) - ratio), -b[0] * b[1]))
+
+
+def resize_and_crop(image: Image.Image, target: tuple[int, int]) -> Image.Image:
+    """Scale so the image covers ``target`` (width, height), then center-crop to it."""
+    width, height = target
+    scale = max(width / image.width, height / image.height)
+    resized = (max(width, round(image.width * scale)), max(height, round(image.height * scale)))
+    if resized != image.size:
+        image = image.resize(resized, Image.Resampling.BICUBIC)
+    left = (image.width - width) // 2
+    top = (image.height - height) // 2
+    return image.crop((left, top, left + width, top + height))
+
+
+def _open_rgb(path: Path) -> Image.Image:
+    try:
+        with Image.open(path) as image:
+            image.load()
+            return image.convert("RGB")
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as error:
+        raise DatasetError(
+            f"cannot read image {path}: {error}; fix or remove the file and run again"
+        ) from None
+
+
+class Dataset:
+    """A scanned folder: examples, their buckets, and deterministic batching."""
+
+    def __init__(self, root: Path, examples: list[Example], source: str, caption_options: CaptionOptions):
+        self.root = root
+        self.examples = examples
+        self.source = source  # "kohya" or "metadata.jsonl"
+        self.caption_options = caption_options
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    # ------------------------------------------------------------------ order
+
+    def batches_per_epoch(self, batch_size: int) -> int:
+        counts = Counter(example.bucket for example in self.examples)
+        return sum(math.ceil(count / batch_size) for count in counts.values())
+
+    def epoch_batches(self, epoch: int, batch_size: int, seed: int) -> list[list[int]]:
+        """The batches of one epoch: each from one bucket, shuffled by (seed, epoch)."""
+        return _epoch_batches(tuple(e.bucket for e in self.examples), epoch, batch_size, seed)
+
+    def batch_at(self, micro_step: int, batch_size: int, seed: int) -> list[int]:
+        per_epoch = self.batches_per_epoch(batch_size)
+        epoch, position = divmod(micro_step, per_epoch)
+        return self.epoch_batches(epoch, batch_size, seed)[position]
+
+    # ------------------------------------------------------------------ loading
+
+    def load(self, indices: list[int], rng: random.Random, *, random_flip: bool = False) -> Batch:
+        pixels, captions = [], []
+        for index in indices:
+            example = self.examples[index]
+            image = resize_and_crop(_open_rgb(example.image), example.bucket)
+            array = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
+            tensor = torch.from_numpy(array).permute(2, 0, 1)
+            if random_flip and rng.random() < 0.5:
+                tensor = tensor.flip(-1)
+            pixels.append(tensor)
+            captions.append(process_caption(example.caption, self.caption_options, rng))
+        return Batch(pixels=torch.stack(pixels), captions=captions, indices=list(indices))
+
+    # ------------------------------------------------------------------ summaries (for ss_* metadata)
+
+    def tag_frequency(self) -> dict[str, int]:
+        counts: Counter[str] = Counter()
+        for example in self.examples:
+            counts.update(split_tags(example.caption))
+        return dict(sorted(counts.items(), key=lambda item: (-item[1], item[0])))
+
+    def bucket_counts(self) -> dict[str, int]:
+        counts = Counter(f"{w}x{h}" for w, h in (e.bucket for e in self.examples))
+        return dict(sorted(counts.items()))
+
+
+@lru_cache(maxsize=4)
+def _epoch_batches(buckets: tuple[tuple[int, int], ...], epoch: int, batch_size: int, seed: int):
+    rng = random.Random(f"loraloom-epoch:{seed}:{epoch}")
+    by_bucket: dict[tuple[int, int], list[int]] = {}
+    for index, bucket in enumerate(buckets):
+        by_bucket.setdefault(bucket, []).append(index)
+    batches: list[list[int]] = []
+    for bucket in sorted(by_bucket):
+        members = by_bucket[bucket]
+        rng.shuffle(members)
+        batches.extend(members[i : i + batch_size] for i in range(0, len(members), batch_size))
+    rng.shuffle(batches)
+    return batches
+
+
+# ---------------------------------------------------------------------- scanning
+
+
+def scan_dataset(
+    root: str | Path,
+    *,
+    resolution: int,
+    caption_extension: str = ".txt",
+    caption_options: CaptionOptions | None = None,
+    buckets: bool = False,
+    bucket_step: int = 64,
+    min_bucket: int = 256,
+    max_bucket: int = 1024,
+    size_multiple: int = 8,
+) -> Dataset:
+    """Read the folder's images and captions; raise ``DatasetError`` naming any bad file."""
+    root = Path(root).expanduser()
+    if not root.is_dir():
+        raise DatasetError(f"training data folder {root} does not exist or is not a folder")
+    metadata = root / METADATA_FILE
+    if metadata.is_file():
+        pairs, source = _read_metadata(root, metadata), METADATA_FILE
+    else:
+        pairs, source = _read_kohya(root, caption_extension), "kohya"
+    if not pairs:
+        raise DatasetError(
+            f"no training images in {root}: put {', '.join(IMAGE_SUFFIXES)} files there, "
+            f"each with a same-named {caption_extension} caption (kohya), "
+            f"or list them in a {METADATA_FILE} (diffusers)"
+        )
+    if resolution % size_multiple:
+        raise DatasetError(f"resolution {resolution} must be a multiple of {size_multiple} for this model")
+    if buckets:
+        step = max(size_multiple, min(bucket_step, resolution // 4) // size_multiple * size_multiple)
+        low = max(step, min(min_bucket, resolution // 2) // step * step)
+        high = max(resolution, max_bucket // step * step)
+        choices = make_buckets(resolution, step, low, high)
+    else:
+        choices = [(resolution, resolution)]
+    examples = []
+    for image_path, caption in pairs:
+        size = _open_rgb(image_path).size
+        examples.append(Example(image_path, caption, size, nearest_bucket(size, choices)))
+    return Dataset(root, examples, source, caption_options or CaptionOptions())
+
+
+def _read_kohya(root: Path, caption_extension: str) -> list[tuple[Path, str]]:
+    pairs = []
+    for path in sorted(root.iterdir()):
+        if not path.is_file() or path.suffix.lower() not in IMAGE_SUFFIXES:
+            continue
+        caption_path = path.with_suffix(caption_extension)
+        if not caption_path.is_file():
+            raise DatasetError(
+                f"image {path} has no caption: expected {caption_path.name} next to it "
+                f"(an empty file means no caption), or describe the folder in a {METADATA_FILE}"
+            )
+        try:
+            caption = caption_path.read_text(encoding="utf-8").strip()
+        except (OSError, UnicodeDecodeError) as error:
+            raise DatasetError(f"cannot read caption {caption_path}: {error}") from None
+        pairs.append((path, " ".join(caption.split())))
+    return pairs
+
+
+def _read_metadata(root: Path, metadata: Path) -> list[tuple[Path, str]]:
+    pairs = []
+    try:
+        lines = metadata.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as error:
+        raise DatasetError(f"cannot read {metadata}: {error}") from None
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        where = f"{metadata}, line {number}"
+        try:
+            record = json.loads(line)
+        except ValueError as error:
+            raise DatasetError(f"{where} is not valid JSON: {error}") from None
+        if not isinstance(record, dict) or not isinstance(record.get("file_name"), str):
+            raise DatasetError(
+                f'{where} has no "file_name": each line needs {{"file_name": ..., "text": ...}}'
+            )
+        image = (root / record["file_name"]).resolve()
+        if root.resolve() not in image.parents:
+            raise DatasetError(f"{where}: file_name {record['file_name']!r} points outside {root}")
+        if not image.is_file():
+            raise DatasetError(f"{where}: image {image} listed but not found")
+        caption = next((record[c] for c in CAPTION_COLUMNS if isinstance(record.get(c), str)), None)
+        if caption is None:
+            raise DatasetError(f'{where}: image {image} has no caption ("text" field)')
+        pairs.append((image, " ".join(caption.split())))
+    return pairs

@@ -1,0 +1,86 @@
+"""Put a trained adapter where it is served: a local store, or a running server over gRPC."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from adapters.errors import InvalidArgument
+
+
+@dataclass(frozen=True)
+class Registration:
+    """Where the adapter went: ``store`` (a location) or ``server`` (HOST:PORT), and its version."""
+
+    name: str
+    version: int
+    sha256: str
+    where: str
+    kind: str  # "store" or "server"
+
+    @property
+    def ref(self) -> str:
+        return f"{self.name}@{self.version}"
+
+
+def register_in_store(
+    data: bytes,
+    name: str,
+    *,
+    store: str = "",
+    description: str = "",
+    tags: list[str] | tuple[str, ...] = (),
+    trigger_words: list[str] | tuple[str, ...] = (),
+    base_model: str = "",
+    training_metadata: dict[str, Any] | None = None,
+) -> Registration:
+    """Register into ``store``: a data folder (its ``store/``), a database URL, or '' for the default."""
+    from adapters.store import AdapterStore
+
+    if "://" in store:
+        opened = AdapterStore.open(db_url=store)
+    else:
+        opened = AdapterStore.open(home=Path(store).expanduser() if store else None)
+    with opened:
+        version = opened.register(
+            name,
+            data,
+            description=description,
+            tags=tags,
+            trigger_words=trigger_words,
+            base_model=base_model,
+            training_metadata=training_metadata,
+        )
+        where = repr(opened)
+    return Registration(
+        name=version.name, version=version.version, sha256=version.sha256, where=where, kind="store"
+    )
+
+
+def upload_to_server(
+    data: bytes,
+    name: str,
+    *,
+    server: str,
+    description: str = "",
+    tags: list[str] | tuple[str, ...] = (),
+    trigger_words: list[str] | tuple[str, ...] = (),
+    metadata: dict[str, str] | None = None,
+    timeout: float = 120.0,
+) -> Registration:
+    """Upload to the server at ``server`` (HOST:PORT); the new version is servable when this returns."""
+    from server.client import Client
+
+    if not server or ":" not in server:
+        raise InvalidArgument(f"--server must be HOST:PORT, not {server!r}")
+    with Client(server, timeout=timeout) as client:
+        info = client.upload_adapter(
+            data,
+            name,
+            description=description,
+            metadata=metadata or {},
+            tags=list(tags),
+            trigger_words=list(trigger_words),
+        )
+    return Registration(name=info.name, version=info.version, sha256=info.sha256, where=server, kind="server")
