@@ -122,7 +122,9 @@ def _register(config: TrainConfig, data: bytes, trainer: Trainer, outcome) -> Re
             description=config.description,
             tags=config.tags,
             trigger_words=trigger_words,
-            metadata={"training": json.dumps(summary, sort_keys=True)},
+            metadata={
+                k: v if isinstance(v, str) else json.dumps(v, sort_keys=True) for k, v in summary.items()
+            },
         )
     else:
         registration = register_in_store(
