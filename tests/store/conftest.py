@@ -107,6 +107,13 @@ def postgres_server() -> Iterator[str]:
             f"no PostgreSQL: set {ENV_URL} or install the server binaries (.ci/postgres.sh) "
             f"so {INITDB_GLOB} exists"
         )
+    if os.geteuid() == 0:
+        import pwd
+
+        try:
+            pwd.getpwnam("postgres")
+        except KeyError:
+            pytest.skip(f"running as root with no 'postgres' user to run the server as; set {ENV_URL}")
     with _throwaway_cluster(Path(initdbs[-1]).parent) as admin_url:
         yield admin_url
 
