@@ -202,7 +202,7 @@ def test_full_queue_is_resource_exhausted_with_a_retry_hint(client, seam, runnin
 
     def one() -> None:
         try:
-            results.append(client.generate("x", steps=5, seed=1))
+            results.append(client.generate("x", steps=10, seed=1))  # >= 2 s each
         except errors.LoraloomError as error:
             results.append(error)
 

@@ -128,10 +128,11 @@ def test_sigterm_drains_three_requests_in_flight(served):
     """Runs last: readiness NOT_SERVING at once, new calls UNAVAILABLE, the 3 in flight finish, exit 0."""
     process, client, _, log = served
     results: list[object] = []
+    steps = _steps_lasting(client, seconds=1.5)
 
     def one(seed: int) -> None:
         try:
-            results.append(client.generate("a red circle", steps=8, seed=seed, timeout=120))
+            results.append(client.generate("a red circle", steps=steps, seed=seed, timeout=120))
         except errors.LoraloomError as error:
             results.append(error)
 
@@ -158,3 +159,11 @@ def test_sigterm_drains_three_requests_in_flight(served):
     assert process.wait(120) == 0, "".join(log)
     assert len(results) == 3 and all(not isinstance(item, Exception) for item in results), results
     assert any("draining: 3 call(s) in flight" in line for line in log)
+
+
+def _steps_lasting(client: Client, seconds: float) -> int:
+    """Steps for a request of about ``seconds`` on this machine now (4 to 150)."""
+    started = time.monotonic()
+    client.generate("a red circle", steps=4, seed=0)
+    per_step = (time.monotonic() - started) / 4
+    return max(4, min(150, round(seconds / per_step)))
