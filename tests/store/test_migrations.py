@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import threading
 
+import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
-from sqlalchemy import inspect
+from sqlalchemy import inspect, text
 
+from adapters.errors import FailedPrecondition
 from adapters.store import db
 from adapters.store.schema import metadata
 
@@ -55,3 +57,12 @@ def test_plain_postgresql_urls_use_psycopg_3():
     engine = db.make_engine("postgresql://user:secret@db.example:5432/loraloom")
     assert engine.dialect.driver == "psycopg"
     engine.dispose()
+
+
+def test_a_database_from_a_newer_release_is_refused_clearly(make_store):
+    store = make_store()
+    with store.engine.begin() as conn:
+        conn.execute(text("UPDATE alembic_version SET version_num = '9999_future'"))
+    store.close()
+    with pytest.raises(FailedPrecondition, match="newer loraloom"):
+        make_store()
