@@ -25,11 +25,13 @@ class AsyncClient:
         target: str | None = None,
         *,
         timeout: float | None = None,
+        retries: int = 0,
         max_message_bytes: int = _common.DEFAULT_MAX_MESSAGE_BYTES,
         channel: aio.Channel | None = None,
     ) -> None:
         self.target = target or _common.default_target()
         self.timeout = timeout
+        self.retries = retries
         self._channel = channel or aio.insecure_channel(
             self.target, options=_common.channel_options(max_message_bytes)
         )
@@ -45,11 +47,18 @@ class AsyncClient:
     async def __aexit__(self, *exc) -> None:
         await self.close()
 
-    async def _call(self, method, request, timeout: float | None):
-        try:
-            return await method(request, timeout=self.timeout if timeout is None else timeout)
-        except grpc.RpcError as error:
-            raise from_rpc_error(error) from None
+    async def _call(self, method, request, timeout: float | None, *, retry: bool = True):
+        attempt = 0
+        while True:
+            try:
+                return await method(request, timeout=self.timeout if timeout is None else timeout)
+            except grpc.RpcError as error:
+                typed = from_rpc_error(error)
+            delay = _common.retry_delay(typed, attempt) if retry and attempt < self.retries else None
+            if delay is None:
+                raise typed
+            await asyncio.sleep(delay)
+            attempt += 1
 
     async def generate(self, prompt: str, *, timeout: float | None = None, on_event=None, **options):
         """See ``Client.generate``; ``on_event`` may be a plain function or a coroutine function."""
@@ -127,7 +136,8 @@ class AsyncClient:
             trigger_words=trigger_words,
             chunk_size=chunk_size,
         )
-        return convert.adapter_info(await self._call(self._stub.UploadAdapter, messages, timeout))
+        response = await self._call(self._stub.UploadAdapter, messages, timeout, retry=False)
+        return convert.adapter_info(response)
 
     async def delete_adapter(self, ref: str, *, timeout: float | None = None) -> list[types.AdapterInfo]:
         request = adapters_pb2.DeleteAdapterRequest(ref=ref)

@@ -19,6 +19,8 @@ class Client:
     """Typed, blocking access to a loraloom server; failures raise ``adapters.errors`` types.
 
     ``timeout`` (seconds) is the default deadline of every call; each method takes its own too.
+    ``retries``: how often a unary call is retried after RESOURCE_EXHAUSTED (waiting as the
+    server's hint says) or UNAVAILABLE (backing off); uploads and streams are not retried.
     """
 
     def __init__(
@@ -26,11 +28,13 @@ class Client:
         target: str | None = None,
         *,
         timeout: float | None = None,
+        retries: int = 0,
         max_message_bytes: int = _common.DEFAULT_MAX_MESSAGE_BYTES,
         channel: grpc.Channel | None = None,
     ) -> None:
         self.target = target or _common.default_target()
         self.timeout = timeout
+        self.retries = retries
         self._channel = channel or grpc.insecure_channel(
             self.target, options=_common.channel_options(max_message_bytes)
         )
@@ -46,11 +50,18 @@ class Client:
     def __exit__(self, *exc) -> None:
         self.close()
 
-    def _call(self, method, request, timeout: float | None):
-        try:
-            return method(request, timeout=self.timeout if timeout is None else timeout)
-        except grpc.RpcError as error:
-            raise from_rpc_error(error) from None
+    def _call(self, method, request, timeout: float | None, *, retry: bool = True):
+        attempt = 0
+        while True:
+            try:
+                return method(request, timeout=self.timeout if timeout is None else timeout)
+            except grpc.RpcError as error:
+                typed = from_rpc_error(error)
+            delay = _common.retry_delay(typed, attempt) if retry and attempt < self.retries else None
+            if delay is None:
+                raise typed
+            time.sleep(delay)
+            attempt += 1
 
     # Generation
 
@@ -154,7 +165,7 @@ class Client:
             trigger_words=trigger_words,
             chunk_size=chunk_size,
         )
-        return convert.adapter_info(self._call(self._stub.UploadAdapter, messages, timeout))
+        return convert.adapter_info(self._call(self._stub.UploadAdapter, messages, timeout, retry=False))
 
     def delete_adapter(self, ref: str, *, timeout: float | None = None) -> list[types.AdapterInfo]:
         response = self._call(self._stub.DeleteAdapter, adapters_pb2.DeleteAdapterRequest(ref=ref), timeout)

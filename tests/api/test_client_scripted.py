@@ -145,6 +145,40 @@ def test_resource_exhausted_carries_the_retry_hint(scripted):
     assert caught.value.retry_after_s == 2.5
 
 
+def test_retries_follow_the_servers_hint():
+    channel = grpc_testing.channel([SERVICE], grpc_testing.strict_real_time())
+    client = Client(channel=channel, timeout=10, retries=2)
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        future = pool.submit(client.get_adapter, "style")
+        started = time.monotonic()
+        _, _, rpc = channel.take_unary_unary(method("GetAdapter"))
+        pushback = (("grpc-retry-pushback-ms", "200"),)
+        rpc.terminate(adapters_pb2.AdapterVersion(), pushback, grpc.StatusCode.RESOURCE_EXHAUSTED, "full")
+        _, _, rpc = channel.take_unary_unary(method("GetAdapter"))
+        waited = time.monotonic() - started
+        rpc.terminate(adapters_pb2.AdapterVersion(), (), grpc.StatusCode.UNAVAILABLE, "draining")
+        _, _, rpc = channel.take_unary_unary(method("GetAdapter"))
+        rpc.terminate(adapters_pb2.AdapterVersion(name="style", version=3), (), grpc.StatusCode.OK, "")
+        assert future.result(timeout=10).ref == "style@3"
+    assert waited >= 0.2
+
+
+def test_retries_give_up_and_skip_other_errors(scripted):
+    channel, _, pool = scripted
+    client = Client(channel=channel, timeout=10, retries=1)
+    future = pool.submit(client.get_adapter, "style")
+    for _ in range(2):
+        _, _, rpc = channel.take_unary_unary(method("GetAdapter"))
+        rpc.terminate(adapters_pb2.AdapterVersion(), (), grpc.StatusCode.UNAVAILABLE, "draining")
+    with pytest.raises(errors.Unavailable):
+        future.result(timeout=10)
+    future = pool.submit(client.get_adapter, "style")
+    _, _, rpc = channel.take_unary_unary(method("GetAdapter"))
+    rpc.terminate(adapters_pb2.AdapterVersion(), (), grpc.StatusCode.NOT_FOUND, "no such adapter")
+    with pytest.raises(errors.NotFound):
+        future.result(timeout=10)
+
+
 def test_upload_sends_metadata_then_chunks_with_the_sha256(scripted, tmp_path):
     channel, client, pool = scripted
     data = bytes(range(256)) * 1000

@@ -32,8 +32,14 @@ def test_start_ready_drain_transitions(tmp_path):
         assert client.health() == "NOT_SERVING"
         with pytest.raises(errors.Unavailable, match="starting"):
             client.server_info()
+        patient: list[object] = []
+        waiter = threading.Thread(target=lambda: patient.append(_info_with_retries(running.address)))
+        waiter.start()
+        time.sleep(0.5)
         release.set()
         running.wait_ready(120)
+        waiter.join(60)
+        assert len(patient) == 1 and patient[0].ready  # AsyncClient retried UNAVAILABLE until ready
         assert client.health() == "SERVING"
         assert client.server_info().ready
 
@@ -56,6 +62,18 @@ def test_start_ready_drain_transitions(tmp_path):
         assert len(outcome) == 1 and outcome[0].images  # the call in flight finished
         with pytest.raises(errors.Unavailable):
             client.health("", timeout=2)
+
+
+def _info_with_retries(address: str):
+    import asyncio
+
+    from server.client import AsyncClient
+
+    async def main():
+        async with AsyncClient(address, timeout=30, retries=12) as client:
+            return await client.server_info()
+
+    return asyncio.run(main())
 
 
 @pytest.mark.parametrize(("kind", "code"), [(kind, code) for kind, code in STATUS_BY_ERROR])
