@@ -11,7 +11,7 @@ import pytest
 from adapters import errors
 from server.api.errors import STATUS_BY_ERROR, status_for
 from server.client import Client
-from tests.api.conftest import StepSeam, micro_config
+from tests.api.helpers import StepSeam, micro_config
 
 
 @pytest.mark.slow

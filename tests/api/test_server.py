@@ -14,7 +14,7 @@ from PIL import Image as PILImage
 from adapters import errors
 from server.api.pb.loraloom.v1 import adapters_pb2, service_pb2_grpc
 from server.client import Done, ImageReady, Progress, Queued, ServerError
-from tests.api.conftest import adapter_bytes
+from tests.api.helpers import adapter_bytes
 
 
 def decode(data: bytes) -> PILImage.Image:

@@ -21,7 +21,7 @@ from PIL import Image as PILImage
 from adapters import errors
 from server.api.codegen import REPO_ROOT
 from server.client import Client
-from tests.api.conftest import adapter_bytes
+from tests.api.helpers import adapter_bytes
 
 pytestmark = pytest.mark.slow
 LISTENING = re.compile(r"listening on (127\.0\.0\.1:\d+)")
