@@ -233,50 +233,48 @@ WORKER = Path(__file__).with_name("store_worker.py")
 
 
 @pytest.fixture()
-def spawn_worker(db_url: str, store_dir: Path, micro_shapes, tmp_path: Path):
-    """Start ``store_worker.py`` on this test's store: ``spawn_worker(name=..., files=[...], ...)``."""
+def run_workers(db_url: str, store_dir: Path, micro_shapes, tmp_path: Path):
+    """``run_workers(job, job, ...)``: run each job in its own process (``store_worker.py``) at once.
+
+    A job is a dict (name, files, kill_stage, read_bytes); returns, per job, its exit
+    code (-9 when SIGKILLed) and its output lines.
+    """
     import json
     import sys
 
     shapes_file = tmp_path / "shapes.json"
     shapes_file.write_text(json.dumps(micro_shapes))
-    procs: list[subprocess.Popen] = []
 
-    def spawn(**job) -> subprocess.Popen:
-        job = {"db_url": db_url, "store_dir": str(store_dir), "shapes_file": str(shapes_file), **job}
+    def run(*jobs: dict, timeout_s: float = 120.0) -> list[tuple[int, list[dict]]]:
+        full = [
+            {"db_url": db_url, "store_dir": str(store_dir), "shapes_file": str(shapes_file), **job}
+            for job in jobs
+        ]
         env = {
             **os.environ,
             "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")]),
         }
-        proc = subprocess.Popen(
-            [sys.executable, str(WORKER), json.dumps(job)],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
+        done = subprocess.run(
+            [sys.executable, str(WORKER), json.dumps({"jobs": full})],
+            capture_output=True,
             text=True,
             env=env,
             cwd=REPO_ROOT,
+            timeout=timeout_s,
         )
-        procs.append(proc)
-        return proc
+        lines = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+        results = []
+        for index in range(len(jobs)):
+            mine = [line for line in lines if line["job"] == index]
+            exits = [line["exit"] for line in mine if "exit" in line]
+            if done.returncode != 0 or exits[:1] not in ([0], [-9]):
+                raise AssertionError(f"worker {index} failed (exit {exits}):\n{done.stderr[-3000:]}")
+            results.append(
+                (
+                    exits[0],
+                    [{k: v for k, v in line.items() if k != "job"} for line in mine if "exit" not in line],
+                )
+            )
+        return results
 
-    yield spawn
-    for proc in procs:
-        if proc.poll() is None:
-            proc.kill()
-        proc.communicate()
-
-
-def _worker_output(proc: subprocess.Popen, timeout_s: float = 60.0) -> tuple[int, list[dict]]:
-    import json
-
-    stdout, stderr = proc.communicate(timeout=timeout_s)
-    lines = [json.loads(line) for line in stdout.splitlines() if line.startswith("{")]
-    if proc.returncode not in (0, -9):
-        raise AssertionError(f"worker failed ({proc.returncode}):\n{stderr[-3000:]}")
-    return proc.returncode, lines
-
-
-@pytest.fixture()
-def worker_output():
-    """``worker_output(proc)`` waits for a worker and returns (exit code, its JSON lines)."""
-    return _worker_output
+    return run

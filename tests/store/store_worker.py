@@ -1,26 +1,34 @@
-"""A separate process that registers adapters into a store (crash and concurrency tests).
+"""Separate processes that register adapters into a store (crash and concurrency tests).
 
-    python store_worker.py '<json job>'
+    python store_worker.py '{"jobs": [job, ...]}'
 
-job: db_url, store_dir, shapes_file (JSON module -> shape), name, files (paths to
-register in order), kill_stage (SIGKILL this process when the store reaches that
-register stage), read_bytes (stream the file in reads of this size), barrier
-(wait until this file exists before opening the store). Prints one JSON line per
-registered version: {"version", "sha256", "file"}.
+The script imports the store once, then forks one child process per job (so N
+workers cost one interpreter start, not N); children start together. A job:
+db_url, store_dir, shapes_file (JSON module -> shape), name, files (paths to
+register in order), kill_stage (the child SIGKILLs itself when the store
+reaches that register stage), read_bytes (stream each file in reads of this
+size). Every output line is JSON tagged with its job index: one per registered
+version ({"version", "sha256", "file"}), {"killed_at"} just before a kill, and
+at the end one {"exit": code} per job from the parent (-9 for SIGKILL).
 """
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
 import signal
 import sys
-import time
+import traceback
 from pathlib import Path
 
+import adapters.validation  # noqa: F401  (imported once here rather than in every child)
 from adapters.canonical import BaseModelRef
 from adapters.store import AdapterStore, LocalBlobStorage, make_validator
+
+with contextlib.suppress(ImportError):
+    import psycopg  # noqa: F401  (likewise, for PostgreSQL URLs)
 
 
 class SmallReads(io.RawIOBase):
@@ -38,20 +46,21 @@ class SmallReads(io.RawIOBase):
         return chunk
 
 
-def main() -> None:
-    job = json.loads(sys.argv[1])
+def emit(index: int, **fields) -> None:
+    # One short write per line: lines from concurrent children never interleave.
+    sys.stdout.write(json.dumps({"job": index, **fields}) + "\n")
+    sys.stdout.flush()
+
+
+def run(index: int, job: dict) -> None:
     shapes = {key: tuple(shape) for key, shape in json.loads(Path(job["shapes_file"]).read_text()).items()}
     kill_stage = job.get("kill_stage")
 
     def on_stage(stage: str) -> None:
         if stage == kill_stage:
-            print(json.dumps({"killed_at": stage}), flush=True)
+            emit(index, killed_at=stage)
             os.kill(os.getpid(), signal.SIGKILL)
 
-    barrier = job.get("barrier")
-    if barrier:
-        while not os.path.exists(barrier):
-            time.sleep(0.005)
     store_dir = Path(job["store_dir"])
     store = AdapterStore(
         job["db_url"],
@@ -63,8 +72,30 @@ def main() -> None:
     for file in job["files"]:
         data = Path(file).read_bytes()
         version = store.register(job["name"], SmallReads(data, job.get("read_bytes", 1 << 20)))
-        print(json.dumps({"version": version.version, "sha256": version.sha256, "file": file}), flush=True)
+        emit(index, version=version.version, sha256=version.sha256, file=file)
     store.close()
+
+
+def main() -> None:
+    jobs = json.loads(sys.argv[1])["jobs"]
+    children: dict[int, int] = {}
+    for index, job in enumerate(jobs):
+        pid = os.fork()
+        if pid == 0:
+            code = 0
+            try:
+                run(index, job)
+            except BaseException:
+                traceback.print_exc()
+                code = 1
+            finally:
+                sys.stdout.flush()
+                sys.stderr.flush()
+                os._exit(code)
+        children[pid] = index
+    for pid, index in children.items():
+        _, status = os.waitpid(pid, 0)
+        emit(index, exit=os.waitstatus_to_exitcode(status))
 
 
 if __name__ == "__main__":

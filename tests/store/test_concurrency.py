@@ -11,23 +11,18 @@ EACH = 20
 
 
 @pytest.mark.slow
-def test_two_processes_register_one_name(spawn_worker, worker_output, make_store, lora, tmp_path):
+def test_two_processes_register_one_name(run_workers, make_store, lora, tmp_path):
     files = {}
     for p in range(PROCESSES):
         for i in range(EACH):
             path = tmp_path / f"p{p}-{i:02d}.safetensors"
             path.write_bytes(lora(seed=1000 * p + i))
             files[str(path)] = hashlib.sha256(path.read_bytes()).hexdigest()
-    barrier = tmp_path / "go"
-    # The workers also open the (not yet created) store at the same moment: concurrent migrations.
-    procs = [
-        spawn_worker(name="shared", files=sorted(f for f in files if f"/p{p}-" in f), barrier=str(barrier))
-        for p in range(PROCESSES)
-    ]
-    barrier.touch()
+    # The workers start together and also open the (not yet created) store at the same
+    # moment: concurrent migrations, then concurrent registrations.
+    jobs = [{"name": "shared", "files": sorted(f for f in files if f"/p{p}-" in f)} for p in range(PROCESSES)]
     results = []
-    for proc in procs:
-        code, lines = worker_output(proc, timeout_s=120)
+    for code, lines in run_workers(*jobs):
         assert code == 0
         assert len(lines) == EACH
         # Each process sees its own versions increase.

@@ -11,16 +11,12 @@ import signal
 
 import pytest
 
-# Register stages (in order: streaming, staged, validated, blob_written, before_commit,
-# committed); each worker dies at one. The ones between leave the same traces as their
-# neighbours (a staging file; a staging file and an unused blob), so four cover them.
-STAGES = ("streaming", "blob_written", "before_commit", "committed")
+# Every register stage, in order; each worker dies at one.
+STAGES = ("streaming", "staged", "validated", "blob_written", "before_commit", "committed")
 
 
 @pytest.mark.slow
-def test_killed_registrations_leave_no_partial_version(
-    make_store, spawn_worker, worker_output, lora, tmp_path
-):
+def test_killed_registrations_leave_no_partial_version(make_store, run_workers, lora, tmp_path):
     store = make_store()
     first = store.register("cat", lora(seed=100))
     files = {}
@@ -30,12 +26,13 @@ def test_killed_registrations_leave_no_partial_version(
     sha = {stage: hashlib.sha256(path.read_bytes()).hexdigest() for stage, path in files.items()}
 
     # All at once: the one killed holding the name's row lock must not block the others for good.
-    procs = {
-        stage: spawn_worker(name="cat", files=[str(files[stage])], kill_stage=stage, read_bytes=512)
-        for stage in STAGES
-    }
-    for stage, proc in procs.items():
-        code, lines = worker_output(proc)
+    results = run_workers(
+        *(
+            {"name": "cat", "files": [str(files[stage])], "kill_stage": stage, "read_bytes": 512}
+            for stage in STAGES
+        )
+    )
+    for stage, (code, lines) in zip(STAGES, results, strict=True):
         assert code == -signal.SIGKILL, stage
         assert lines == [{"killed_at": stage}], stage
 
