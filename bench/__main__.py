@@ -1,0 +1,38 @@
+"""``python -m bench SUITE [--quick] [--json FILE]``."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import pkgutil
+import sys
+from pathlib import Path
+
+# Every module of this package except the harness's own is a suite.
+HARNESS = {"report", "__main__"}
+SUITES = {
+    info.name: f"bench.{info.name}"
+    for info in pkgutil.iter_modules([str(Path(__file__).parent)])
+    if info.name not in HARNESS and not info.name.startswith("_")
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
+    parser.add_argument("suite", choices=sorted(SUITES), help="which suite to run")
+    parser.add_argument("--quick", action="store_true", help="fewer repetitions (a smoke run, < 60 s)")
+    parser.add_argument("--json", metavar="FILE", help="also write the metrics as JSON to FILE")
+    args = parser.parse_args(argv)
+
+    from bench.report import print_table, write_json
+
+    module = importlib.import_module(SUITES[args.suite])
+    metrics = module.run(quick=args.quick)
+    print_table(args.suite, metrics, peer=module.PEER)
+    if args.json:
+        write_json(args.json, args.suite, metrics, peer=module.PEER, quick=args.quick)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,232 @@
+"""Suite ``engine``: loraloom's resident engine vs diffusers + PEFT on the same model and adapter files.
+
+Both sides run in this process on the same factory models (``tiny``, ``small``)
+and load the same diffusers-format LoRA files (rank 8, UNet and text-encoder
+attention). Measurements of the two sides are interleaved so that a busy CPU
+slows both alike; figures are medians.
+
+- ``swap_ms_*``: switch between two cached 2-adapter blends. loraloom:
+  ``Engine.activate``; peer: its fastest fused path, ``unfuse_lora`` then
+  ``set_adapters`` + ``fuse_lora``.
+- ``blend_overhead_pct_tiny``: a 20-step generation with a blend active vs the
+  base model. loraloom: fused blend vs base; peer: unfused ``set_adapters`` vs
+  a plain pipeline.
+- ``cold_load_ms_*``: first use of an adapter file never seen before. loraloom:
+  read, parse, validate, prepare and apply it (``Engine.activate``); peer:
+  ``load_lora_weights``.
+- ``mixed_rps_*``: requests per second over requests cycling through 4 blends.
+  loraloom: all submitted to the scheduler; peer: all adapters loaded,
+  ``set_adapters`` per request (what a user would write).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import statistics
+import tempfile
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from bench.report import Metric, median_ms, timed
+from server.engine import Engine, GenerateRequest, MemoryResolver
+from server.engine.scheduler import Scheduler
+from server.engine.synthetic import diffusers_file, random_adapter
+from server.models.loader import BaseModel, load_base_model
+
+PEER = "diffusers 0.42 + PEFT"
+RANK = 8
+NAMES = ("a0", "a1", "a2", "a3")
+BLEND_X = [("a0", 1.0), ("a1", 0.5)]
+BLEND_Y = [("a2", 0.8), ("a3", 0.6)]
+MIXED_BLENDS = [BLEND_X, BLEND_Y, [("a0", 0.5), ("a2", 0.5)], [("a1", 0.7), ("a3", -0.4)]]
+PROMPT = "a watercolor fox in a snowy forest"
+
+
+@dataclass(frozen=True)
+class Config:
+    swap_repeats: int
+    cold_repeats: int
+    overhead_rounds: int
+    overhead_steps: int
+    mixed_requests: int
+    mixed_steps: int
+
+
+FULL = Config(
+    swap_repeats=30, cold_repeats=7, overhead_rounds=7, overhead_steps=20, mixed_requests=60, mixed_steps=20
+)
+QUICK = Config(
+    swap_repeats=10, cold_repeats=3, overhead_rounds=2, overhead_steps=20, mixed_requests=16, mixed_steps=8
+)
+
+
+def _quiet() -> None:
+    warnings.filterwarnings("ignore", message="Already found a `peft_config`")
+    for name in ("transformers", "diffusers", "peft"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.set_verbosity_error()
+    transformers_logging.disable_progress_bar()
+
+
+class Side:
+    """One base model with adapter files on disk, and fresh engines / peer pipelines over it."""
+
+    def __init__(self, size: str, folder: Path) -> None:
+        self.size = size
+        self.base: BaseModel = load_base_model(size)
+        self.pristine = copy.deepcopy(self.base.pipeline)
+        self.folder = folder
+        self.files: dict[str, Path] = {}
+        for index, name in enumerate(NAMES):
+            self.files[name] = self.write_file(name, seed=index)
+
+    def write_file(self, name: str, seed: int) -> Path:
+        adapter = random_adapter(self.base.module_shapes, seed=seed, rank=RANK, strength=0.1)
+        path = self.folder / f"{self.size}-{name}.safetensors"
+        path.write_bytes(diffusers_file(adapter, self.pristine))
+        return path
+
+    def engine(self) -> Engine:
+        resolver = MemoryResolver()
+        for name, path in self.files.items():
+            resolver.add_file(name, path)
+        base = copy.copy(self.base)
+        base.pipeline = copy.deepcopy(self.pristine)
+        return Engine(base, resolver=resolver)
+
+    def peer(self, *, with_adapters: bool = True):
+        pipeline = copy.deepcopy(self.pristine)
+        if with_adapters:
+            for name, path in self.files.items():
+                pipeline.load_lora_weights(str(path), adapter_name=name)
+        return pipeline
+
+
+def _peer_swap(pipeline, blend: list[tuple[str, float]]) -> None:
+    names = [name for name, _ in blend]
+    pipeline.unfuse_lora()
+    pipeline.set_adapters(names, [weight for _, weight in blend])
+    pipeline.fuse_lora(adapter_names=names)
+
+
+def swap_ms(side: Side, repeats: int) -> Metric:
+    engine, peer = side.engine(), side.peer()
+    for blend in (BLEND_X, BLEND_Y, BLEND_X):  # load and stack both blends once: "cached"
+        engine.activate(blend)
+        _peer_swap(peer, blend)
+    ours, theirs = [], []
+    for index in range(repeats):
+        blend = BLEND_Y if index % 2 == 0 else BLEND_X
+        ours.append(timed(lambda b=blend: engine.activate(b)))
+        theirs.append(timed(lambda b=blend: _peer_swap(peer, b)))
+    return Metric(f"swap_ms_{side.size}", median_ms(ours), median_ms(theirs), "ms", "lower")
+
+
+def cold_load_ms(side: Side, repeats: int) -> Metric:
+    engine, peer = side.engine(), side.peer(with_adapters=False)
+    ours, theirs = [], []
+    for index in range(repeats + 1):  # the first round warms both up and is dropped
+        name = f"cold{index}"
+        path = side.write_file(name, seed=1000 + index)
+        engine.resolver.add_file(name, path)
+        mine = timed(lambda n=name: engine.activate([(n, 1.0)]))
+        peers = timed(lambda n=name, p=path: peer.load_lora_weights(str(p), adapter_name=n))
+        peer.delete_adapters(name)
+        if index:
+            ours.append(mine)
+            theirs.append(peers)
+    return Metric(f"cold_load_ms_{side.size}", median_ms(ours), median_ms(theirs), "ms", "lower")
+
+
+def blend_overhead_pct(side: Side, rounds: int, steps: int) -> Metric:
+    engine = side.engine()
+    peer_lora, peer_base = side.peer(), side.peer(with_adapters=False)
+    names = [name for name, _ in BLEND_X]
+    peer_lora.set_adapters(names, [weight for _, weight in BLEND_X])
+    resolution = side.base.resolution
+
+    def ours(blend: list[tuple[str, float]]) -> Callable[[], object]:
+        engine.activate(blend)  # the swap is not part of the generation time
+        return lambda: engine.generate(GenerateRequest(PROMPT, steps=steps, seed=1, adapters=blend))
+
+    def peer(pipeline) -> Callable[[], object]:
+        generator = torch.Generator().manual_seed(1)
+        return lambda: pipeline(
+            PROMPT, num_inference_steps=steps, height=resolution, width=resolution, generator=generator
+        )
+
+    samples: dict[str, list[float]] = {"ours_base": [], "ours_blend": [], "peer_base": [], "peer_blend": []}
+    ours(BLEND_X)()  # warm-up
+    peer(peer_lora)()
+    for _ in range(rounds):
+        samples["ours_base"].append(timed(ours([])))
+        samples["ours_blend"].append(timed(ours(BLEND_X)))
+        samples["peer_base"].append(timed(peer(peer_base)))
+        samples["peer_blend"].append(timed(peer(peer_lora)))
+    medians = {key: statistics.median(values) for key, values in samples.items()}
+    mine = (medians["ours_blend"] / medians["ours_base"] - 1.0) * 100.0
+    theirs = (medians["peer_blend"] / medians["peer_base"] - 1.0) * 100.0
+    note = (
+        f"base {medians['ours_base'] * 1000:.0f} ms (loraloom), {medians['peer_base'] * 1000:.0f} ms (peer)"
+    )
+    return Metric(f"blend_overhead_pct_{side.size}", mine, theirs, "pct", "lower", note)
+
+
+def mixed_rps(side: Side, count: int, steps: int) -> Metric:
+    resolution = side.base.resolution
+    blends = [MIXED_BLENDS[index % len(MIXED_BLENDS)] for index in range(count)]
+
+    engine = side.engine()
+    for blend in MIXED_BLENDS:  # adapters loaded and blends stacked once: both sides start warm
+        engine.activate(blend)
+    scheduler = Scheduler(engine, max_queue=max(64, count), max_group_skips=4)
+    started = time.perf_counter()
+    futures = [
+        scheduler.submit(GenerateRequest(PROMPT, steps=steps, seed=index, adapters=blend))
+        for index, blend in enumerate(blends)
+    ]
+    for future in futures:
+        future.result()
+    ours = count / (time.perf_counter() - started)
+    scheduler.close(drain=True, timeout=10)
+
+    peer = side.peer()
+    for blend in MIXED_BLENDS:
+        peer.set_adapters([n for n, _ in blend], [w for _, w in blend])
+    started = time.perf_counter()
+    for index, blend in enumerate(blends):
+        peer.set_adapters([n for n, _ in blend], [w for _, w in blend])
+        peer(
+            PROMPT,
+            num_inference_steps=steps,
+            height=resolution,
+            width=resolution,
+            generator=torch.Generator().manual_seed(index),
+        )
+    theirs = count / (time.perf_counter() - started)
+    note = f"{count} requests, {steps} steps, {len(MIXED_BLENDS)} blends"
+    return Metric(f"mixed_rps_{side.size}", ours, theirs, "req/s", "higher", note)
+
+
+def run(quick: bool = False) -> list[Metric]:
+    _quiet()
+    config = QUICK if quick else FULL
+    with tempfile.TemporaryDirectory(prefix="loraloom-bench-") as folder:
+        tiny = Side("tiny", Path(folder))
+        small = Side("small", Path(folder))
+        return [
+            swap_ms(tiny, config.swap_repeats),
+            swap_ms(small, config.swap_repeats),
+            blend_overhead_pct(tiny, config.overhead_rounds, config.overhead_steps),
+            cold_load_ms(tiny, config.cold_repeats),
+            cold_load_ms(small, config.cold_repeats),
+            mixed_rps(tiny, config.mixed_requests, config.mixed_steps),
+        ]
