@@ -29,6 +29,8 @@ from adapters.errors import InvalidArgument
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 METADATA_FILE = "metadata.jsonl"
 CAPTION_COLUMNS = ("text", "caption")
+# Decoded, resized images are kept in memory up to this many bytes (float32 pixels).
+IMAGE_CACHE_BYTES = 1 << 30
 
 
 class DatasetError(InvalidArgument):
@@ -127,6 +129,8 @@ class Dataset:
         self.examples = examples
         self.source = source  # "kohya" or "metadata.jsonl"
         self.caption_options = caption_options
+        self._pixels: dict[int, torch.Tensor] = {}
+        self._cached_bytes = 0
 
     def __len__(self) -> int:
         return len(self.examples)
@@ -151,15 +155,27 @@ class Dataset:
     def load(self, indices: list[int], rng: random.Random, *, random_flip: bool = False) -> Batch:
         pixels, captions = [], []
         for index in indices:
-            example = self.examples[index]
-            image = resize_and_crop(_open_rgb(example.image), example.bucket)
-            array = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
-            tensor = torch.from_numpy(array).permute(2, 0, 1)
+            tensor = self.pixels(index)
             if random_flip and rng.random() < 0.5:
                 tensor = tensor.flip(-1)
             pixels.append(tensor)
-            captions.append(process_caption(example.caption, self.caption_options, rng))
+            captions.append(process_caption(self.examples[index].caption, self.caption_options, rng))
         return Batch(pixels=torch.stack(pixels), captions=captions, indices=list(indices))
+
+    def pixels(self, index: int) -> torch.Tensor:
+        """Example ``index`` resized and cropped to its bucket, (3, h, w) in [-1, 1]; cached while small."""
+        cached = self._pixels.get(index)
+        if cached is not None:
+            return cached
+        example = self.examples[index]
+        image = resize_and_crop(_open_rgb(example.image), example.bucket)
+        array = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
+        tensor = torch.from_numpy(array).permute(2, 0, 1).contiguous()
+        size = tensor.numel() * tensor.element_size()
+        if self._cached_bytes + size <= IMAGE_CACHE_BYTES:
+            self._pixels[index] = tensor
+            self._cached_bytes += size
+        return tensor
 
     # ------------------------------------------------------------------ summaries (for ss_* metadata)
 

@@ -181,7 +181,7 @@ class Trainer:
         self.scaler = torch.amp.GradScaler("cuda") if self.autocast_dtype == torch.float16 else None
         self.step = 0
         self.losses: list[float] = []
-        self._image_cache: dict[int, torch.Tensor] = {}
+        self._token_cache: dict[str, torch.Tensor] = {}
 
     # ------------------------------------------------------------------ one micro-batch
 
@@ -221,13 +221,7 @@ class Trainer:
             if prediction_type == "epsilon"
             else self.noise_scheduler.get_velocity(latents, noise, timesteps)
         )
-        tokens = pipeline.tokenizer(
-            batch.captions,
-            padding="max_length",
-            max_length=pipeline.tokenizer.model_max_length,
-            truncation=True,
-            return_tensors="pt",
-        ).input_ids.to(self.device)
+        tokens = torch.stack([self._tokens(caption) for caption in batch.captions]).to(self.device)
         text_grad = torch.enable_grad() if config.train_text_encoder else torch.no_grad()
         with self._autocast():
             with text_grad:
@@ -242,6 +236,21 @@ class Trainer:
             weights = weights / (snr + 1) if prediction_type == "v_prediction" else weights / snr
             loss = loss * weights
         return loss.mean()
+
+    def _tokens(self, caption: str) -> torch.Tensor:
+        ids = self._token_cache.get(caption)
+        if ids is None:
+            tokenizer = self.pipeline.tokenizer
+            ids = tokenizer(
+                caption,
+                padding="max_length",
+                max_length=tokenizer.model_max_length,
+                truncation=True,
+                return_tensors="pt",
+            ).input_ids[0]
+            if len(self._token_cache) < 100_000:
+                self._token_cache[caption] = ids
+        return ids
 
     # ------------------------------------------------------------------ resume and checkpoints
 
