@@ -71,6 +71,22 @@ SPECS: dict[str, FactorySpec] = {
             vae_channels=(32, 64),
             vae_layers_per_block=1,
         ),
+        # The trained built-in model's shape (weights: server/models/data/toy, see server.models.toy).
+        FactorySpec(
+            name="toy",
+            resolution=64,
+            unet_channels=(32, 64),
+            unet_down_blocks=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+            unet_up_blocks=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+            unet_layers_per_block=1,
+            attention_head_dim=8,
+            text_hidden=64,
+            text_layers=2,
+            text_heads=4,
+            text_intermediate=128,
+            vae_channels=(32, 64, 64),
+            vae_layers_per_block=1,
+        ),
         FactorySpec(
             name="small",
             resolution=256,

@@ -1,0 +1,1 @@
+"""The built-in toy model: synthetic shapes data, measures and the training script."""

@@ -1,0 +1,207 @@
+"""What a toy-model image shows: the shape's color and the shape itself.
+
+Backgrounds in the toy data are neutral (white, gray, black), shapes are fully
+saturated, so the shape's pixels are the ones with high chroma (max - min of
+R, G, B).
+
+- Color: the hue histogram of the high-chroma pixels, voted into the six named
+  hues (each owns +-30 degrees); no saturated pixels means no color (a miss).
+- Shape: a tiny CNN over the chroma map (so it is blind to color and
+  background), fitted on the synthetic data with a fixed seed. Its weights ship
+  next to this file (``shape_classifier.safetensors``, ~30 KB, fp16);
+  ``python -m server.models.toy.measures --refit`` rebuilds them the same way.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import nn
+
+from server.models.toy.dataset import COLOR_HUES, SHAPES, ShapesDataset
+
+CLASSIFIER_FILE = Path(__file__).with_name("shape_classifier.safetensors")
+CHROMA_THRESHOLD = 0.35
+MIN_SHAPE_PIXELS = 6
+# Seeds far from the ones the model is trained on, so the classifier never sees training images.
+CLASSIFIER_SEED = 7919
+CLASSIFIER_SAMPLES = 8000
+
+
+def _as_array(image: Image.Image | np.ndarray) -> np.ndarray:
+    array = np.asarray(image.convert("RGB") if isinstance(image, Image.Image) else image)
+    return array.astype(np.float32) / 255.0
+
+
+def chroma(image: Image.Image | np.ndarray) -> np.ndarray:
+    """max(R,G,B) - min(R,G,B) per pixel, in [0, 1] (H x W)."""
+    rgb = _as_array(image)
+    return rgb.max(axis=-1) - rgb.min(axis=-1)
+
+
+def hue_degrees(rgb: np.ndarray) -> np.ndarray:
+    """Hue in degrees [0, 360) of float RGB pixels (..., 3)."""
+    r, g, b = rgb[..., 0], rgb[..., 1], rgb[..., 2]
+    high, low = rgb.max(axis=-1), rgb.min(axis=-1)
+    delta = np.where(high - low > 1e-6, high - low, 1.0)
+    hue = np.where(
+        high == r, ((g - b) / delta) % 6.0, np.where(high == g, (b - r) / delta + 2.0, (r - g) / delta + 4.0)
+    )
+    return (hue * 60.0) % 360.0
+
+
+def dominant_color(image: Image.Image | np.ndarray) -> str | None:
+    """The named hue most of the shape's (high-chroma) pixels have, or None if none are saturated."""
+    rgb = _as_array(image)
+    mask = (rgb.max(axis=-1) - rgb.min(axis=-1)) > CHROMA_THRESHOLD
+    if int(mask.sum()) < MIN_SHAPE_PIXELS:
+        return None
+    hues = hue_degrees(rgb[mask])
+    names = list(COLOR_HUES)
+    centers = np.array([COLOR_HUES[name] for name in names], dtype=np.float32)
+    distance = np.abs((hues[:, None] - centers[None, :] + 180.0) % 360.0 - 180.0)
+    votes = np.bincount(distance.argmin(axis=1), minlength=len(names))
+    return names[int(votes.argmax())]
+
+
+class ShapeClassifier(nn.Module):
+    """Chroma map (N, 1, 64, 64) -> logits over :data:`SHAPES`; global max pooling makes it position-blind."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(1, 8, 3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(8, 16, 3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(16, 32, 3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(32, 32, 3, padding=1),
+            nn.ReLU(),
+            nn.AdaptiveMaxPool2d(1),
+        )
+        self.head = nn.Linear(32, len(SHAPES))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x).flatten(1))
+
+
+def _chroma_batch(images: Sequence[Image.Image | np.ndarray]) -> torch.Tensor:
+    return torch.from_numpy(np.stack([chroma(image) for image in images])[:, None])
+
+
+def _augment(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Blur some images and add noise: generated images are softer and noisier than drawn ones."""
+    blurred = nn.functional.avg_pool2d(x, 3, stride=1, padding=1, count_include_pad=False)
+    pick = (torch.rand(x.shape[0], 1, 1, 1, generator=generator) < 0.5).float()
+    x = pick * blurred + (1 - pick) * x
+    scale = torch.rand(x.shape[0], 1, 1, 1, generator=generator) * 0.1
+    x = x + scale * torch.randn(x.shape, generator=generator)
+    gain = 0.7 + 0.5 * torch.rand(x.shape[0], 1, 1, 1, generator=generator)
+    return (x * gain).clamp(0, 1)
+
+
+def fit_shape_classifier(
+    samples: int = CLASSIFIER_SAMPLES, epochs: int = 6, seed: int = CLASSIFIER_SEED
+) -> ShapeClassifier:
+    """Fit the classifier on ``samples`` synthetic images (deterministic in ``seed``, ~1 min on 2 cores)."""
+    torch.manual_seed(seed)
+    generator = torch.Generator().manual_seed(seed)
+    images, labels = ShapesDataset(seed=seed).arrays(0, samples)
+    x = _chroma_batch(list(images))
+    y = torch.tensor([SHAPES.index(label.shape) for label in labels])
+    model = ShapeClassifier()
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+    batch = 128
+    steps = epochs * (samples // batch)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=3e-3, total_steps=steps)
+    for _epoch in range(epochs):
+        order = torch.randperm(samples, generator=generator)
+        for start in range(0, samples - batch + 1, batch):
+            index = order[start : start + batch]
+            loss = nn.functional.cross_entropy(model(_augment(x[index], generator)), y[index])
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+    return model.eval()
+
+
+def save_shape_classifier(model: ShapeClassifier, path: Path = CLASSIFIER_FILE) -> None:
+    from safetensors.torch import save_file
+
+    state = {key: value.detach().to(torch.float16).contiguous() for key, value in model.state_dict().items()}
+    save_file(state, str(path), metadata={"classes": ",".join(SHAPES), "seed": str(CLASSIFIER_SEED)})
+
+
+@lru_cache(maxsize=1)
+def shape_classifier() -> ShapeClassifier:
+    """The shipped classifier (refit deterministically if the weights file is missing)."""
+    model = ShapeClassifier()
+    if CLASSIFIER_FILE.is_file():
+        from safetensors.torch import load_file
+
+        state = {key: value.float() for key, value in load_file(str(CLASSIFIER_FILE)).items()}
+        model.load_state_dict(state)
+        return model.eval()
+    return fit_shape_classifier()
+
+
+def classify_shapes(images: Sequence[Image.Image | np.ndarray]) -> list[str]:
+    """The shape each image shows, one of :data:`SHAPES`."""
+    if not images:
+        return []
+    with torch.no_grad():
+        logits = shape_classifier()(_chroma_batch(images))
+    return [SHAPES[int(i)] for i in logits.argmax(dim=1)]
+
+
+@dataclass(frozen=True)
+class Accuracy:
+    """Color and shape accuracy over ``count`` images, as fractions in [0, 1]."""
+
+    color: float
+    shape: float
+    count: int
+
+
+def accuracy(
+    images: Sequence[Image.Image | np.ndarray], colors: Sequence[str], shapes: Sequence[str]
+) -> Accuracy:
+    """How many images show the asked color / shape."""
+    if not (len(images) == len(colors) == len(shapes)) or not images:
+        raise ValueError("accuracy needs one color and one shape per image, and at least one image")
+    color_hits = sum(dominant_color(image) == color for image, color in zip(images, colors, strict=True))
+    shape_hits = sum(guess == shape for guess, shape in zip(classify_shapes(images), shapes, strict=True))
+    count = len(images)
+    return Accuracy(color=color_hits / count, shape=shape_hits / count, count=count)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="Refit the toy shape classifier and report its accuracy.")
+    parser.add_argument("--refit", action="store_true", help=f"rewrite {CLASSIFIER_FILE.name}")
+    args = parser.parse_args()
+    started = time.perf_counter()
+    model = fit_shape_classifier()
+    print(f"fitted in {time.perf_counter() - started:.1f}s")
+    if args.refit:
+        save_shape_classifier(model)
+        shape_classifier.cache_clear()
+    images, labels = ShapesDataset(seed=1).arrays(0, 1000)
+    result = accuracy(list(images), [lab.color for lab in labels], [lab.shape for lab in labels])
+    print(f"on 1000 held-out drawn images: color {result.color:.3f}, shape {result.shape:.3f}")
+
+
+if __name__ == "__main__":
+    main()
