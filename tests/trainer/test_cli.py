@@ -89,3 +89,19 @@ def test_train_with_server_registers_and_the_next_generate_uses_it(tmp_path, one
             adapted = client.generate("red circle", steps=4, seed=7, adapters=["cli-shapes"])
     assert len(adapted.images) == 1 and adapted.images[0].data
     assert adapted.images[0].data != plain.images[0].data
+
+
+def test_no_flags_registers_into_the_default_store(shapes_dir, loraloom_home, one_thread):
+    result = runner.invoke(
+        app,
+        ["train", str(shapes_dir), "--base", "micro", "--epochs", "1", "--batch-size", "4",
+         "--resolution", "16", "--no-progress"],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert "4 steps" in result.output and "registered shapes@1" in result.output
+    from adapters.store import AdapterStore
+
+    with AdapterStore.open() as store:
+        version = store.get("shapes")
+    assert version.base_architecture == "loraloom:micro"
+    assert (loraloom_home / "training" / "shapes" / "shapes.safetensors").is_file()
