@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from adapters.canonical import LoraAdapter
+from adapters.errors import LoraloomError
 from server.models.loader import BaseModel
 from trainer.config import TrainConfig
 from trainer.export import build_adapter, kohya_metadata, write_file
@@ -76,7 +77,11 @@ def train(
     exported = build_adapter(modules, metadata, trainer.base)
     path = write_file(exported.data, config.out or trainer.output_dir / f"{config.adapter_name}.safetensors")
     log.info("wrote %s (sha256 %s)", path, exported.sha256)
-    registration = _register(config, exported.data, trainer, outcome)
+    try:
+        registration = _register(config, exported.data, trainer, outcome)
+    except LoraloomError as error:
+        hint = f"the trained adapter is saved at {path}; upload it once the cause is fixed"
+        raise _with_hint(error, hint) from error
     return TrainResult(
         name=config.adapter_name,
         steps=outcome.steps,
@@ -91,6 +96,14 @@ def train(
         seconds=outcome.seconds,
         resumed_from=outcome.resumed_from,
     )
+
+
+def _with_hint(error: LoraloomError, hint: str) -> LoraloomError:
+    """The same error (same type, same attributes) with ``hint`` appended to its message."""
+    extended = type(error).__new__(type(error))
+    extended.__dict__.update(error.__dict__)
+    extended.args = (f"{error}; {hint}", *error.args[1:])
+    return extended
 
 
 def _training_summary(config: TrainConfig, trainer: Trainer, outcome) -> dict:

@@ -105,3 +105,19 @@ def test_no_flags_registers_into_the_default_store(shapes_dir, loraloom_home, on
         version = store.get("shapes")
     assert version.base_architecture == "loraloom:micro"
     assert (loraloom_home / "training" / "shapes" / "shapes.safetensors").is_file()
+
+
+def test_unreachable_server_keeps_the_trained_file(tmp_path, shapes_dir, one_thread):
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    result = runner.invoke(
+        app,
+        ["train", str(shapes_dir), "--base", "micro", "--steps", "1", "--resolution", "16", "--no-progress",
+         "--output-dir", str(tmp_path / "work"), "--server", f"127.0.0.1:{port}"],
+    )  # fmt: skip
+    assert result.exit_code == 1, result.output
+    saved = tmp_path / "work" / "shapes.safetensors"
+    assert f"the trained adapter is saved at {saved}" in result.output and saved.is_file()
