@@ -113,8 +113,10 @@ class Engine:
     ) -> None:
         """``base`` is a ``server.models.loader.BaseModel``.
 
-        ``cache_bytes`` bounds the prepared adapters (LRU, pinning); stacked blend
-        factors are kept apart, in ``plan_cache_bytes`` (default a quarter of it).
+        ``cache_bytes`` bounds the prepared adapters (LRU, pinning). Blend plans
+        (stacked factors, and the blend's weights when they fit, which makes a
+        swap to it nearly free) are kept apart, in ``plan_cache_bytes`` (default
+        a quarter of ``cache_bytes``).
         ``before_step(index, total)`` is a seam called before every denoising step
         (fault injection in tests: a slow step, a failure).
         """
@@ -165,7 +167,7 @@ class Engine:
                 swaps=self._swaps,
                 swap_ms_total=self._swap_ms_total,
                 swap_ms_last=self._swap_ms_last,
-                pristine_bytes=self._fused.pristine_bytes,
+                scratch_bytes=self._fused.scratch_bytes,
                 plan_bytes=self._plans.used_bytes,
                 blend_signature=self.blend_signature,
             )
@@ -258,11 +260,17 @@ class Engine:
         if plan is not None:
             return plan
         plan = self._fused.plan(entries)
+        if plan.factor_bytes + self._fused.materialized_bytes(plan) <= self._plans.capacity_bytes:
+            self._fused.materialize(plan)
         with self._cache_lock:
             try:
                 self._plans.put(signature, plan, plan.nbytes)
-            except ResourceExhausted:  # larger than the plan budget: used once, not kept
-                log.debug("blend plan of %d bytes not cached", plan.nbytes)
+            except ResourceExhausted:
+                plan.weights = None  # keep the factors only; swaps then write into scratch buffers
+                try:
+                    self._plans.put(signature, plan, plan.nbytes)
+                except ResourceExhausted:  # larger than the plan budget: used once, not kept
+                    log.debug("blend plan of %d bytes not cached", plan.nbytes)
         return plan
 
     def _prepare_blend(

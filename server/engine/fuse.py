@@ -1,11 +1,14 @@
-"""Fused hot-swap: a blend is written into the base weights in place, always from pristine copies.
+"""Fused hot-swap: a blend's weights are computed from pristine weights, never from the previous blend.
 
 For every module a blend touches, ``W = W0 + sum_i w_i * scale_i * B_i @ A_i`` is
 computed as one ``addmm`` from a stacked factor pair (``B`` columns carry
-``w_i * scale_i``, ``A`` rows are stacked), written straight into the weight's
-storage. ``W0`` is a copy taken the first time a module is touched; a module the
-new blend leaves alone is restored from it by ``copy_``. Nothing is ever
-subtracted, so A -> B -> A leaks nothing and the base comes back bit for bit.
+``w_i * scale_i``, ``A`` rows are stacked). ``W0`` is the base model's own weight
+tensor, which is never written to again. A blend's weights are either
+*materialized* (computed once and kept with the blend's plan, in the engine's
+byte-bounded plan cache: a swap then only repoints each parameter, a few
+microseconds per module) or written into a per-module scratch buffer on every
+swap. Returning to the base repoints parameters at the untouched ``W0``
+tensors, so A -> B -> A leaks nothing and the base comes back bit for bit.
 
 Not thread-safe on its own: the engine calls it under its lock.
 """
@@ -34,33 +37,47 @@ class PreparedAdapter:
     nbytes: int
 
 
-@dataclass(frozen=True)
+@dataclass
 class BlendPlan:
-    """Stacked factors of one blend, ready to apply: per module ``(A_stack, B_stack)``."""
+    """One blend, ready to apply: per module ``(A_stack, B_stack)``, and optionally its weights."""
 
     signature: tuple[tuple[str, float], ...]
     factors: Mapping[str, tuple[torch.Tensor, torch.Tensor]]
-    nbytes: int
+    factor_bytes: int
+    weights: dict[str, torch.Tensor] | None = None
+
+    @property
+    def nbytes(self) -> int:
+        held = sum(_nbytes(t) for t in self.weights.values()) if self.weights is not None else 0
+        return self.factor_bytes + held
 
 
 class FusedWeights:
     """Owns the target weights of a pipeline and the blend currently written into them."""
 
     def __init__(self, targets: Mapping[str, nn.Module]) -> None:
-        self._weights: dict[str, torch.Tensor] = {key: module.weight for key, module in targets.items()}
-        self._pristine: dict[str, torch.Tensor] = {}
-        self._applied: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._params: dict[str, nn.Parameter] = {key: module.weight for key, module in targets.items()}
+        # The base's own tensors: never written to, so they stay the pristine W0.
+        self._pristine: dict[str, torch.Tensor] = {key: p.data for key, p in self._params.items()}
+        self._scratch: dict[str, torch.Tensor] = {}
+        # key -> the tensor the parameter points at now, for modules not at W0.
+        self._current: dict[str, torch.Tensor] = {}
         self.signature: tuple[tuple[str, float], ...] = ()
 
     @property
-    def pristine_bytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self._pristine.values())
+    def scratch_bytes(self) -> int:
+        """Bytes of the per-module buffers used for blends that are not materialized."""
+        return sum(_nbytes(t) for t in self._scratch.values())
+
+    def materialized_bytes(self, plan: BlendPlan) -> int:
+        """What materializing ``plan`` would hold: one copy of every weight it touches."""
+        return sum(_nbytes(self._pristine[key]) for key in plan.factors)
 
     # ---------------------------------------------------------------- prepare
 
     def prepare(self, adapter: LoraAdapter, *, name: str, version: int, sha256: str) -> PreparedAdapter:
         """Check ``adapter`` against the weights and lay its factors out for ``addmm``."""
-        unknown = sorted(key for key in adapter.modules if key not in self._weights)
+        unknown = sorted(key for key in adapter.modules if key not in self._pristine)
         if unknown:
             shown = ", ".join(unknown[:3]) + (f" and {len(unknown) - 3} more" if len(unknown) > 3 else "")
             raise AdapterIncompatible(
@@ -71,7 +88,7 @@ class FusedWeights:
         nbytes = 0
         for key in sorted(adapter.modules):
             module = adapter.modules[key]
-            weight = self._weights[key]
+            weight = self._pristine[key]
             if tuple(weight.shape) != module.weight_shape:
                 raise AdapterIncompatible(
                     f"adapter {name}@{version} module {key} updates a weight of shape "
@@ -109,44 +126,61 @@ class FusedWeights:
             up = torch.cat([u * w for _, u, w in parts], dim=1)
             factors[key] = (down, up)
             nbytes += _nbytes(down) + _nbytes(up)
-        return BlendPlan(signature=signature, factors=factors, nbytes=nbytes)
+        return BlendPlan(signature=signature, factors=factors, factor_bytes=nbytes)
 
     # ---------------------------------------------------------------- apply
 
     @torch.no_grad()
+    def materialize(self, plan: BlendPlan) -> None:
+        """Compute and keep the blend's weights with the plan (swaps to it then only repoint)."""
+        if plan.weights is not None:
+            return
+        with _one_thread():
+            plan.weights = {key: self._compute(key, pair, None) for key, pair in plan.factors.items()}
+
+    @torch.no_grad()
     def apply(self, plan: BlendPlan | None) -> int:
-        """Write ``plan`` (``None``: the base alone) into the weights; returns the modules touched."""
+        """Make the weights ``plan``'s (``None``: the base alone); returns the modules changed."""
         with _one_thread():
             return self._apply(plan)
 
     def _apply(self, plan: BlendPlan | None) -> int:
         new = plan.factors if plan is not None else {}
         touched = 0
-        for key in [k for k in self._applied if k not in new]:
-            self._weights[key].copy_(self._pristine[key])
-            del self._applied[key]
+        for key in [k for k in self._current if k not in new]:
+            self._params[key].data = self._pristine[key]
+            del self._current[key]
             touched += 1
         for key, pair in new.items():
-            current = self._applied.get(key)
-            if current is not None and current[0] is pair[0] and current[1] is pair[1]:
-                continue
-            self._write(key, pair)
-            self._applied[key] = pair
+            if plan is not None and plan.weights is not None:
+                target = plan.weights[key]
+                if self._current.get(key) is target:
+                    continue
+            else:
+                scratch = self._scratch.get(key)
+                if scratch is None:
+                    scratch = self._scratch[key] = torch.empty_like(
+                        self._pristine[key], memory_format=torch.contiguous_format
+                    )
+                target = self._compute(key, pair, scratch)
+            self._params[key].data = target
+            self._current[key] = target
             touched += 1
         self.signature = plan.signature if plan is not None else ()
         return touched
 
-    def _write(self, key: str, pair: tuple[torch.Tensor, torch.Tensor]) -> None:
-        weight = self._weights[key]
-        pristine = self._pristine.get(key)
-        if pristine is None:
-            pristine = self._pristine[key] = weight.detach().clone(memory_format=torch.contiguous_format)
+    def _compute(
+        self, key: str, pair: tuple[torch.Tensor, torch.Tensor], out: torch.Tensor | None
+    ) -> torch.Tensor:
+        """``W0 + B @ A`` for one module, into ``out`` (or a new tensor shaped like the weight)."""
+        pristine = self._pristine[key]
         down, up = pair
-        rows = weight.shape[0]
-        if weight.is_contiguous():
-            torch.addmm(pristine.view(rows, -1), up, down, out=weight.view(rows, -1))
-        else:  # e.g. channels_last convolutions: compute, then copy into the strided storage
-            weight.copy_(torch.addmm(pristine.view(rows, -1), up, down).view(weight.shape))
+        rows = pristine.shape[0]
+        base = pristine if pristine.is_contiguous() else pristine.contiguous()
+        if out is None:
+            out = torch.empty_like(base, memory_format=torch.contiguous_format)
+        torch.addmm(base.view(rows, -1), up, down, out=out.view(rows, -1))
+        return out
 
 
 @contextmanager

@@ -145,7 +145,8 @@ class EngineStats:
 
     ``used_bytes``/``capacity_bytes``/``entries``/``hits``/``misses``/``evictions``
     are the adapter cache's; ``plan_bytes`` is held by stacked blend factors and
-    ``pristine_bytes`` by the pristine copies of the weights blends have touched.
+    (including materialized blend weights); ``scratch_bytes`` by the buffers that
+    blends too large to materialize are written into.
     """
 
     used_bytes: int
@@ -157,6 +158,6 @@ class EngineStats:
     swaps: int
     swap_ms_total: float
     swap_ms_last: float
-    pristine_bytes: int
+    scratch_bytes: int
     plan_bytes: int
     blend_signature: str

@@ -6,6 +6,7 @@ import random
 import threading
 
 import numpy as np
+import pytest
 import torch
 
 from server.engine import GenerateRequest
@@ -33,7 +34,14 @@ def pixels(result) -> list[np.ndarray]:
     return [np.asarray(image) for image in result.images]
 
 
-def test_a_thousand_swaps_leave_the_base_bit_identical(micro_engine):
+# Blends are swapped in either by repointing at materialized weights (the default)
+# or, when the plan budget is too small to keep them, by writing scratch buffers.
+PATHS = pytest.mark.parametrize("plan_cache_bytes", [None, 0], ids=["materialized", "scratch"])
+
+
+@PATHS
+def test_a_thousand_swaps_leave_the_base_bit_identical(micro_pipeline, micro_adapters, plan_cache_bytes):
+    micro_engine = make_engine(micro_pipeline, "micro", micro_adapters, plan_cache_bytes=plan_cache_bytes)
     rng = random.Random(0)
     fresh = weights_of(build_pipeline("micro", seed=0))
     changed = 0
@@ -51,9 +59,11 @@ def test_a_thousand_swaps_leave_the_base_bit_identical(micro_engine):
     assert different == []
 
 
+@PATHS
 def test_a_blend_after_any_history_equals_the_blend_on_a_fresh_engine(
-    micro_engine, micro_pipeline, micro_adapters
+    micro_pipeline, micro_adapters, plan_cache_bytes
 ):
+    micro_engine = make_engine(micro_pipeline, "micro", micro_adapters, plan_cache_bytes=plan_cache_bytes)
     blend = [("neon", 0.8), ("ink", -0.3), ("rust", 0.5)]
     rng = random.Random(1)
     for _ in range(200):
