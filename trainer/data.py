@@ -222,19 +222,7 @@ def scan_dataset(
 ) -> Dataset:
     """Read the folder's images and captions; raise ``DatasetError`` naming any bad file."""
     root = Path(root).expanduser()
-    if not root.is_dir():
-        raise DatasetError(f"training data folder {root} does not exist or is not a folder")
-    metadata = root / METADATA_FILE
-    if metadata.is_file():
-        pairs, source = _read_metadata(root, metadata), METADATA_FILE
-    else:
-        pairs, source = _read_kohya(root, caption_extension), "kohya"
-    if not pairs:
-        raise DatasetError(
-            f"no training images in {root}: put {', '.join(IMAGE_SUFFIXES)} files there, "
-            f"each with a same-named {caption_extension} caption (kohya), "
-            f"or list them in a {METADATA_FILE} (diffusers)"
-        )
+    pairs, source = read_pairs(root, caption_extension)
     if resolution % size_multiple:
         raise DatasetError(f"resolution {resolution} must be a multiple of {size_multiple} for this model")
     if buckets:
@@ -249,6 +237,28 @@ def scan_dataset(
         size = _open_rgb(image_path).size
         examples.append(Example(image_path, caption, size, nearest_bucket(size, choices)))
     return Dataset(root, examples, source, caption_options or CaptionOptions())
+
+
+def read_pairs(root: str | Path, caption_extension: str = ".txt") -> tuple[list[tuple[Path, str]], str]:
+    """(image, caption) pairs and the convention used; cheap (no image is decoded).
+
+    Raises ``DatasetError`` for a missing or empty folder, a missing caption, a bad metadata line.
+    """
+    root = Path(root).expanduser()
+    if not root.is_dir():
+        raise DatasetError(f"training data folder {root} does not exist or is not a folder")
+    metadata = root / METADATA_FILE
+    if metadata.is_file():
+        pairs, source = _read_metadata(root, metadata), METADATA_FILE
+    else:
+        pairs, source = _read_kohya(root, caption_extension), "kohya"
+    if not pairs:
+        raise DatasetError(
+            f"no training images in {root}: put {', '.join(IMAGE_SUFFIXES)} files there, "
+            f"each with a same-named {caption_extension} caption (kohya), "
+            f"or list them in a {METADATA_FILE} (diffusers)"
+        )
+    return pairs, source
 
 
 def _read_kohya(root: Path, caption_extension: str) -> list[tuple[Path, str]]:

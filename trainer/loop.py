@@ -28,7 +28,7 @@ from adapters.home import data_home
 from server.models.loader import BaseModel, load_base_model
 from trainer import checkpoint as ckpt
 from trainer.config import DEFAULT_STEPS, TEXT_ENCODER_TARGETS, TrainConfig
-from trainer.data import CaptionOptions, Dataset, scan_dataset
+from trainer.data import CaptionOptions, Dataset, read_pairs, scan_dataset
 from trainer.network import LoraNetwork, add_lora
 from trainer.samples import sample_images
 
@@ -109,6 +109,9 @@ class Trainer:
     def __init__(self, config: TrainConfig, *, base: BaseModel | None = None) -> None:
         config.check()
         self.config = config
+        read_pairs(
+            config.data_dir, config.caption_extension
+        )  # folder and caption errors before the model loads
         self.device = pick_device(config.device) if base is None else base.device
         self.base = base or load_base_model(config.base, device=self.device)
         pipeline = self.base.pipeline
