@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from adapters.errors import Cancelled
+from adapters.errors import Cancelled, FailedPrecondition, InvalidArgument
 from adapters.home import data_home
 from server.models.loader import BaseModel, load_base_model
 from trainer import checkpoint as ckpt
@@ -66,10 +66,11 @@ class LoopOutcome:
 def pick_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise InvalidArgument(f"unknown device {name!r}: use auto, cpu or cuda[:N]") from None
     if device.type == "cuda" and not torch.cuda.is_available():
-        from adapters.errors import FailedPrecondition
-
         raise FailedPrecondition(
             "device cuda was asked for but no CUDA device is available; use --device cpu"
         )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from adapters.errors import InvalidArgument
 from trainer.config import TrainConfig
@@ -64,3 +65,15 @@ def test_every_option_has_help():
     import dataclasses
 
     assert all(f.metadata.get("help") for f in dataclasses.fields(TrainConfig))
+
+
+def test_device_names():
+    from adapters.errors import FailedPrecondition
+    from trainer.loop import pick_device
+
+    assert pick_device("cpu").type == "cpu"
+    with pytest.raises(InvalidArgument, match="unknown device 'gpu0'"):
+        pick_device("gpu0")
+    if not torch.cuda.is_available():
+        with pytest.raises(FailedPrecondition, match="no CUDA device"):
+            pick_device("cuda")
