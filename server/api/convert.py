@@ -5,7 +5,14 @@ from __future__ import annotations
 import json
 
 from server.api.pb.loraloom.v1 import adapters_pb2, generate_pb2, server_pb2
-from server.engine.types import DEFAULT_GUIDANCE, DEFAULT_STEPS, EngineStats, GenerateRequest, Timings
+from server.engine.types import (
+    DEFAULT_GUIDANCE,
+    DEFAULT_SCHEDULER,
+    DEFAULT_STEPS,
+    EngineStats,
+    GenerateRequest,
+    Timings,
+)
 from server.service import EncodedImage, ResidentListing, ServerInfo
 
 FORMAT_NAMES = {
@@ -35,6 +42,7 @@ def generate_request(
         preview_every=message.preview_every,
         deadline=deadline,
         request_id=message.request_id,
+        scheduler=message.sampler or DEFAULT_SCHEDULER,
     )
 
 

@@ -60,6 +60,7 @@ def generate(
     width: Annotated[int, typer.Option(help="Width in pixels (0: the model's resolution).")] = 0,
     height: Annotated[int, typer.Option(help="Height in pixels (0: the model's resolution).")] = 0,
     num_images: Annotated[int, typer.Option("--num-images", "-n", help="How many images.")] = 1,
+    sampler: Annotated[str, typer.Option(help="Sampler, e.g. euler_a (default: the model's).")] = "",
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
     server: Server = DEFAULT_SERVER,
     timeout: Timeout = 600.0,
@@ -81,6 +82,7 @@ def generate(
                 width=width,
                 height=height,
                 num_images=num_images,
+                sampler=sampler,
                 on_event=bar.update,
             )
     except LoraloomError as error:

@@ -41,6 +41,7 @@ def generate_request(
     image_format: str = "png",
     preview_every: int = 0,
     request_id: str = "",
+    sampler: str = "",
 ) -> generate_pb2.GenerateRequest:
     try:
         fmt = FORMATS[image_format.lower()]
@@ -57,6 +58,7 @@ def generate_request(
         format=fmt,
         preview_every=preview_every,
         request_id=request_id,
+        sampler=sampler,
     )
     if guidance_scale is not None:
         request.guidance_scale = guidance_scale

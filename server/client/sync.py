@@ -77,7 +77,7 @@ class Client:
 
         ``options``: adapters (``"name[@version][:weight]"`` strings, ``AdapterSpec`` or
         ``(ref, weight)``), negative_prompt, steps, guidance_scale, seed, width, height,
-        num_images, image_format ("png" or "jpeg"), preview_every, request_id.
+        num_images, image_format ("png" or "jpeg"), preview_every, request_id, sampler.
         """
         if on_event is None:
             request = convert.generate_request(prompt, **options)

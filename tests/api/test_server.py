@@ -52,6 +52,14 @@ def test_generate_returns_a_png_and_is_reproducible(client):
     assert all(decode(item.data).format == "JPEG" for item in jpeg.images)
 
 
+def test_samplers(client):
+    euler = client.generate("a red circle", steps=2, seed=11, sampler="euler")
+    default = client.generate("a red circle", steps=2, seed=11)
+    assert euler.images[0].data != default.images[0].data
+    with pytest.raises(errors.InvalidArgument, match="unknown scheduler"):
+        client.generate("a red circle", steps=2, sampler="warp-drive")
+
+
 def test_stream_order_previews_and_chunked_images(client):
     events = list(client.generate_stream("a red circle", steps=3, seed=11, preview_every=2, num_images=2))
     kinds = [type(event) for event in events]

@@ -25,7 +25,7 @@ class AdapterSpec(_message.Message):
     def __init__(self, ref: _Optional[str] = ..., weight: _Optional[float] = ...) -> None: ...
 
 class GenerateRequest(_message.Message):
-    __slots__ = ("prompt", "negative_prompt", "adapters", "steps", "guidance_scale", "seed", "width", "height", "num_images", "format", "preview_every", "request_id")
+    __slots__ = ("prompt", "negative_prompt", "adapters", "steps", "guidance_scale", "seed", "width", "height", "num_images", "format", "preview_every", "request_id", "sampler")
     PROMPT_FIELD_NUMBER: _ClassVar[int]
     NEGATIVE_PROMPT_FIELD_NUMBER: _ClassVar[int]
     ADAPTERS_FIELD_NUMBER: _ClassVar[int]
@@ -38,6 +38,7 @@ class GenerateRequest(_message.Message):
     FORMAT_FIELD_NUMBER: _ClassVar[int]
     PREVIEW_EVERY_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    SAMPLER_FIELD_NUMBER: _ClassVar[int]
     prompt: str
     negative_prompt: str
     adapters: _containers.RepeatedCompositeFieldContainer[AdapterSpec]
@@ -50,7 +51,8 @@ class GenerateRequest(_message.Message):
     format: ImageFormat
     preview_every: int
     request_id: str
-    def __init__(self, prompt: _Optional[str] = ..., negative_prompt: _Optional[str] = ..., adapters: _Optional[_Iterable[_Union[AdapterSpec, _Mapping]]] = ..., steps: _Optional[int] = ..., guidance_scale: _Optional[float] = ..., seed: _Optional[int] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., num_images: _Optional[int] = ..., format: _Optional[_Union[ImageFormat, str]] = ..., preview_every: _Optional[int] = ..., request_id: _Optional[str] = ...) -> None: ...
+    sampler: str
+    def __init__(self, prompt: _Optional[str] = ..., negative_prompt: _Optional[str] = ..., adapters: _Optional[_Iterable[_Union[AdapterSpec, _Mapping]]] = ..., steps: _Optional[int] = ..., guidance_scale: _Optional[float] = ..., seed: _Optional[int] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., num_images: _Optional[int] = ..., format: _Optional[_Union[ImageFormat, str]] = ..., preview_every: _Optional[int] = ..., request_id: _Optional[str] = ..., sampler: _Optional[str] = ...) -> None: ...
 
 class Image(_message.Message):
     __slots__ = ("data", "mime_type", "width", "height", "seed")
