@@ -11,6 +11,7 @@ from server.engine.types import (
     DEFAULT_STEPS,
     EngineStats,
     GenerateRequest,
+    GenerationParameters,
     Timings,
 )
 from server.service import EncodedImage, ResidentListing, ServerInfo
@@ -176,4 +177,24 @@ def server_info(info: ServerInfo) -> server_pb2.ServerInfo:
             rejected=queue.rejected,
         ),
         ready=info.ready,
+    )
+
+
+def parameters(params: GenerationParameters) -> generate_pb2.GenerationParameters:
+    return generate_pb2.GenerationParameters(
+        prompt=params.prompt,
+        negative_prompt=params.negative_prompt,
+        width=params.width,
+        height=params.height,
+        steps=params.steps,
+        guidance_scale=params.guidance_scale,
+        seed=params.seed,
+        sampler=params.scheduler,
+        num_images=params.num_images,
+        adapters=[
+            generate_pb2.AppliedAdapter(
+                name=item.name, version=item.version, sha256=item.sha256, weight=item.weight
+            )
+            for item in params.adapters
+        ],
     )

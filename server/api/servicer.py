@@ -60,6 +60,7 @@ class LoraloomServicer(service_pb2_grpc.LoraloomServicer):
             images=[convert.image(item) for item in images],
             timing=convert.timing(result.timings),
             blend_signature=result.blend_signature,
+            parameters=convert.parameters(result.parameters),
         )
 
     async def GenerateStream(self, request, context):
@@ -91,7 +92,9 @@ class LoraloomServicer(service_pb2_grpc.LoraloomServicer):
                 yield message
         yield generate_pb2.GenerateStreamResponse(
             done=generate_pb2.DoneEvent(
-                timing=convert.timing(result.timings), blend_signature=result.blend_signature
+                timing=convert.timing(result.timings),
+                blend_signature=result.blend_signature,
+                parameters=convert.parameters(result.parameters),
             )
         )
 

@@ -86,11 +86,30 @@ def timing(message: generate_pb2.Timing) -> types.Timing:
     )
 
 
+def parameters(message: generate_pb2.GenerationParameters) -> types.Parameters:
+    return types.Parameters(
+        prompt=message.prompt,
+        negative_prompt=message.negative_prompt,
+        width=message.width,
+        height=message.height,
+        steps=message.steps,
+        guidance_scale=message.guidance_scale,
+        seed=message.seed,
+        sampler=message.sampler,
+        num_images=message.num_images,
+        adapters=tuple(
+            types.AppliedAdapter(item.name, item.version, item.sha256, item.weight)
+            for item in message.adapters
+        ),
+    )
+
+
 def generate_result(message: generate_pb2.GenerateResponse) -> types.GenerateResult:
     return types.GenerateResult(
         images=[image(item) for item in message.images],
         timing=timing(message.timing),
         blend_signature=message.blend_signature,
+        parameters=parameters(message.parameters),
     )
 
 
@@ -124,6 +143,7 @@ class StreamAssembler:
                 images=[self.images[index] for index in sorted(self.images)],
                 timing=timing(message.done.timing),
                 blend_signature=message.done.blend_signature,
+                parameters=parameters(message.done.parameters),
             )
             return types.Done(result=result)
         return None

@@ -61,10 +61,42 @@ class Timing:
 
 
 @dataclass(frozen=True)
+class AppliedAdapter:
+    """An adapter of the blend a request ran under, at its exact version."""
+
+    name: str
+    version: int
+    sha256: str
+    weight: float
+
+    @property
+    def spec(self) -> str:
+        """``name@version:weight``, to send back for the same blend."""
+        return f"{self.name}@{self.version}:{self.weight:g}"
+
+
+@dataclass(frozen=True)
+class Parameters:
+    """Exactly what ran (defaults filled in); pass them back to reproduce the images."""
+
+    prompt: str = ""
+    negative_prompt: str = ""
+    width: int = 0
+    height: int = 0
+    steps: int = 0
+    guidance_scale: float = 0.0
+    seed: int = 0
+    sampler: str = ""
+    num_images: int = 0
+    adapters: tuple[AppliedAdapter, ...] = ()
+
+
+@dataclass(frozen=True)
 class GenerateResult:
     images: list[Image]
     timing: Timing
     blend_signature: str = ""
+    parameters: Parameters = field(default_factory=Parameters)
 
 
 @dataclass(frozen=True)

@@ -109,6 +109,11 @@ def test_adapter_lifecycle(client, micro_shapes, tmp_path):
     base = client.generate("a red circle", steps=2, seed=4)
     styled = client.generate("a red circle", steps=2, seed=4, adapters=["style@stable:0.8"])
     assert styled.blend_signature and styled.images[0].data != base.images[0].data
+    (applied,) = styled.parameters.adapters
+    assert (applied.spec, applied.sha256) == ("style@2:0.8", second.sha256)
+    assert (styled.parameters.steps, styled.parameters.seed, styled.parameters.width) == (2, 4, 32)
+    tagged = client.generate("a red circle <lora:style@2:0.8>", steps=2, seed=4)
+    assert tagged.images[0].data == styled.images[0].data and tagged.parameters.prompt == "a red circle"
     assert client.generate("a red circle", steps=2, seed=4).images[0].data == base.images[0].data
 
     pinned = client.load_adapter("style@1", pin=True)

@@ -80,15 +80,53 @@ class Timing(_message.Message):
     total_ms: float
     def __init__(self, queue_ms: _Optional[float] = ..., swap_ms: _Optional[float] = ..., inference_ms: _Optional[float] = ..., total_ms: _Optional[float] = ...) -> None: ...
 
+class AppliedAdapter(_message.Message):
+    __slots__ = ("name", "version", "sha256", "weight")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    SHA256_FIELD_NUMBER: _ClassVar[int]
+    WEIGHT_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    version: int
+    sha256: str
+    weight: float
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[int] = ..., sha256: _Optional[str] = ..., weight: _Optional[float] = ...) -> None: ...
+
+class GenerationParameters(_message.Message):
+    __slots__ = ("prompt", "negative_prompt", "width", "height", "steps", "guidance_scale", "seed", "sampler", "num_images", "adapters")
+    PROMPT_FIELD_NUMBER: _ClassVar[int]
+    NEGATIVE_PROMPT_FIELD_NUMBER: _ClassVar[int]
+    WIDTH_FIELD_NUMBER: _ClassVar[int]
+    HEIGHT_FIELD_NUMBER: _ClassVar[int]
+    STEPS_FIELD_NUMBER: _ClassVar[int]
+    GUIDANCE_SCALE_FIELD_NUMBER: _ClassVar[int]
+    SEED_FIELD_NUMBER: _ClassVar[int]
+    SAMPLER_FIELD_NUMBER: _ClassVar[int]
+    NUM_IMAGES_FIELD_NUMBER: _ClassVar[int]
+    ADAPTERS_FIELD_NUMBER: _ClassVar[int]
+    prompt: str
+    negative_prompt: str
+    width: int
+    height: int
+    steps: int
+    guidance_scale: float
+    seed: int
+    sampler: str
+    num_images: int
+    adapters: _containers.RepeatedCompositeFieldContainer[AppliedAdapter]
+    def __init__(self, prompt: _Optional[str] = ..., negative_prompt: _Optional[str] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., steps: _Optional[int] = ..., guidance_scale: _Optional[float] = ..., seed: _Optional[int] = ..., sampler: _Optional[str] = ..., num_images: _Optional[int] = ..., adapters: _Optional[_Iterable[_Union[AppliedAdapter, _Mapping]]] = ...) -> None: ...
+
 class GenerateResponse(_message.Message):
-    __slots__ = ("images", "timing", "blend_signature")
+    __slots__ = ("images", "timing", "blend_signature", "parameters")
     IMAGES_FIELD_NUMBER: _ClassVar[int]
     TIMING_FIELD_NUMBER: _ClassVar[int]
     BLEND_SIGNATURE_FIELD_NUMBER: _ClassVar[int]
+    PARAMETERS_FIELD_NUMBER: _ClassVar[int]
     images: _containers.RepeatedCompositeFieldContainer[Image]
     timing: Timing
     blend_signature: str
-    def __init__(self, images: _Optional[_Iterable[_Union[Image, _Mapping]]] = ..., timing: _Optional[_Union[Timing, _Mapping]] = ..., blend_signature: _Optional[str] = ...) -> None: ...
+    parameters: GenerationParameters
+    def __init__(self, images: _Optional[_Iterable[_Union[Image, _Mapping]]] = ..., timing: _Optional[_Union[Timing, _Mapping]] = ..., blend_signature: _Optional[str] = ..., parameters: _Optional[_Union[GenerationParameters, _Mapping]] = ...) -> None: ...
 
 class QueuedEvent(_message.Message):
     __slots__ = ("position",)
@@ -129,12 +167,14 @@ class ImageChunk(_message.Message):
     def __init__(self, index: _Optional[int] = ..., offset: _Optional[int] = ..., data: _Optional[bytes] = ..., total_size: _Optional[int] = ..., last: _Optional[bool] = ..., mime_type: _Optional[str] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., seed: _Optional[int] = ...) -> None: ...
 
 class DoneEvent(_message.Message):
-    __slots__ = ("timing", "blend_signature")
+    __slots__ = ("timing", "blend_signature", "parameters")
     TIMING_FIELD_NUMBER: _ClassVar[int]
     BLEND_SIGNATURE_FIELD_NUMBER: _ClassVar[int]
+    PARAMETERS_FIELD_NUMBER: _ClassVar[int]
     timing: Timing
     blend_signature: str
-    def __init__(self, timing: _Optional[_Union[Timing, _Mapping]] = ..., blend_signature: _Optional[str] = ...) -> None: ...
+    parameters: GenerationParameters
+    def __init__(self, timing: _Optional[_Union[Timing, _Mapping]] = ..., blend_signature: _Optional[str] = ..., parameters: _Optional[_Union[GenerationParameters, _Mapping]] = ...) -> None: ...
 
 class GenerateStreamResponse(_message.Message):
     __slots__ = ("queued", "progress", "image_chunk", "done")
