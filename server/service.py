@@ -18,7 +18,7 @@ from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-from adapters.errors import InvalidArgument
+from adapters.errors import InvalidArgument, ResourceExhausted
 from adapters.store import AdapterStore
 from adapters.store.models import AdapterPage, AdapterVersion
 from adapters.store.names import parse_ref
@@ -37,6 +37,7 @@ log = logging.getLogger(__name__)
 
 MIME_TYPES = {"png": "image/png", "jpeg": "image/jpeg"}
 UPLOAD_QUEUE_CHUNKS = 8
+MAX_UPLOADS = 4  # concurrent UploadAdapter calls; more get RESOURCE_EXHAUSTED
 
 
 @dataclass(frozen=True)
@@ -195,7 +196,8 @@ class LoraloomService:
         self.engine = engine
         self.scheduler = scheduler
         self.ready = False
-        self._uploads = ThreadPoolExecutor(max_workers=4, thread_name_prefix="loraloom-upload")
+        self._uploads = ThreadPoolExecutor(max_workers=MAX_UPLOADS, thread_name_prefix="loraloom-upload")
+        self._upload_slots = threading.BoundedSemaphore(MAX_UPLOADS)
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -304,6 +306,11 @@ class LoraloomService:
                 f"adapter of {size_bytes} bytes exceeds this server's upload limit of "
                 f"{self.config.max_upload_bytes} bytes (LORALOOM_MAX_UPLOAD_MB)"
             )
+        if not self._upload_slots.acquire(blocking=False):
+            raise ResourceExhausted(
+                f"{MAX_UPLOADS} uploads are already in progress on this server; retry shortly",
+                retry_after_s=2.0,
+            )
         reader = _ChunkReader()
         result = self._uploads.submit(
             self.store.register,
@@ -316,6 +323,7 @@ class LoraloomService:
             expected_sha256=sha256,
             aliases=tuple(aliases),
         )
+        result.add_done_callback(lambda _: self._upload_slots.release())
         return UploadSession(name, sha256, size_bytes, reader, result)
 
     def delete_adapter(self, ref: str) -> list[AdapterVersion]:

@@ -362,3 +362,41 @@ def test_reflection_alone_is_enough_to_call_generate(running):
         )
         response = call(request_class(prompt="a red circle", steps=1, seed=5), timeout=60)
     assert decode(response.images[0].data).size == (32, 32)
+
+
+def test_too_many_concurrent_uploads_is_resource_exhausted(running, client, micro_shapes):
+    from server.service import MAX_UPLOADS
+
+    data = adapter_bytes(micro_shapes, seed=4)
+    release = threading.Event()
+
+    def stalled():
+        meta = adapters_pb2.UploadMetadata(
+            name="stalled", sha256=hashlib.sha256(data).hexdigest(), size_bytes=len(data)
+        )
+        yield adapters_pb2.UploadAdapterRequest(metadata=meta)
+        yield adapters_pb2.UploadAdapterRequest(chunk=data[:100])
+        release.wait(30)
+
+    with grpc.insecure_channel(running.address) as channel:
+        stub = service_pb2_grpc.LoraloomStub(channel)
+        calls = [stub.UploadAdapter.future(stalled()) for _ in range(MAX_UPLOADS)]
+        deadline = time.monotonic() + 20
+        while running.server.lifecycle.inflight < MAX_UPLOADS and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.3)
+        with pytest.raises(errors.ResourceExhausted, match="uploads are already in progress"):
+            client.upload_adapter(data, "one-too-many")
+        for call in calls:
+            call.cancel()
+        release.set()
+    deadline = time.monotonic() + 20
+    while True:  # the slots come back once the store has dropped the aborted uploads
+        try:
+            assert client.upload_adapter(data, "after-the-rush").version == 1
+            break
+        except errors.ResourceExhausted:
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
+    client.delete_adapter("after-the-rush")
+    assert client.list_adapters(all_versions=True).adapters == []
