@@ -100,7 +100,10 @@ def generate(
     for path, image in zip(paths, result.images, strict=True):
         image.save(path)
         typer.echo(f"wrote {path} ({image.width}x{image.height}, seed {image.seed})")
-    typer.echo(f"{result.timing.total_ms:.0f} ms (queue {result.timing.queue_ms:.0f} ms)")
+    params = result.parameters
+    blend = " ".join(f"--adapter {item.spec}" for item in params.adapters)
+    typer.echo(f"{result.timing.total_ms:.0f} ms (queue {result.timing.queue_ms:.0f} ms); reproduce with:")
+    typer.echo(f"  --seed {params.seed} --steps {params.steps} --sampler {params.sampler} {blend}".rstrip())
 
 
 @app.command()
