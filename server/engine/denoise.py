@@ -66,7 +66,6 @@ def _encode(pipeline, texts: list[str], device: torch.device) -> torch.Tensor:
     return embeds.to(dtype=text_encoder.dtype, device=device)
 
 
-@torch.no_grad()
 def denoise(
     pipeline,
     job: DenoiseJob,
@@ -79,29 +78,74 @@ def denoise(
 
     ``output_type`` is passed to the pipeline's image processor (``"pil"``, ``"np"``, ``"pt"``).
     """
+    batch_after = (
+        None if after_step is None else (lambda _, done, total, latents: after_step(done, total, latents))
+    )
+    return denoise_batch(
+        pipeline, [job], before_step=before_step, after_step=batch_after, output_type=output_type
+    )[0]
+
+
+# Called after each step with (job index, steps done, total steps, that job's latents).
+BatchStepCallback = Callable[[int, int, int, torch.Tensor], None]
+
+
+def batchable(first: DenoiseJob, other: DenoiseJob) -> bool:
+    """Whether two jobs can share one denoising loop (same size, steps, guidance and sampler)."""
+    return (first.width, first.height, first.steps, first.guidance_scale, first.sampler) == (
+        other.width,
+        other.height,
+        other.steps,
+        other.guidance_scale,
+        other.sampler,
+    )
+
+
+@torch.inference_mode()
+def denoise_batch(
+    pipeline,
+    jobs: Sequence[DenoiseJob],
+    *,
+    before_step: BeforeStep | None = None,
+    after_step: BatchStepCallback | None = None,
+    output_type: str = "pil",
+) -> list[DenoiseOutput]:
+    """Run several ``batchable`` jobs as one batch; one output per job.
+
+    Each job's prompt is encoded on its own and its noise drawn from its own seeds,
+    so a job's inputs do not depend on its batch mates; CPU kernels may still
+    round differently at another batch size (about 1e-6), so a batched image
+    equals the unbatched one to that tolerance, not bit for bit.
+    """
+    first = jobs[0]
+    if not all(batchable(first, job) for job in jobs):
+        raise ValueError("jobs of one batch must share size, steps, guidance and sampler")
     unet, vae = pipeline.unet, pipeline.vae
     device = unet.device
-    count = len(job.seeds)
-    cfg = job.guidance_scale > 1.0 and unet.config.time_cond_proj_dim is None
+    counts = [len(job.seeds) for job in jobs]
+    count = sum(counts)
+    cfg = first.guidance_scale > 1.0 and unet.config.time_cond_proj_dim is None
 
     started = time.perf_counter()
-    embeds = _encode(pipeline, [job.prompt], device)
-    embeds = embeds.repeat(1, count, 1).view(count, embeds.shape[1], -1)
-    if cfg:
-        negative = _encode(pipeline, [job.negative_prompt], device)
-        negative = negative.repeat(1, count, 1).view(count, negative.shape[1], -1)
-        embeds = torch.cat([negative, embeds])
+    positive, negative = [], []
+    for job, n in zip(jobs, counts, strict=True):
+        embeds = _encode(pipeline, [job.prompt], device)
+        positive.append(embeds.repeat(1, n, 1).view(n, embeds.shape[1], -1))
+        if cfg:
+            embeds = _encode(pipeline, [job.negative_prompt], device)
+            negative.append(embeds.repeat(1, n, 1).view(n, embeds.shape[1], -1))
+    embeds = torch.cat(negative + positive) if cfg else torch.cat(positive)
     encode_ms = _ms(started)
 
     started = time.perf_counter()
-    scheduler = make_sampler(job.sampler, pipeline.scheduler)
-    scheduler.set_timesteps(job.steps, device=device)
+    scheduler = make_sampler(first.sampler, pipeline.scheduler)
+    scheduler.set_timesteps(first.steps, device=device)
     timesteps = scheduler.timesteps
-    generators = [torch.Generator(device="cpu").manual_seed(int(seed)) for seed in job.seeds]
+    generators = [torch.Generator(device="cpu").manual_seed(int(seed)) for job in jobs for seed in job.seeds]
     from diffusers.utils.torch_utils import randn_tensor
 
     factor = pipeline.vae_scale_factor
-    shape = (count, unet.config.in_channels, job.height // factor, job.width // factor)
+    shape = (count, unet.config.in_channels, first.height // factor, first.width // factor)
     latents = randn_tensor(shape, generator=generators, device=device, dtype=embeds.dtype)
     latents = latents * scheduler.init_noise_sigma
     step_params = set(inspect.signature(scheduler.step).parameters)
@@ -110,6 +154,7 @@ def denoise(
         extra["eta"] = 0.0
     if "generator" in step_params:
         extra["generator"] = generators
+    offsets = [sum(counts[:i]) for i in range(len(jobs))]
 
     total = len(timesteps)
     for index, t in enumerate(timesteps):
@@ -120,10 +165,11 @@ def denoise(
         noise = unet(model_input, t, encoder_hidden_states=embeds, return_dict=False)[0]
         if cfg:
             uncond, text = noise.chunk(2)
-            noise = uncond + job.guidance_scale * (text - uncond)
+            noise = uncond + first.guidance_scale * (text - uncond)
         latents = scheduler.step(noise, t, latents, **extra, return_dict=False)[0]
         if after_step is not None:
-            after_step(index + 1, total, latents)
+            for number, (offset, n) in enumerate(zip(offsets, counts, strict=True)):
+                after_step(number, index + 1, total, latents[offset : offset + n])
     denoise_ms = _ms(started)
 
     started = time.perf_counter()
@@ -131,4 +177,13 @@ def denoise(
     images = pipeline.image_processor.postprocess(
         decoded, output_type=output_type, do_denormalize=[True] * count
     )
-    return DenoiseOutput(images=images, encode_ms=encode_ms, denoise_ms=denoise_ms, decode_ms=_ms(started))
+    decode_ms = _ms(started)
+    return [
+        DenoiseOutput(
+            images=images[offset : offset + n],
+            encode_ms=encode_ms,
+            denoise_ms=denoise_ms,
+            decode_ms=decode_ms,
+        )
+        for offset, n in zip(offsets, counts, strict=True)
+    ]

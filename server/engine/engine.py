@@ -30,7 +30,7 @@ from adapters.errors import (
 )
 from adapters.validation import validate_against_base
 from server.engine.cache import ByteLRU
-from server.engine.denoise import BeforeStep, DenoiseJob, denoise
+from server.engine.denoise import BeforeStep, DenoiseJob, DenoiseOutput, batchable, denoise_batch
 from server.engine.fuse import BlendPlan, FusedWeights, PreparedAdapter
 from server.engine.preview import latent_preview
 from server.engine.prompt import parse_prompt
@@ -375,66 +375,142 @@ class Engine:
     ) -> GenerateResult:
         """Run one request to the end (blocking) and return its images and exact parameters."""
         normal = request if isinstance(request, NormalizedRequest) else self.normalize(request)
+        outcome = self.generate_batch([BatchEntry(normal, on_progress, cancel, queue_ms)])[0]
+        if isinstance(outcome, Exception):
+            raise outcome
+        return outcome
 
-        def check(*_: object) -> None:
-            if cancel is not None and cancel.is_set():
-                raise Cancelled("the request was cancelled")
-            if normal.deadline is not None and time.monotonic() >= normal.deadline:
-                raise DeadlineExceeded("the request ran past its deadline")
+    def generate_batch(self, entries: Sequence[BatchEntry]) -> list[GenerateResult | Exception]:
+        """Run requests of one blend and shape (``batchable``) as one batch; one outcome each.
 
-        def before_step(index: int, total: int) -> None:
-            check()
-            if self._before_step is not None:
-                self._before_step(index, total)
+        A request that is cancelled or runs past its deadline fails on its own
+        (its outcome is the error) between steps, while the others run on; an
+        error that concerns them all (unknown adapter, a failing step) is raised.
+        """
+        requests = [entry.request for entry in entries]
+        jobs = [_job(request) for request in requests]
+        if any(
+            r.group_key != requests[0].group_key or not batchable(jobs[0], j)
+            for r, j in zip(requests, jobs, strict=True)
+        ):
+            raise ValueError("a batch must share one blend, size, step count, guidance and sampler")
+        failed: dict[int, Exception] = {}
 
-        def after_step(done: int, total: int, latents: Any) -> None:
-            if on_progress is None:
+        def check(number: int) -> None:
+            if number in failed:
                 return
-            preview = None
-            if normal.preview_every and (done % normal.preview_every == 0 or done == total):
-                preview = latent_preview(latents, size=PREVIEW_SIZE)
-            on_progress(Progress("step", step=done, total_steps=total, preview=preview))
+            entry = entries[number]
+            if entry.cancel is not None and entry.cancel.is_set():
+                failed[number] = Cancelled("the request was cancelled")
+            elif entry.request.deadline is not None and time.monotonic() >= entry.request.deadline:
+                failed[number] = DeadlineExceeded("the request ran past its deadline")
 
-        check()
-        job = DenoiseJob(
-            prompt=normal.prompt,
-            negative_prompt=normal.negative_prompt,
-            width=normal.width,
-            height=normal.height,
-            steps=normal.steps,
-            guidance_scale=normal.guidance_scale,
-            seeds=[normal.seed + i for i in range(normal.num_images)],
-            sampler=normal.scheduler,
-        )
-        prepared, applied, load_ms = self._prepare_blend(normal.adapters)
+        def check_all() -> list[int]:
+            for number in range(len(entries)):
+                check(number)
+            return [number for number in range(len(entries)) if number not in failed]
+
+        if not check_all():
+            return [failed[number] for number in range(len(entries))]
+        prepared, applied, load_ms = self._prepare_blend(requests[0].adapters)
+        outputs: dict[int, DenoiseOutput] = {}
         with self._run_lock:
             swap_ms = self._swap(prepared)
-            check()
-            output = denoise(self.pipeline, job, before_step=before_step, after_step=after_step)
-        signature = tuple((a.sha256, a.weight) for a in applied)
-        parameters = GenerationParameters(
-            prompt=normal.prompt,
-            negative_prompt=normal.negative_prompt,
-            width=normal.width,
-            height=normal.height,
-            steps=normal.steps,
-            guidance_scale=normal.guidance_scale,
-            seed=normal.seed,
-            scheduler=normal.scheduler,
-            num_images=normal.num_images,
-            adapters=tuple(applied),
-        )
-        timings = Timings(
-            queue_ms=queue_ms,
-            load_ms=load_ms,
-            swap_ms=swap_ms,
-            encode_ms=output.encode_ms,
-            denoise_ms=output.denoise_ms,
-            decode_ms=output.decode_ms,
-        )
-        return GenerateResult(
-            images=output.images,
-            parameters=parameters,
-            blend_signature=signature_id(signature),
-            timings=timings,
-        )
+            live = check_all()
+
+            def before_step(index: int, total: int) -> None:
+                if not check_all():
+                    raise _Stopped
+                if self._before_step is not None:
+                    self._before_step(index, total)
+
+            def after_step(position: int, done: int, total: int, latents: Any) -> None:
+                number = live[position]
+                entry = entries[number]
+                if entry.on_progress is None or number in failed:
+                    return
+                every = entry.request.preview_every
+                preview = None
+                if every and (done % every == 0 or done == total):
+                    preview = latent_preview(latents, size=PREVIEW_SIZE)
+                entry.on_progress(Progress("step", step=done, total_steps=total, preview=preview))
+
+            if live:
+                try:
+                    batch = denoise_batch(
+                        self.pipeline, [jobs[n] for n in live], before_step=before_step, after_step=after_step
+                    )
+                    outputs = dict(zip(live, batch, strict=True))
+                except _Stopped:
+                    pass
+        check_all()  # a request cancelled during the last step or the decode fails too
+        signature = signature_id(tuple((a.sha256, a.weight) for a in applied))
+        return [
+            failed[number]
+            if number in failed
+            else _result(
+                requests[number], outputs[number], applied, signature, load_ms, swap_ms, entry.queue_ms
+            )
+            for number, entry in enumerate(entries)
+        ]
+
+
+class _Stopped(Exception):
+    """Every request of a batch was cancelled or ran out of time: stop denoising."""
+
+
+@dataclass(frozen=True)
+class BatchEntry:
+    """One request of a batch, with its own progress callback, cancel flag and time queued."""
+
+    request: NormalizedRequest
+    on_progress: ProgressCallback | None = None
+    cancel: CancelFlag | None = None
+    queue_ms: float = 0.0
+
+
+def _job(normal: NormalizedRequest) -> DenoiseJob:
+    return DenoiseJob(
+        prompt=normal.prompt,
+        negative_prompt=normal.negative_prompt,
+        width=normal.width,
+        height=normal.height,
+        steps=normal.steps,
+        guidance_scale=normal.guidance_scale,
+        seeds=[normal.seed + i for i in range(normal.num_images)],
+        sampler=normal.scheduler,
+    )
+
+
+def _result(
+    normal: NormalizedRequest,
+    output: DenoiseOutput,
+    applied: list[AppliedAdapter],
+    signature: str,
+    load_ms: float,
+    swap_ms: float,
+    queue_ms: float,
+) -> GenerateResult:
+    parameters = GenerationParameters(
+        prompt=normal.prompt,
+        negative_prompt=normal.negative_prompt,
+        width=normal.width,
+        height=normal.height,
+        steps=normal.steps,
+        guidance_scale=normal.guidance_scale,
+        seed=normal.seed,
+        scheduler=normal.scheduler,
+        num_images=normal.num_images,
+        adapters=tuple(applied),
+    )
+    timings = Timings(
+        queue_ms=queue_ms,
+        load_ms=load_ms,
+        swap_ms=swap_ms,
+        encode_ms=output.encode_ms,
+        denoise_ms=output.denoise_ms,
+        decode_ms=output.decode_ms,
+    )
+    return GenerateResult(
+        images=output.images, parameters=parameters, blend_signature=signature, timings=timings
+    )

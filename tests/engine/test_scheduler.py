@@ -3,6 +3,7 @@ from __future__ import annotations
 import threading
 import time
 
+import numpy as np
 import pytest
 
 from adapters.errors import Cancelled, DeadlineExceeded, InvalidArgument, ResourceExhausted, Unavailable
@@ -228,3 +229,38 @@ def test_close_with_drain_finishes_the_queue(gated):
     turnstile.release(2)
     closer.join(30)
     assert all(f.result(timeout=1).images for f in futures)
+
+
+def test_batches_share_a_loop_and_match_unbatched_images(gated, micro_pipeline, micro_adapters):
+    _, turnstile, start = gated
+    scheduler = start(max_queue=16, max_group_skips=4, max_batch=3)
+    futures = [scheduler.submit(request("A", seed=0, steps=3))]
+    turnstile.wait_entered()
+    cancel = threading.Event()
+
+    def cancel_at_two(progress) -> None:
+        if progress.stage == "step" and progress.step == 2:
+            cancel.set()
+
+    futures += [scheduler.submit(request("A", seed=seed, steps=3)) for seed in (1, 2)]
+    doomed = scheduler.submit(request("A", seed=9, steps=3), on_progress=cancel_at_two, cancel=cancel)
+    futures.append(scheduler.submit(request("A", seed=3, steps=3, num_images=2)))
+    other_shape = scheduler.submit(request("A", seed=4, steps=2))
+    turnstile.release(4)
+    results = [future.result(timeout=60) for future in futures]
+    with pytest.raises(Cancelled):
+        doomed.result(timeout=60)
+    assert other_shape.result(timeout=60).images
+    # seeds 1 and 2 and the doomed request ran as one batch: one loop, one timing
+    assert results[1].timings.denoise_ms == results[2].timings.denoise_ms != results[0].timings.denoise_ms
+    assert results[3].parameters.seeds == (3, 4) and len(results[3].images) == 2
+
+    alone = make_engine(micro_pipeline, "micro", micro_adapters)
+    for result in results:
+        solo = alone.generate(
+            request("A", seed=result.parameters.seed, steps=3, num_images=result.parameters.num_images)
+        )
+        assert solo.blend_signature == result.blend_signature
+        for batched, single in zip(result.images, solo.images, strict=True):
+            difference = np.abs(np.asarray(batched, dtype=np.int16) - np.asarray(single, dtype=np.int16))
+            assert difference.max() <= 1  # equal up to 8-bit rounding of ~1e-6 differences
