@@ -22,7 +22,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("suite", choices=sorted(SUITES), help="which suite to run")
     parser.add_argument("--quick", action="store_true", help="fewer repetitions (a smoke run, < 60 s)")
     parser.add_argument("--json", metavar="FILE", help="also write the metrics as JSON to FILE")
+    parser.add_argument(
+        "--threads", type=int, default=0, help="torch CPU threads for both sides (default: torch's choice)"
+    )
     args = parser.parse_args(argv)
+    if args.threads > 0:
+        import torch
+
+        torch.set_num_threads(args.threads)
 
     from bench.report import print_table, write_json
 

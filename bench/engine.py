@@ -15,8 +15,10 @@ slows both alike; figures are medians.
   read, parse, validate, prepare and apply it (``Engine.activate``); peer:
   ``load_lora_weights``.
 - ``mixed_rps_*``: requests per second over requests cycling through 4 blends.
-  loraloom: all submitted to the scheduler; peer: all adapters loaded,
-  ``set_adapters`` per request (what a user would write).
+  loraloom: all submitted to the scheduler (grouped by blend, batches of up to
+  4 requests); peer: all adapters loaded, ``set_adapters`` per request (what a
+  user would write). The full run adds ``mixed_rps_tiny_unbatched``
+  (``max_batch=1``, the scheduler's bit-exact default).
 """
 
 from __future__ import annotations
@@ -25,7 +27,6 @@ import copy
 import logging
 import statistics
 import tempfile
-import time
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -33,7 +34,7 @@ from pathlib import Path
 
 import torch
 
-from bench.report import Metric, median_ms, timed
+from bench.report import Metric, cpu_timed, median_ms, timed
 from server.engine import Engine, GenerateRequest, MemoryResolver
 from server.engine.scheduler import Scheduler
 from server.engine.synthetic import diffusers_file, random_adapter
@@ -56,13 +57,26 @@ class Config:
     overhead_steps: int
     mixed_requests: int
     mixed_steps: int
+    mixed_chunks: int
 
 
 FULL = Config(
-    swap_repeats=30, cold_repeats=7, overhead_rounds=7, overhead_steps=20, mixed_requests=60, mixed_steps=20
+    swap_repeats=30,
+    cold_repeats=7,
+    overhead_rounds=7,
+    overhead_steps=20,
+    mixed_requests=60,
+    mixed_steps=20,
+    mixed_chunks=5,
 )
 QUICK = Config(
-    swap_repeats=10, cold_repeats=3, overhead_rounds=2, overhead_steps=20, mixed_requests=16, mixed_steps=8
+    swap_repeats=10,
+    cold_repeats=3,
+    overhead_rounds=1,
+    overhead_steps=20,
+    mixed_requests=8,
+    mixed_steps=8,
+    mixed_chunks=1,
 )
 
 
@@ -163,57 +177,71 @@ def blend_overhead_pct(side: Side, rounds: int, steps: int) -> Metric:
             PROMPT, num_inference_steps=steps, height=resolution, width=resolution, generator=generator
         )
 
+    # CPU time of this process, not wall time: other processes on a shared machine
+    # then cannot tilt a few-percent comparison (both sides run on this thread).
     samples: dict[str, list[float]] = {"ours_base": [], "ours_blend": [], "peer_base": [], "peer_blend": []}
-    ours(BLEND_X)()  # warm-up
-    peer(peer_lora)()
+    engine.generate(GenerateRequest(PROMPT, steps=2, seed=1, adapters=BLEND_X))  # warm-up
+    peer_lora(PROMPT, num_inference_steps=2, height=resolution, width=resolution)
+    peer_base(PROMPT, num_inference_steps=2, height=resolution, width=resolution)
     for _ in range(rounds):
-        samples["ours_base"].append(timed(ours([])))
-        samples["ours_blend"].append(timed(ours(BLEND_X)))
-        samples["peer_base"].append(timed(peer(peer_base)))
-        samples["peer_blend"].append(timed(peer(peer_lora)))
+        samples["ours_base"].append(cpu_timed(ours([])))
+        samples["ours_blend"].append(cpu_timed(ours(BLEND_X)))
+        samples["peer_base"].append(cpu_timed(peer(peer_base)))
+        samples["peer_blend"].append(cpu_timed(peer(peer_lora)))
     medians = {key: statistics.median(values) for key, values in samples.items()}
     mine = (medians["ours_blend"] / medians["ours_base"] - 1.0) * 100.0
     theirs = (medians["peer_blend"] / medians["peer_base"] - 1.0) * 100.0
     note = (
-        f"base {medians['ours_base'] * 1000:.0f} ms (loraloom), {medians['peer_base'] * 1000:.0f} ms (peer)"
+        f"CPU time; base {medians['ours_base'] * 1000:.0f} ms (loraloom), "
+        f"{medians['peer_base'] * 1000:.0f} ms (peer)"
     )
     return Metric(f"blend_overhead_pct_{side.size}", mine, theirs, "pct", "lower", note)
 
 
-def mixed_rps(side: Side, count: int, steps: int) -> Metric:
+def mixed_rps(side: Side, count: int, steps: int, chunks: int, max_batch: int = 4) -> Metric:
+    """Throughput over ``count`` requests cycling through the blends, in ``chunks`` interleaved rounds."""
     resolution = side.base.resolution
     blends = [MIXED_BLENDS[index % len(MIXED_BLENDS)] for index in range(count)]
-
     engine = side.engine()
     for blend in MIXED_BLENDS:  # adapters loaded and blends stacked once: both sides start warm
         engine.activate(blend)
-    scheduler = Scheduler(engine, max_queue=max(64, count), max_group_skips=4)
-    started = time.perf_counter()
-    futures = [
-        scheduler.submit(GenerateRequest(PROMPT, steps=steps, seed=index, adapters=blend))
-        for index, blend in enumerate(blends)
-    ]
-    for future in futures:
-        future.result()
-    ours = count / (time.perf_counter() - started)
-    scheduler.close(drain=True, timeout=10)
-
+    scheduler = Scheduler(engine, max_queue=max(64, count), max_group_skips=4, max_batch=max_batch)
     peer = side.peer()
     for blend in MIXED_BLENDS:
         peer.set_adapters([n for n, _ in blend], [w for _, w in blend])
-    started = time.perf_counter()
-    for index, blend in enumerate(blends):
-        peer.set_adapters([n for n, _ in blend], [w for _, w in blend])
-        peer(
-            PROMPT,
-            num_inference_steps=steps,
-            height=resolution,
-            width=resolution,
-            generator=torch.Generator().manual_seed(index),
-        )
-    theirs = count / (time.perf_counter() - started)
-    note = f"{count} requests, {steps} steps, {len(MIXED_BLENDS)} blends"
-    return Metric(f"mixed_rps_{side.size}", ours, theirs, "req/s", "higher", note)
+
+    def ours(indices: range) -> None:
+        futures = [
+            scheduler.submit(GenerateRequest(PROMPT, steps=steps, seed=index, adapters=blends[index]))
+            for index in indices
+        ]
+        for future in futures:
+            future.result()
+
+    def theirs(indices: range) -> None:
+        for index in indices:
+            blend = blends[index]
+            peer.set_adapters([n for n, _ in blend], [w for _, w in blend])
+            peer(
+                PROMPT,
+                num_inference_steps=steps,
+                height=resolution,
+                width=resolution,
+                generator=torch.Generator().manual_seed(index),
+            )
+
+    size = -(-count // chunks)
+    our_s = their_s = 0.0
+    for start in range(0, count, size):
+        indices = range(start, min(count, start + size))
+        our_s += timed(lambda i=indices: ours(i))
+        their_s += timed(lambda i=indices: theirs(i))
+    scheduler.close(drain=True, timeout=10)
+    note = (
+        f"{count} requests, {steps} steps, {len(MIXED_BLENDS)} blends, {chunks} rounds, max_batch {max_batch}"
+    )
+    name = f"mixed_rps_{side.size}" + ("" if max_batch > 1 else "_unbatched")
+    return Metric(name, count / our_s, count / their_s, "req/s", "higher", note)
 
 
 def run(quick: bool = False) -> list[Metric]:
@@ -228,5 +256,10 @@ def run(quick: bool = False) -> list[Metric]:
             blend_overhead_pct(tiny, config.overhead_rounds, config.overhead_steps),
             cold_load_ms(tiny, config.cold_repeats),
             cold_load_ms(small, config.cold_repeats),
-            mixed_rps(tiny, config.mixed_requests, config.mixed_steps),
+            mixed_rps(tiny, config.mixed_requests, config.mixed_steps, config.mixed_chunks),
+            *(
+                []
+                if quick
+                else [mixed_rps(tiny, config.mixed_requests, config.mixed_steps, config.mixed_chunks, 1)]
+            ),
         ]

@@ -55,6 +55,13 @@ def timed(fn: Callable[[], object]) -> float:
     return time.perf_counter() - started
 
 
+def cpu_timed(fn: Callable[[], object]) -> float:
+    """CPU seconds this process spends in one call of ``fn`` (immune to other processes' load)."""
+    started = time.process_time()
+    fn()
+    return time.process_time() - started
+
+
 def write_json(path: str | Path, suite: str, metrics: Sequence[Metric], *, peer: str, quick: bool) -> None:
     document = {
         "suite": suite,
