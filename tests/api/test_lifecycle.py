@@ -64,6 +64,37 @@ def test_start_ready_drain_transitions(tmp_path):
             client.health("", timeout=2)
 
 
+@pytest.mark.slow
+def test_drain_past_the_grace_period_cancels_and_stops(tmp_path):
+    from server.api.app import ServerThread
+    from server.service import LoraloomService
+
+    seam = StepSeam(delay_s=0.2)
+    config = micro_config(tmp_path, warmup=False)
+    running = ServerThread(config, lambda cfg: LoraloomService.create(cfg, before_step=seam)).start()
+    outcome: list[object] = []
+
+    def long_request() -> None:
+        with Client(running.address, timeout=60) as client:
+            try:
+                outcome.append(client.generate("x", steps=100))
+            except errors.LoraloomError as error:
+                outcome.append(error)
+
+    caller = threading.Thread(target=long_request)
+    caller.start()
+    while not seam.calls:
+        time.sleep(0.01)
+    started = time.monotonic()
+    assert running.drain(0.5) is False  # the request could not finish in time
+    stopped_at = time.monotonic()
+    caller.join(30)
+    assert stopped_at - started < 10
+    assert len(outcome) == 1 and isinstance(outcome[0], errors.LoraloomError)
+    time.sleep(0.5)
+    assert seam.steps_after(stopped_at) <= 1  # the engine stopped too
+
+
 def _info_with_retries(address: str):
     import asyncio
 
