@@ -132,7 +132,7 @@ class MinimalLoop:
 def run(quick: bool = False) -> list[Metric]:
     from trainer import train
 
-    steps = 12 if quick else 40
+    steps = 10 if quick else 40
     with tempfile.TemporaryDirectory() as tmp:
         data = _make_data(Path(tmp))
         peer = MinimalLoop(data)
@@ -197,7 +197,7 @@ def _measure_memory(which: str, data: Path) -> None:
 
     with contextlib.suppress(OSError):
         Path("/proc/self/clear_refs").write_text("5")  # reset the peak-RSS mark after imports
-    steps = 5
+    steps = 3
     if which == "trainer":
         with tempfile.TemporaryDirectory() as tmp:
             config = _config(data, Path(tmp), steps)
