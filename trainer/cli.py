@@ -37,7 +37,7 @@ def train_command(
     config: Annotated[
         Path | None, typer.Option("--config", "-c", help="TOML file with these options (flags override it)")
     ] = None,
-    base: Annotated[str | None, typer.Option(help=_help("base") + " [default: tiny]")] = None,
+    base: Annotated[str | None, typer.Option(help=_help("base"))] = None,
     rank: Annotated[int | None, typer.Option(help=_help("rank") + " [default: 8]")] = None,
     alpha: Annotated[float | None, typer.Option(help=_help("alpha") + " [default: 8]")] = None,
     targets: Annotated[str | None, typer.Option(help=_help("targets") + "; comma-separated")] = None,

@@ -7,6 +7,7 @@ names with dashes); flags given on the command line override the file.
 from __future__ import annotations
 
 import dataclasses
+import os
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -26,6 +27,10 @@ TEXT_ENCODER_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
 LR_SCHEDULERS = ("constant", "cosine", "linear")
 MIXED_PRECISION = ("no", "fp16", "bf16")
 DEFAULT_STEPS = 1000
+# The base model `loraloom serve` loads unless told otherwise (its LORALOOM_MODEL variable, else tiny):
+# an adapter trained with no flags fits the server started with no flags.
+BASE_MODEL_ENV = "LORALOOM_MODEL"
+DEFAULT_BASE = "tiny"
 
 
 def _opt(default: Any, help: str) -> Any:
@@ -38,7 +43,13 @@ class TrainConfig:
 
     data_dir: str = _opt("", "folder of images with .txt captions or a metadata.jsonl")
     name: str = _opt("", "adapter name in the store (default: the data folder's name)")
-    base: str = _opt("tiny", "base model: a built-in name, a diffusers folder or an SD 1.x .safetensors")
+    base: str = field(
+        default_factory=lambda: os.environ.get(BASE_MODEL_ENV) or DEFAULT_BASE,
+        metadata={
+            "help": "base model: a built-in name, a diffusers folder or an SD 1.x .safetensors "
+            f"(default: ${BASE_MODEL_ENV}, else {DEFAULT_BASE}: what `loraloom serve` loads by default)"
+        },
+    )
     # Network.
     rank: int = _opt(8, "LoRA rank (network dim)")
     alpha: float = _opt(8.0, "LoRA alpha; the update is scaled by alpha / rank")

@@ -77,3 +77,11 @@ def test_device_names():
     if not torch.cuda.is_available():
         with pytest.raises(FailedPrecondition, match="no CUDA device"):
             pick_device("cuda")
+
+
+def test_default_base_follows_the_servers_variable(monkeypatch):
+    monkeypatch.delenv("LORALOOM_MODEL", raising=False)
+    assert TrainConfig(data_dir="x").base == "tiny"
+    monkeypatch.setenv("LORALOOM_MODEL", "micro")
+    assert TrainConfig(data_dir="x").base == "micro"
+    assert TrainConfig(data_dir="x", base="small").base == "small"
