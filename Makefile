@@ -26,3 +26,7 @@ test: $(STAMP)
 
 lint: $(STAMP)
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .
+
+# Regenerate the committed Python stubs after editing proto/loraloom/v1/*.proto.
+proto: $(STAMP)
+	$(BIN)/python -m server.api.codegen
