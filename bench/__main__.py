@@ -23,17 +23,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="fewer repetitions (a smoke run, < 60 s)")
     parser.add_argument("--json", metavar="FILE", help="also write the metrics as JSON to FILE")
     parser.add_argument(
-        "--threads", type=int, default=0, help="torch CPU threads for both sides (default: torch's choice)"
+        "--threads",
+        type=int,
+        default=0,
+        help="torch CPU threads for both sides (default: the suite's THREADS, else torch's choice)",
     )
     args = parser.parse_args(argv)
-    if args.threads > 0:
-        import torch
-
-        torch.set_num_threads(args.threads)
 
     from bench.report import print_table, write_json
 
     module = importlib.import_module(SUITES[args.suite])
+    threads = args.threads or getattr(module, "THREADS", 0)
+    if threads > 0:
+        import torch
+
+        torch.set_num_threads(threads)
     metrics = module.run(quick=args.quick)
     print_table(args.suite, metrics, peer=module.PEER)
     if args.json:

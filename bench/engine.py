@@ -3,7 +3,8 @@
 Both sides run in this process on the same factory models (``tiny``, ``small``)
 and load the same diffusers-format LoRA files (rank 8, UNet and text-encoder
 attention). Measurements of the two sides are interleaved so that a busy CPU
-slows both alike; figures are medians.
+slows both alike; figures are medians. Both sides use one torch thread unless
+``--threads`` says otherwise (see ``THREADS``).
 
 - ``swap_ms_*``: switch between two cached 2-adapter blends. loraloom:
   ``Engine.activate``; peer: its fastest fused path, ``unfuse_lora`` then
@@ -18,7 +19,7 @@ slows both alike; figures are medians.
   loraloom: all submitted to the scheduler (grouped by blend, batches of up to
   4 requests); peer: all adapters loaded, ``set_adapters`` per request (what a
   user would write). The full run adds ``mixed_rps_tiny_unbatched``
-  (``max_batch=1``, the scheduler's bit-exact default).
+  (``max_batch=1``, the scheduler's bit-exact default; 20 requests).
 """
 
 from __future__ import annotations
@@ -41,6 +42,10 @@ from server.engine.synthetic import diffusers_file, random_adapter
 from server.models.loader import BaseModel, load_base_model
 
 PEER = "diffusers 0.42 + PEFT"
+# Both sides on one torch thread by default (``--threads`` overrides): on a shared
+# 2-core machine two-thread pools oversubscribe the CPU and turn millisecond
+# figures into noise; the comparison is the same either way.
+THREADS = 1
 RANK = 8
 NAMES = ("a0", "a1", "a2", "a3")
 BLEND_X = [("a0", 1.0), ("a1", 0.5)]

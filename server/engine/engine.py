@@ -4,6 +4,9 @@ Thread model: ``generate`` may be called from any thread; the blend swap and
 the denoising run together under one lock, so a request sees one blend from its
 first step to its last. Adapter loading and parsing happen outside that lock.
 The scheduler (``server.engine.scheduler``) is the usual caller.
+
+The engine owns the pipeline it is given: it repoints the parameters of the
+modules blends touch, so do not move the pipeline (``.to(...)``) afterwards.
 """
 
 from __future__ import annotations
