@@ -220,6 +220,7 @@ class LoraloomService:
         store = AdapterStore.open(
             config.home,
             config.store_db_url,
+            blob_storage=_blob_storage(config),
             validator=validator,
             max_blob_bytes=config.max_upload_bytes,
         )
@@ -373,6 +374,24 @@ class LoraloomService:
             queue=_queue_stats(self.scheduler),
             ready=self.ready,
         )
+
+
+def _blob_storage(config: ServerConfig):
+    """S3 blob storage when ``s3_bucket`` is set; None lets the store pick its local folder."""
+    if not config.s3_bucket:
+        return None
+    from adapters.home import data_home
+    from adapters.store.s3 import S3BlobStorage, S3Settings
+
+    settings = S3Settings(
+        bucket=config.s3_bucket,
+        prefix=config.s3_prefix,
+        endpoint_url=config.s3_endpoint,
+        region=config.s3_region,
+        cache_bytes=config.blob_cache_mb << 20,
+    )
+    home = config.home.expanduser() if config.home is not None else data_home()
+    return S3BlobStorage(settings, home / "store" / "blob-cache")
 
 
 def _limits(config: ServerConfig) -> Limits:

@@ -139,15 +139,22 @@ class AdapterStore:
 
         The database is ``db_url``, else ``$LORALOOM_STORE_DB_URL``, else the SQLite file
         ``<home>/store/adapters.sqlite3``; blobs go to ``<home>/store/blobs`` unless
-        ``blob_storage`` is given.
+        ``blob_storage`` is given or ``$LORALOOM_S3_BUCKET`` selects S3 (``adapters.store.s3``;
+        cache in ``<home>/store/blob-cache``).
         """
         root = Path(home).expanduser() if home is not None else data_home()
         store_dir = root / "store"
         store_dir.mkdir(parents=True, exist_ok=True)
         url = db_url or os.environ.get(ENV_DB_URL) or db.sqlite_url(store_dir / "adapters.sqlite3")
+        if blob_storage is None:
+            from adapters.store.s3 import S3BlobStorage, S3Settings
+
+            s3 = S3Settings.from_env()
+            cache = store_dir / "blob-cache"
+            blob_storage = S3BlobStorage(s3, cache) if s3 else LocalBlobStorage(store_dir / "blobs")
         return cls(
             url,
-            blob_storage if blob_storage is not None else LocalBlobStorage(store_dir / "blobs"),
+            blob_storage,
             staging_dir=store_dir / "staging",
             validator=validator,
             max_blob_bytes=max_blob_bytes,

@@ -47,6 +47,15 @@ class ServerConfig:
     grace_s: float = field(default=30.0, metadata={"help": "On SIGTERM, seconds in-flight calls may take."})
     warmup: bool = field(default=True, metadata={"help": "Run one generation before reporting ready."})
     log_level: str = field(default="INFO", metadata={"help": "DEBUG, INFO, WARNING or ERROR."})
+    s3_bucket: str | None = field(
+        default=None, metadata={"help": "S3 bucket for adapter blobs (default: local folder)."}
+    )
+    s3_prefix: str = field(default="", metadata={"help": "Key prefix inside the S3 bucket."})
+    s3_endpoint: str | None = field(
+        default=None, metadata={"help": "S3-compatible endpoint URL (default: AWS)."}
+    )
+    s3_region: str | None = field(default=None, metadata={"help": "S3 region."})
+    blob_cache_mb: int = field(default=2048, metadata={"help": "Local disk cache of S3 blobs in MiB."})
 
     @property
     def address(self) -> str:
