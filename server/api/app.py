@@ -19,11 +19,13 @@ from grpc import aio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from server.api.auth import AuthInterceptor, TokenTable
 from server.api.config import ServerConfig
 from server.api.errors import ErrorInterceptor
 from server.api.lifecycle import GateInterceptor, Lifecycle
 from server.api.pb.loraloom.v1 import service_pb2, service_pb2_grpc
 from server.api.servicer import LoraloomServicer
+from server.api.tls import server_credentials
 
 log = logging.getLogger("loraloom.server")
 
@@ -47,9 +49,19 @@ class LoraloomServer:
         self.servicer = LoraloomServicer(config)
         self.service = None
         self.port = 0
+        self.health_port: int | None = None
         self._stop = asyncio.Event()
+        self.tokens = TokenTable.load(config.tokens_file, config.tokens)
+        self.credentials = server_credentials(config.tls_cert, config.tls_key, config.tls_client_ca)
+        interceptors = [GateInterceptor(self.lifecycle), ErrorInterceptor()]
+        if self.tokens:
+            interceptors.insert(0, AuthInterceptor(self.tokens))
+        self._health_server = None
+        if config.health_port is not None:
+            self._health_server = aio.server(options=[("grpc.so_reuseport", 0)])
+            health_pb2_grpc.add_HealthServicer_to_server(self.lifecycle.health, self._health_server)
         self._server = aio.server(
-            interceptors=[GateInterceptor(self.lifecycle), ErrorInterceptor()],
+            interceptors=interceptors,
             options=[
                 ("grpc.max_send_message_length", config.max_message_bytes),
                 ("grpc.max_receive_message_length", config.max_message_bytes),
@@ -71,12 +83,27 @@ class LoraloomServer:
 
     async def start(self) -> int:
         """Bind and start serving health and reflection; returns the port. Call ``load`` next."""
-        self.port = self._server.add_insecure_port(self.config.address)
+        if self.credentials is not None:
+            self.port = self._server.add_secure_port(self.config.address, self.credentials)
+        else:
+            self.port = self._server.add_insecure_port(self.config.address)
         if not self.port:
             raise OSError(f"cannot listen on {self.config.address}")
+        if self._health_server is not None:
+            health_address = f"{self.config.host}:{self.config.health_port}"
+            self.health_port = self._health_server.add_insecure_port(health_address)
+            if not self.health_port:
+                raise OSError(f"cannot listen on {health_address} (health)")
+            await self._health_server.start()
         await self._server.start()
         await self.lifecycle.start()
-        log.info("listening on %s (readiness NOT_SERVING until the model is warmed up)", self.address)
+        log.info(
+            "listening on %s (%s%s%s; readiness NOT_SERVING until the model is warmed up)",
+            self.address,
+            "mutual TLS" if self.config.tls_client_ca else "TLS" if self.credentials else "plaintext",
+            ", bearer tokens" if self.tokens else "",
+            f", health on {self.config.host}:{self.health_port}" if self.health_port else "",
+        )
         return self.port
 
     async def load(self) -> None:
@@ -107,6 +134,8 @@ class LoraloomServer:
     async def stop(self) -> None:
         await self.lifecycle.stopped()
         await self._server.stop(STOP_GRACE_S)
+        if self._health_server is not None:
+            await self._health_server.stop(0)
         if self.service is not None:
             await asyncio.to_thread(self.service.close)
         log.info("stopped")

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 MiB = 1 << 20
+SECRET_FIELDS = frozenset({"tokens"})
 
 
 @dataclass
@@ -56,6 +57,22 @@ class ServerConfig:
     )
     s3_region: str | None = field(default=None, metadata={"help": "S3 region."})
     blob_cache_mb: int = field(default=2048, metadata={"help": "Local disk cache of S3 blobs in MiB."})
+    tls_cert: Path | None = field(default=None, metadata={"help": "PEM server certificate (turns TLS on)."})
+    tls_key: Path | None = field(default=None, metadata={"help": "PEM private key of tls_cert."})
+    tls_client_ca: Path | None = field(
+        default=None, metadata={"help": "PEM CA bundle: clients must present a certificate it signed (mTLS)."}
+    )
+    tokens_file: Path | None = field(
+        default=None, metadata={"help": "File of '<token> <scope>[,<scope>]' lines (generate, manage)."}
+    )
+    tokens: str | None = field(
+        default=None,
+        repr=False,
+        metadata={"help": "Token entries like tokens_file, separated by ';' (prefer the file)."},
+    )
+    health_port: int | None = field(
+        default=None, metadata={"help": "Also serve plaintext health on this port (kubelet probes; 0: any)."}
+    )
 
     @property
     def address(self) -> str:
@@ -75,7 +92,11 @@ class ServerConfig:
         return self.image_chunk_bytes or max(self.max_message_bytes - 64 * 1024, 1024)
 
     def summary(self) -> str:
-        return " ".join(f"{item.name}={getattr(self, item.name)}" for item in dataclasses.fields(self))
+        shown = []
+        for item in dataclasses.fields(self):
+            value = getattr(self, item.name)
+            shown.append(f"{item.name}={'<hidden>' if item.name in SECRET_FIELDS and value else value}")
+        return " ".join(shown)
 
 
 def env_name(name: str) -> str:

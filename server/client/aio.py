@@ -15,6 +15,7 @@ from adapters.errors import DeadlineExceeded, LoraloomError, Unavailable
 from server.api.pb.loraloom.v1 import adapters_pb2, service_pb2_grpc
 from server.client import _common, convert, types
 from server.client.errors import from_rpc_error
+from server.client.secure import aio_channel
 
 
 class AsyncClient:
@@ -28,12 +29,23 @@ class AsyncClient:
         retries: int = 0,
         max_message_bytes: int = _common.DEFAULT_MAX_MESSAGE_BYTES,
         channel: aio.Channel | None = None,
+        token: str | None = None,
+        tls: bool = False,
+        tls_ca: str | Path | None = None,
+        tls_cert: str | Path | None = None,
+        tls_key: str | Path | None = None,
     ) -> None:
         self.target = target or _common.default_target()
         self.timeout = timeout
         self.retries = retries
-        self._channel = channel or aio.insecure_channel(
-            self.target, options=_common.channel_options(max_message_bytes)
+        self._channel = channel or aio_channel(
+            self.target,
+            _common.channel_options(max_message_bytes),
+            token=token,
+            tls=tls,
+            tls_ca=tls_ca,
+            tls_cert=tls_cert,
+            tls_key=tls_key,
         )
         self._stub = service_pb2_grpc.LoraloomStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)

@@ -13,6 +13,7 @@ from adapters.errors import DeadlineExceeded, LoraloomError, Unavailable
 from server.api.pb.loraloom.v1 import adapters_pb2, service_pb2_grpc
 from server.client import _common, convert, types
 from server.client.errors import from_rpc_error
+from server.client.secure import sync_channel
 
 
 class Client:
@@ -21,6 +22,9 @@ class Client:
     ``timeout`` (seconds) is the default deadline of every call; each method takes its own too.
     ``retries``: how often a unary call is retried after RESOURCE_EXHAUSTED (waiting as the
     server's hint says) or UNAVAILABLE (backing off); uploads and streams are not retried.
+    ``token``: bearer token sent with every call (default ``$LORALOOM_TOKEN``); ``tls``/``tls_ca``:
+    connect over TLS (trusting ``tls_ca``, else the system roots); ``tls_cert``/``tls_key``: the
+    client certificate for mutual TLS.
     """
 
     def __init__(
@@ -31,12 +35,23 @@ class Client:
         retries: int = 0,
         max_message_bytes: int = _common.DEFAULT_MAX_MESSAGE_BYTES,
         channel: grpc.Channel | None = None,
+        token: str | None = None,
+        tls: bool = False,
+        tls_ca: str | Path | None = None,
+        tls_cert: str | Path | None = None,
+        tls_key: str | Path | None = None,
     ) -> None:
         self.target = target or _common.default_target()
         self.timeout = timeout
         self.retries = retries
-        self._channel = channel or grpc.insecure_channel(
-            self.target, options=_common.channel_options(max_message_bytes)
+        self._channel = channel or sync_channel(
+            self.target,
+            _common.channel_options(max_message_bytes),
+            token=token,
+            tls=tls,
+            tls_ca=tls_ca,
+            tls_cert=tls_cert,
+            tls_key=tls_key,
         )
         self._stub = service_pb2_grpc.LoraloomStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
