@@ -262,9 +262,5 @@ def run(quick: bool = False) -> list[Metric]:
             cold_load_ms(tiny, config.cold_repeats),
             cold_load_ms(small, config.cold_repeats),
             mixed_rps(tiny, config.mixed_requests, config.mixed_steps, config.mixed_chunks),
-            *(
-                []
-                if quick
-                else [mixed_rps(tiny, config.mixed_requests, config.mixed_steps, config.mixed_chunks, 1)]
-            ),
+            *([] if quick else [mixed_rps(tiny, 20, config.mixed_steps, 2, max_batch=1)]),
         ]
