@@ -18,7 +18,7 @@ from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-from adapters.errors import InvalidArgument, ResourceExhausted
+from adapters.errors import Cancelled, InvalidArgument, ResourceExhausted
 from adapters.store import AdapterStore
 from adapters.store.models import AdapterPage, AdapterVersion
 from adapters.store.names import parse_ref
@@ -196,6 +196,7 @@ class LoraloomService:
         self.engine = engine
         self.scheduler = scheduler
         self.ready = False
+        self.observers: list[Callable[..., None]] = []
         self._uploads = ThreadPoolExecutor(max_workers=MAX_UPLOADS, thread_name_prefix="loraloom-upload")
         self._upload_slots = threading.BoundedSemaphore(MAX_UPLOADS)
 
@@ -255,8 +256,32 @@ class LoraloomService:
         on_progress: Callable[[Progress], None] | None = None,
         cancel: threading.Event | None = None,
     ) -> Future[GenerateResult]:
-        """Queue a request (raises ResourceExhausted when the queue is full)."""
-        return self.scheduler.submit(request, on_progress=on_progress, cancel=cancel)
+        """Queue a request (raises ResourceExhausted when the queue is full).
+
+        Each of ``observers`` is called ``(request, result, error)`` when it finishes (metrics, logs).
+        """
+        try:
+            future = self.scheduler.submit(request, on_progress=on_progress, cancel=cancel)
+        except BaseException as error:
+            self._notify(request, None, error)
+            raise
+        future.add_done_callback(lambda done: self._finished(request, done))
+        return future
+
+    def _finished(self, request: GenerateRequest, future: Future) -> None:
+        if future.cancelled():
+            self._notify(request, None, Cancelled("cancelled"))
+        elif future.exception() is not None:
+            self._notify(request, None, future.exception())
+        else:
+            self._notify(request, future.result(), None)
+
+    def _notify(self, request, result, error) -> None:
+        for observer in self.observers:
+            try:
+                observer(request, result, error)
+            except Exception:  # an observer must never fail a request
+                log.exception("observer %r failed", observer)
 
     @staticmethod
     def encode(result: GenerateResult, image_format: str = "png") -> list[EncodedImage]:

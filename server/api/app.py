@@ -23,6 +23,7 @@ from server.api.auth import AuthInterceptor, TokenTable
 from server.api.config import ServerConfig
 from server.api.errors import ErrorInterceptor
 from server.api.lifecycle import GateInterceptor, Lifecycle
+from server.api.logging import RequestLogger, configure
 from server.api.pb.loraloom.v1 import service_pb2, service_pb2_grpc
 from server.api.servicer import LoraloomServicer
 from server.api.tls import server_credentials
@@ -56,6 +57,12 @@ class LoraloomServer:
         interceptors = [GateInterceptor(self.lifecycle), ErrorInterceptor()]
         if self.tokens:
             interceptors.insert(0, AuthInterceptor(self.tokens))
+        self.metrics = None
+        if config.metrics_port is not None:
+            from server.api.metrics import Metrics
+
+            self.metrics = Metrics()
+            interceptors.insert(0, self.metrics.interceptor())
         self._health_server = None
         if config.health_port is not None:
             self._health_server = aio.server(options=[("grpc.so_reuseport", 0)])
@@ -95,6 +102,9 @@ class LoraloomServer:
             if not self.health_port:
                 raise OSError(f"cannot listen on {health_address} (health)")
             await self._health_server.start()
+        if self.metrics is not None:
+            port = self.metrics.serve(self.config.host, self.config.metrics_port)
+            log.info("metrics on http://%s:%d/metrics", self.config.host, port)
         await self._server.start()
         await self.lifecycle.start()
         log.info(
@@ -110,6 +120,11 @@ class LoraloomServer:
         """Load the base model and warm up (in a thread), then report ready."""
         self.service = await asyncio.to_thread(self.factory, self.config)
         self.servicer.service = self.service
+        observers = getattr(self.service, "observers", None)
+        if observers is not None:
+            observers.append(RequestLogger(self.config.log_prompts))
+        if self.metrics is not None:
+            self.metrics.attach(self.service)
         await asyncio.to_thread(self.service.warmup)
         await self.lifecycle.mark_ready()
         log.info("ready: serving loraloom.v1 on %s", self.address)
@@ -136,6 +151,8 @@ class LoraloomServer:
         await self._server.stop(STOP_GRACE_S)
         if self._health_server is not None:
             await self._health_server.stop(0)
+        if self.metrics is not None:
+            self.metrics.close()
         if self.service is not None:
             await asyncio.to_thread(self.service.close)
         log.info("stopped")
@@ -166,10 +183,7 @@ async def serve(config: ServerConfig, service_factory: ServiceFactory | None = N
 
 def run(config: ServerConfig) -> int:
     """The body of ``loraloom serve``."""
-    logging.basicConfig(
-        level=getattr(logging, config.log_level.upper(), logging.INFO),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    configure(config.log_level, config.log_format)
     log.info("configuration: %s", config.summary())
     return asyncio.run(serve(config))
 

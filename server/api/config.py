@@ -70,6 +70,15 @@ class ServerConfig:
         repr=False,
         metadata={"help": "Token entries like tokens_file, separated by ';' (prefer the file)."},
     )
+    metrics_port: int | None = field(
+        default=None, metadata={"help": "Serve Prometheus /metrics over HTTP on this port (0: any)."}
+    )
+    log_format: str = field(
+        default="text", metadata={"help": "Log format: text or json (one object a line)."}
+    )
+    log_prompts: bool = field(
+        default=False, metadata={"help": "Log prompts in clear (default: only their sha256)."}
+    )
     health_port: int | None = field(
         default=None, metadata={"help": "Also serve plaintext health on this port (kubelet probes; 0: any)."}
     )

@@ -1,0 +1,83 @@
+"""Structured logs: a JSON formatter and one record per finished generation.
+
+Each generation record carries the request id, the blend signature, the seed, the
+adapters and the timings; the prompt is logged as its sha256 unless ``log_prompts`` is
+on (prompts may be personal data).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from typing import Any
+
+REQUEST_LOG = logging.getLogger("loraloom.requests")
+_STANDARD = set(vars(logging.makeLogRecord({}))) | {"message", "asctime"}
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: time, level, logger, message, and every ``extra=`` field."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry: dict[str, Any] = {
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+            + f".{int(record.msecs):03d}Z",
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        for key, value in vars(record).items():
+            if key not in _STANDARD and not key.startswith("_"):
+                entry[key] = value
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry, default=str)
+
+
+def configure(level: str, fmt: str = "text") -> None:
+    """Root logging: ``fmt`` "json" (one object a line) or "text"."""
+    handler = logging.StreamHandler()
+    if fmt == "json":
+        handler.setFormatter(JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(getattr(logging, level.upper(), logging.INFO))
+
+
+def prompt_digest(prompt: str) -> str:
+    return hashlib.sha256(prompt.encode()).hexdigest()[:16]
+
+
+class RequestLogger:
+    """A service observer: logs each finished generation on ``loraloom.requests``."""
+
+    def __init__(self, log_prompts: bool = False, logger: logging.Logger = REQUEST_LOG) -> None:
+        self.log_prompts = log_prompts
+        self.logger = logger
+
+    def __call__(self, request, result=None, error: BaseException | None = None) -> None:
+        fields: dict[str, Any] = {
+            "request_id": request.request_id,
+            "prompt_sha256": prompt_digest(request.prompt),
+            "adapters": [f"{ref}:{weight:g}" for ref, weight in request.adapters],
+        }
+        if self.log_prompts:
+            fields["prompt"] = request.prompt
+        if result is not None:
+            fields.update(
+                blend_signature=result.blend_signature,
+                seed=result.parameters.seed,
+                steps=result.parameters.steps,
+                queue_ms=round(result.timings.queue_ms, 1),
+                swap_ms=round(result.timings.swap_ms, 1),
+                denoise_ms=round(result.timings.denoise_ms, 1),
+                status="OK",
+            )
+            self.logger.info("generated", extra=fields)
+        else:
+            fields.update(seed=request.seed, status=type(error).__name__)
+            self.logger.info("generation failed: %s", error, extra=fields)

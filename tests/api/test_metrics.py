@@ -1,0 +1,100 @@
+"""Prometheus endpoint and structured request logs, scraped and read after real requests."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+import urllib.request
+
+import grpc
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from adapters import errors
+from server.api.logging import JsonFormatter, prompt_digest
+from server.client import Client
+from server.client.errors import ServerError
+from tests.api.helpers import adapter_bytes, micro_config
+
+PROMPT = "a secret red circle"
+
+
+@pytest.fixture(scope="module")
+def metered(tmp_path_factory):
+    from server.api.app import ServerThread
+
+    config = micro_config(
+        tmp_path_factory.mktemp("home"), metrics_port=0, cache_mb=1, tokens="tok generate,manage"
+    )
+    with ServerThread(config) as running:
+        yield running
+
+
+def scrape(running) -> dict[tuple[str, tuple], float]:
+    port = running.server.metrics.port
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    samples = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            samples[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    return samples
+
+
+def value(samples, name: str, **labels) -> float:
+    return samples.get((name, tuple(sorted(labels.items()))), 0.0)
+
+
+def test_metrics_move_with_real_requests(metered, micro_shapes, caplog):
+    before = scrape(metered)
+    assert value(before, "loraloom_queue_depth") == 0
+    with Client(metered.address, timeout=60, token="tok") as client:
+        client.upload_adapter(adapter_bytes(micro_shapes, seed=1, rank=32), "big-a")
+        client.upload_adapter(adapter_bytes(micro_shapes, seed=2, rank=32), "big-b")
+        with caplog.at_level(logging.INFO, logger="loraloom.requests"):
+            for name in ("big-a", "big-a", "big-b", "big-a"):  # miss, hit, miss (evicts a), miss
+                client.generate(PROMPT, adapters=[f"{name}:0.7"], steps=1, seed=5, request_id=f"req-{name}")
+        with pytest.raises(errors.NotFound):
+            client.generate(PROMPT, adapters=["nobody:1"], steps=1)
+    with Client(metered.address, timeout=10, token="wrong") as bad, pytest.raises(ServerError) as caught:
+        bad.server_info()
+    assert caught.value.code == grpc.StatusCode.UNAUTHENTICATED
+
+    # an aborted call's status can reach the client a moment before the interceptor counts it
+    deadline = time.monotonic() + 10
+    while True:
+        after = scrape(metered)
+        counted = value(after, "loraloom_request_duration_seconds_count", method="GetServerInfo")
+        if (counted and value(after, "loraloom_request_duration_seconds_count", method="Generate") == 5) or (
+            time.monotonic() > deadline
+        ):
+            break
+        time.sleep(0.1)
+    assert value(after, "loraloom_requests_total", method="Generate", code="OK") == 4
+    assert value(after, "loraloom_requests_total", method="Generate", code="NOT_FOUND") == 1
+    assert value(after, "loraloom_requests_total", method="UploadAdapter", code="OK") == 2
+    assert value(after, "loraloom_requests_total", method="GetServerInfo", code="UNAUTHENTICATED") == 1
+    assert value(after, "loraloom_request_duration_seconds_count", method="Generate") == 5
+    assert value(after, "loraloom_request_duration_seconds_sum", method="Generate") > 0
+    assert value(after, "loraloom_queue_wait_seconds_count") == 4
+    assert value(after, "loraloom_swap_duration_seconds_count") >= 3
+    assert value(after, "loraloom_swaps_total") >= 3 and value(after, "loraloom_swap_seconds_total") > 0
+    assert value(after, "loraloom_adapter_cache_hits_total") >= 1
+    assert value(after, "loraloom_adapter_cache_misses_total") >= 3
+    assert value(after, "loraloom_adapter_cache_evictions_total") >= 1
+    assert (
+        0
+        < value(after, "loraloom_adapter_cache_bytes")
+        <= value(after, "loraloom_adapter_cache_capacity_bytes")
+    )
+    assert value(after, "loraloom_adapter_requests_total", adapter="big-a") == 3
+    assert value(after, "loraloom_adapter_requests_total", adapter="big-b") == 1
+    assert value(after, "loraloom_adapter_requests_total", adapter="nobody") == 1
+    assert ("loraloom_queue_depth", ()) in after and ("loraloom_requests_running", ()) in after
+
+    records = [record for record in caplog.records if record.name == "loraloom.requests"]
+    assert len(records) == 4
+    line = json.loads(JsonFormatter().format(records[0]))
+    assert line["request_id"] == "req-big-a" and line["seed"] == 5 and line["blend_signature"]
+    assert line["prompt_sha256"] == prompt_digest(PROMPT) and line["message"] == "generated"
+    assert all(PROMPT not in JsonFormatter().format(record) for record in records)
