@@ -39,6 +39,19 @@ def register(app: typer.Typer) -> None:
         grace_s: Annotated[float | None, _opt("grace_s", "--grace-s")] = None,
         warmup: Annotated[bool | None, _opt("warmup", "--warmup/--no-warmup")] = None,
         log_level: Annotated[str | None, _opt("log_level", "--log-level")] = None,
+        s3_bucket: Annotated[str | None, _opt("s3_bucket", "--s3-bucket")] = None,
+        s3_prefix: Annotated[str | None, _opt("s3_prefix", "--s3-prefix")] = None,
+        s3_endpoint: Annotated[str | None, _opt("s3_endpoint", "--s3-endpoint")] = None,
+        s3_region: Annotated[str | None, _opt("s3_region", "--s3-region")] = None,
+        blob_cache_mb: Annotated[int | None, _opt("blob_cache_mb", "--blob-cache-mb")] = None,
+        tls_cert: Annotated[Path | None, _opt("tls_cert", "--tls-cert")] = None,
+        tls_key: Annotated[Path | None, _opt("tls_key", "--tls-key")] = None,
+        tls_client_ca: Annotated[Path | None, _opt("tls_client_ca", "--tls-client-ca")] = None,
+        tokens_file: Annotated[Path | None, _opt("tokens_file", "--tokens-file")] = None,
+        health_port: Annotated[int | None, _opt("health_port", "--health-port")] = None,
+        metrics_port: Annotated[int | None, _opt("metrics_port", "--metrics-port")] = None,
+        log_format: Annotated[str | None, _opt("log_format", "--log-format")] = None,
+        log_prompts: Annotated[bool | None, _opt("log_prompts", "--log-prompts/--no-log-prompts")] = None,
     ) -> None:
         """Serve the gRPC API (no flags: built-in model "tiny", local store, 127.0.0.1:50051)."""
         from server.api.config import from_env
