@@ -205,3 +205,26 @@ def test_token_table_parsing_and_secrets_not_logged(tmp_path):
     from server.api.config import from_env
 
     assert from_env({"LORALOOM_HEALTH_PORT": "8081", "LORALOOM_TLS_CERT": "/x.crt"}).health_port == 8081
+
+
+def test_async_client_sends_token_over_mutual_tls(secured):
+    import asyncio
+
+    from server.client.aio import AsyncClient
+
+    running, pki = secured
+
+    async def main():
+        options = dict(timeout=30, tls_ca=pki.ca, tls_cert=pki.client_cert, tls_key=pki.client_key)
+        async with AsyncClient(running.address, token=GEN, **options) as client:
+            info = await client.server_info()
+            result = await client.generate("a circle", steps=1, seed=3)
+            streamed = await client.generate("a circle", steps=1, seed=3, on_event=lambda event: None)
+        async with AsyncClient(running.address, token=MGR, **options) as manager:
+            with pytest.raises(ServerError) as caught:
+                await manager.generate("a circle", steps=1)
+        return info, result, streamed, caught.value.code
+
+    info, result, streamed, code = asyncio.run(main())
+    assert info.base_model and result.images and streamed.images
+    assert code == grpc.StatusCode.PERMISSION_DENIED
