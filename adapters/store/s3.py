@@ -82,7 +82,11 @@ def _error_code(exc: Exception) -> str:
 class S3BlobStorage(BlobStorage):
     """Blobs at ``s3://bucket/<prefix><sha[:2]>/<sha>``; a byte-bounded LRU cache in ``cache_dir``."""
 
-    def __init__(self, settings: S3Settings, cache_dir: Path | str, *, client: Any = None) -> None:
+    def __init__(
+        self, settings: S3Settings, cache_dir: Path | str, *, client: Any = None, protect_s: float = 30.0
+    ) -> None:
+        """``protect_s``: a blob handed out by ``path`` is not evicted for this long (its reader may
+        not have opened it yet); the cache may overshoot its budget meanwhile."""
         if settings.cache_bytes <= 0:
             raise InvalidArgument("the blob cache budget must be positive (LORALOOM_BLOB_CACHE_MB)")
         prefix = settings.prefix.strip("/")
@@ -99,6 +103,8 @@ class S3BlobStorage(BlobStorage):
         self.client = client
         self._lock = threading.Lock()
         self._lru: OrderedDict[str, int] = OrderedDict()
+        self._handed_out: dict[str, float] = {}
+        self.protect_s = protect_s
         self._cached_bytes = 0
         self.hits = self.misses = self.evictions = 0
         self._scan_cache()
@@ -188,6 +194,7 @@ class S3BlobStorage(BlobStorage):
         with self._lock:
             if sha256 in self._lru and final.is_file():
                 self._lru.move_to_end(sha256)
+                self._handed_out[sha256] = time.monotonic()
                 self.hits += 1
                 return final
             self.misses += 1
@@ -275,7 +282,7 @@ class S3BlobStorage(BlobStorage):
             for _mtime, sha256, size in sorted(found):
                 self._lru[sha256] = size
                 self._cached_bytes += size
-            self._evict(keep=None)
+            self._evict()
 
     def _add_to_cache(self, source: Path, sha256: str) -> None:
         """Copy (or move, for our own temp files) verified bytes into the cache under their name."""
@@ -299,19 +306,24 @@ class S3BlobStorage(BlobStorage):
             previous = self._lru.pop(sha256, None)
             self._cached_bytes += size - (previous or 0)
             self._lru[sha256] = size
-            self._evict(keep=sha256)
+            self._handed_out[sha256] = time.monotonic()
+            self._evict()
 
-    def _evict(self, keep: str | None) -> None:
-        """Drop least recently used blobs past the budget (never ``keep``, the one just added)."""
-        while self._cached_bytes > self.settings.cache_bytes and len(self._lru) > (1 if keep else 0):
-            oldest = next(iter(self._lru))
-            if oldest == keep:
-                self._lru.move_to_end(oldest)
+    def _evict(self) -> None:
+        """Drop least recently used blobs past the budget, except those handed out within ``protect_s``."""
+        now = time.monotonic()
+        self._handed_out = {
+            sha: moment for sha, moment in self._handed_out.items() if now - moment < self.protect_s
+        }
+        for candidate in list(self._lru):
+            if self._cached_bytes <= self.settings.cache_bytes:
+                break
+            if candidate in self._handed_out:
                 continue
-            size = self._lru.pop(oldest)
+            size = self._lru.pop(candidate)
             self._cached_bytes -= size
             self.evictions += 1
-            self._cached(oldest).unlink(missing_ok=True)
+            self._cached(candidate).unlink(missing_ok=True)
 
 
 class _Download:

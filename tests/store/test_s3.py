@@ -86,7 +86,7 @@ def test_cache_is_lru_bounded_by_bytes(s3_settings, tmp_path):
     writer = S3BlobStorage(s3_settings, tmp_path / "writer")
     blobs = [os.urandom(400_000) for _ in range(3)]
     digests = [writer.put(io.BytesIO(data)).sha256 for data in blobs]
-    reader = S3BlobStorage(replace(s3_settings, cache_bytes=900_000), tmp_path / "reader")
+    reader = S3BlobStorage(replace(s3_settings, cache_bytes=900_000), tmp_path / "reader", protect_s=0)
     reader.path(digests[0])
     reader.path(digests[1])
     reader.path(digests[0])  # 0 is now the most recently used
@@ -96,9 +96,19 @@ def test_cache_is_lru_bounded_by_bytes(s3_settings, tmp_path):
     cached = {entry.name for entry in (tmp_path / "reader").glob("??/*")}
     assert cached == {digests[0], digests[2]}
     # a restart adopts the cache it left behind
-    again = S3BlobStorage(replace(s3_settings, cache_bytes=900_000), tmp_path / "reader")
+    again = S3BlobStorage(replace(s3_settings, cache_bytes=900_000), tmp_path / "reader", protect_s=0)
     assert again.cache_stats()["blobs"] == 2
     assert again.path(digests[2]).read_bytes() == blobs[2] and again.cache_stats()["hits"] == 1
+
+
+def test_paths_just_handed_out_are_not_evicted(s3_settings, tmp_path):
+    """A reader that got a path but has not opened it yet keeps its file; the budget overshoots a while."""
+    writer = S3BlobStorage(s3_settings, tmp_path / "writer")
+    digests = [writer.put(io.BytesIO(os.urandom(400_000))).sha256 for _ in range(3)]
+    reader = S3BlobStorage(replace(s3_settings, cache_bytes=900_000), tmp_path / "reader", protect_s=60)
+    paths = [reader.path(digest) for digest in digests]
+    assert all(path.is_file() for path in paths)
+    assert reader.cache_stats()["evictions"] == 0 and reader.cached_bytes == 1_200_000
 
 
 def test_settings_from_env():
