@@ -232,7 +232,12 @@ class LoraloomService:
             limits=_limits(config),
             before_step=before_step,
         )
-        scheduler = Scheduler(engine, max_queue=config.max_queue, max_group_skips=config.max_group_skips)
+        scheduler = Scheduler(
+            engine,
+            max_queue=config.max_queue,
+            max_group_skips=config.max_group_skips,
+            max_batch=config.max_batch,
+        )
         return cls(config, base, store, engine, scheduler)
 
     def warmup(self) -> None:

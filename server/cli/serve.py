@@ -30,6 +30,8 @@ def register(app: typer.Typer) -> None:
         home: Annotated[Path | None, _opt("home", "--home")] = None,
         store_db_url: Annotated[str | None, _opt("store_db_url", "--store-db-url")] = None,
         max_queue: Annotated[int | None, _opt("max_queue", "--max-queue")] = None,
+        max_group_skips: Annotated[int | None, _opt("max_group_skips", "--max-group-skips")] = None,
+        max_batch: Annotated[int | None, _opt("max_batch", "--max-batch")] = None,
         cache_mb: Annotated[int | None, _opt("cache_mb", "--cache-mb")] = None,
         max_message_mb: Annotated[int | None, _opt("max_message_mb", "--max-message-mb")] = None,
         max_upload_mb: Annotated[int | None, _opt("max_upload_mb", "--max-upload-mb")] = None,
