@@ -1,0 +1,143 @@
+"""ONNX Runtime (CPU) UNet with hot-swap by writing into bound weight buffers.
+
+The UNet is exported with every adapter-targetable weight as a graph input
+(``onnx_export``, ``weights="inputs"``). Each such input is bound once, through
+an ``IOBinding``, to an ``OrtValue`` that shares memory with a numpy buffer; a
+swap writes ``W0 + B @ A`` (from the pristine base tensor, never from the
+previous blend) into those buffers in place. No session is created or re-bound
+on a swap, and a step costs the same whatever blend is loaded.
+
+``OrtUnet`` is called like a diffusers UNet in ``server.engine.denoise``
+(``unet(sample, t, encoder_hidden_states=..., return_dict=False)[0]``);
+``with_unet`` gives a pipeline view whose UNet is this one. Only ``unet.*``
+keys are written here; the text encoder stays in torch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from server.backends.onnx_export import (
+    HIDDEN,
+    OUTPUT,
+    SAMPLE,
+    TIMESTEP,
+    ExportSettings,
+    export_unet,
+    unet_targets,
+)
+from server.engine.fuse import BlendPlan
+
+
+@dataclass(frozen=True)
+class _Config:
+    """What the denoising loop reads from ``unet.config``."""
+
+    in_channels: int
+    time_cond_proj_dim: int | None
+    sample_size: int
+
+
+class OrtUnet:
+    """The UNet forward on ONNX Runtime, with its target weights in shared, bound buffers."""
+
+    def __init__(self, pipeline, fingerprint: str, *, threads: int | None = None, folder=None) -> None:
+        import onnxruntime as ort
+
+        unet = pipeline.unet
+        self.exported = export_unet(pipeline, fingerprint, ExportSettings(weights="inputs"), folder=folder)
+        targets = unet_targets(pipeline)
+        # The base's own tensors (copied once: the torch model may be swapped by the engine).
+        self._pristine = {
+            key: module.weight.detach().to(torch.float32).contiguous().clone()
+            for key, module in targets.items()
+        }
+        self._buffers = {key: tensor.numpy().copy() for key, tensor in self._pristine.items()}
+        self._views = {key: torch.from_numpy(buffer) for key, buffer in self._buffers.items()}
+        self._touched: set[str] = set()
+        self.signature: tuple[tuple[str, float], ...] = ()
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if threads:
+            options.intra_op_num_threads = threads
+        self.session = ort.InferenceSession(
+            str(self.exported.path), options, providers=["CPUExecutionProvider"]
+        )
+        self._binding = self.session.io_binding()
+        # Keep the OrtValues alive: they alias the numpy buffers written on every swap.
+        self._values = {
+            key: ort.OrtValue.ortvalue_from_numpy(buffer) for key, buffer in self._buffers.items()
+        }
+        for key, value in self._values.items():
+            self._binding.bind_ortvalue_input(key, value)
+        self.config = _Config(
+            in_channels=unet.config.in_channels,
+            time_cond_proj_dim=unet.config.time_cond_proj_dim,
+            sample_size=unet.config.sample_size,
+        )
+        self.device = torch.device("cpu")
+        self.dtype = torch.float32
+
+    @property
+    def weight_keys(self) -> tuple[str, ...]:
+        return tuple(self._buffers)
+
+    def buffer(self, key: str) -> np.ndarray:
+        """The bound buffer of ``key`` (what the session reads on the next call)."""
+        return self._buffers[key]
+
+    @torch.no_grad()
+    def apply(self, plan: BlendPlan | None) -> int:
+        """Write ``plan``'s UNet weights (``None``: base) into the bound buffers; returns modules written."""
+        factors = {k: v for k, v in (plan.factors.items() if plan is not None else ()) if k in self._buffers}
+        written = 0
+        for key in self._touched - set(factors):
+            self._views[key].copy_(self._pristine[key])
+            written += 1
+        for key, (down, up) in factors.items():
+            base = self._pristine[key]
+            rows = base.shape[0]
+            torch.addmm(
+                base.view(rows, -1),
+                up.to(torch.float32),
+                down.to(torch.float32),
+                out=self._views[key].view(rows, -1),
+            )
+            written += 1
+        self._touched = set(factors)
+        self.signature = plan.signature if plan is not None else ()
+        return written
+
+    def __call__(self, sample, timestep, encoder_hidden_states=None, return_dict: bool = False, **_: Any):
+        batch = sample.shape[0]
+        steps = torch.as_tensor(timestep, dtype=torch.float32).reshape(-1).expand(batch)
+        binding = self._binding
+        binding.bind_cpu_input(SAMPLE, np.ascontiguousarray(sample.detach().to(torch.float32).numpy()))
+        binding.bind_cpu_input(TIMESTEP, np.ascontiguousarray(steps.numpy()))
+        binding.bind_cpu_input(
+            HIDDEN, np.ascontiguousarray(encoder_hidden_states.detach().to(torch.float32).numpy())
+        )
+        binding.bind_output(OUTPUT)
+        self.session.run_with_iobinding(binding)
+        out = torch.from_numpy(binding.copy_outputs_to_cpu()[0])
+        return (out.to(sample.dtype),)
+
+
+class _PipelineView:
+    """A pipeline whose ``unet`` is replaced; every other attribute is the original's."""
+
+    def __init__(self, pipeline, unet) -> None:
+        self._pipeline = pipeline
+        self.unet = unet
+
+    def __getattr__(self, name: str):
+        return getattr(self._pipeline, name)
+
+
+def with_unet(pipeline, unet) -> Any:
+    """``pipeline`` with ``unet`` in place of its UNet, for ``server.engine.denoise``."""
+    return _PipelineView(pipeline, unet)
