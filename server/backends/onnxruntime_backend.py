@@ -64,6 +64,8 @@ class OrtUnet:
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         if threads:
             options.intra_op_num_threads = threads
+        # Idle pool threads would otherwise spin after each run and starve torch's kernels.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self.session = ort.InferenceSession(
             str(self.exported.path), options, providers=["CPUExecutionProvider"]
         )
@@ -93,6 +95,14 @@ class OrtUnet:
     @torch.no_grad()
     def apply(self, plan: BlendPlan | None) -> int:
         """Write ``plan``'s UNet weights (``None``: base) into the bound buffers; returns modules written."""
+        previous = torch.get_num_threads()
+        torch.set_num_threads(1)  # many small addmm: a thread pool costs more than it saves (see fuse)
+        try:
+            return self._apply(plan)
+        finally:
+            torch.set_num_threads(previous)
+
+    def _apply(self, plan: BlendPlan | None) -> int:
         factors = {k: v for k, v in (plan.factors.items() if plan is not None else ()) if k in self._buffers}
         written = 0
         for key in self._touched - set(factors):
