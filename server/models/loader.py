@@ -1,9 +1,10 @@
 """The one place that loads a base model; the server and the trainer both call it.
 
 A source is the name of a built-in model (``micro``, ``tiny``, ``small``: built
-from a seed by the factory), a diffusers folder, or a single-file SD 1.x
-``.safetensors`` checkpoint. Only safetensors weights are read: pickle
-checkpoints (``.ckpt``, ``.bin``, ``.pt``) are refused, never unpickled.
+from a seed by the factory; ``toy``: trained weights shipped in ``data/toy``),
+a diffusers folder, or a single-file SD 1.x ``.safetensors`` checkpoint. Only
+safetensors weights are read: pickle checkpoints (``.ckpt``, ``.bin``, ``.pt``)
+are refused, never unpickled.
 """
 
 from __future__ import annotations
@@ -77,8 +78,12 @@ class BaseModel:
         return BaseModelRef(architecture=self.architecture, fingerprint=self.fingerprint)
 
 
+# Built-in names that are trained weights shipped in the repo, not seeded factory builds.
+BUILTIN_FOLDERS: dict[str, Path] = {"toy": Path(__file__).parent / "data" / "toy"}
+
+
 def builtin_models() -> tuple[str, ...]:
-    return tuple(factory.SPECS)
+    return tuple(dict.fromkeys((*factory.SPECS, *BUILTIN_FOLDERS)))
 
 
 def load_base_model(
@@ -91,7 +96,10 @@ def load_base_model(
     quiet_library_noise()
     started = time.perf_counter()
     text = str(source)
-    if text in factory.SPECS:
+    if text in BUILTIN_FOLDERS:
+        pipeline = _load_path(BUILTIN_FOLDERS[text], dtype)
+        name = text
+    elif text in factory.SPECS:
         pipeline = factory.build_pipeline(text, seed=0, dtype=dtype)
         name = text
     else:

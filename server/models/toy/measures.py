@@ -2,7 +2,8 @@
 
 Backgrounds in the toy data are neutral (white, gray, black), shapes are fully
 saturated, so the shape's pixels are the ones with high chroma (max - min of
-R, G, B).
+R, G, B). Images are first white-balanced on their border (:func:`neutralize`),
+so a generated image with a tinted background is still judged on its shape.
 
 - Color: the hue histogram of the high-chroma pixels, voted into the six named
   hues (each owns +-30 degrees); no saturated pixels means no color (a miss).
@@ -36,9 +37,25 @@ CLASSIFIER_SEED = 7919
 CLASSIFIER_SAMPLES = 8000
 
 
+BORDER = 3
+
+
 def _as_array(image: Image.Image | np.ndarray) -> np.ndarray:
     array = np.asarray(image.convert("RGB") if isinstance(image, Image.Image) else image)
-    return array.astype(np.float32) / 255.0
+    return neutralize(array.astype(np.float32) / 255.0)
+
+
+def neutralize(rgb: np.ndarray) -> np.ndarray:
+    """White-balance on the background: shift colors so the border's median becomes neutral gray.
+
+    Drawn images already have neutral backgrounds (a no-op there); a generated
+    image whose whole background came out tinted is judged on its shape's
+    color relative to that background, as a viewer would.
+    """
+    edges = (rgb[:BORDER], rgb[-BORDER:], rgb[:, :BORDER], rgb[:, -BORDER:])
+    frame = np.concatenate([edge.reshape(-1, 3) for edge in edges])
+    background = np.median(frame, axis=0)
+    return np.clip(rgb - (background - background.mean()), 0.0, 1.0)
 
 
 def chroma(image: Image.Image | np.ndarray) -> np.ndarray:
