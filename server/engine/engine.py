@@ -113,6 +113,7 @@ class Engine:
         plan_cache_bytes: int | None = None,
         limits: Limits | None = None,
         before_step: BeforeStep | None = None,
+        backend: str = "torch",
     ) -> None:
         """``base`` is a ``server.models.loader.BaseModel``.
 
@@ -122,6 +123,8 @@ class Engine:
         a quarter of ``cache_bytes``).
         ``before_step(index, total)`` is a seam called before every denoising step
         (fault injection in tests: a slow step, a failure).
+        ``backend`` runs the UNet on ``torch`` (the pipeline itself) or ``onnxruntime``
+        (``server.backends``: same denoising loop, blends written into its bound weights).
         """
         self.base = base
         self.pipeline = base.pipeline
@@ -135,6 +138,11 @@ class Engine:
         self.limits = limits or Limits()
         self._before_step = before_step
         self._fused = FusedWeights(targets)
+        from server.backends.select import unet_backend, with_backend
+
+        self.backend = backend
+        self._unet = unet_backend(backend, base)  # before any blend: it copies the base weights
+        self._run_pipeline = with_backend(self.pipeline, self._unet)
         self._cache: ByteLRU[PreparedAdapter] = ByteLRU(cache_bytes)
         self._plans: ByteLRU[BlendPlan] = ByteLRU(
             cache_bytes // 4 if plan_cache_bytes is None else plan_cache_bytes
@@ -294,7 +302,10 @@ class Engine:
         if signature == self._fused.signature:
             return 0.0
         started = time.perf_counter()
-        self._fused.apply(self._plan(prepared) if prepared else None)
+        plan = self._plan(prepared) if prepared else None
+        self._fused.apply(plan)
+        if self._unet is not None:
+            self._unet.apply(plan)
         swap_ms = (time.perf_counter() - started) * 1000.0
         self._swaps += 1
         self._swap_ms_total += swap_ms
@@ -441,7 +452,10 @@ class Engine:
             if live:
                 try:
                     batch = denoise_batch(
-                        self.pipeline, [jobs[n] for n in live], before_step=before_step, after_step=after_step
+                        self._run_pipeline,
+                        [jobs[n] for n in live],
+                        before_step=before_step,
+                        after_step=after_step,
                     )
                     outputs = dict(zip(live, batch, strict=True))
                 except _Stopped:
