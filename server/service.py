@@ -231,6 +231,7 @@ class LoraloomService:
             cache_bytes=config.cache_mb << 20,
             limits=_limits(config),
             before_step=before_step,
+            backend=config.backend,
         )
         scheduler = Scheduler(
             engine,
