@@ -28,7 +28,7 @@ class ServerConfig:
     dtype: str = field(default="float32", metadata={"help": "float32, float16 or bfloat16."})
     backend: str = field(
         default="torch",
-        metadata={"help": "UNet backend: torch, or onnxruntime (CPU float32; ~5x faster per step on small)."},
+        metadata={"help": "UNet backend: torch, or onnxruntime (CPU float32; see bench backends)."},
     )
     home: Path | None = field(default=None, metadata={"help": "Data folder (default: LORALOOM_HOME)."})
     store_db_url: str | None = field(
