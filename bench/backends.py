@@ -1,7 +1,9 @@
 """Suite ``backends``: the UNet on each available backend beside torch eager, on ``small``.
 
 - ``step_ratio_small_<backend>``: ms per UNet step (batch 2, as with guidance);
-  the peer is torch eager on the same threads. Ratio > 1: the backend is faster.
+  the peer is torch eager on the same threads, timed in alternation with it
+  (torch's thread pool suffers most on a busy machine: medians vary 0.3-8 s here).
+  Ratio > 1: the backend is faster.
 - ``swap_small_<backend>``: ms to write a rank-8 blend over the attention
   projections into the backend's weights; the peer is the torch fused path
   writing the same blend into its scratch buffers (a materialized blend only
@@ -41,6 +43,18 @@ def _median_ms(call, repeats: int) -> float:
         call()
         samples.append(time.perf_counter() - started)
     return statistics.median(samples) * 1000.0
+
+
+def _interleaved_ms(first, second, repeats: int) -> tuple[float, float]:
+    """Median ms of each, timed in alternation so a busy machine slows both alike."""
+    first(), second()
+    samples: tuple[list[float], list[float]] = ([], [])
+    for _ in range(repeats):
+        for call, times in ((first, samples[0]), (second, samples[1])):
+            started = time.perf_counter()
+            call()
+            times.append(time.perf_counter() - started)
+    return statistics.median(samples[0]) * 1000.0, statistics.median(samples[1]) * 1000.0
 
 
 def _matmul_flops_per_s(repeats: int) -> float:
@@ -103,10 +117,11 @@ def run(quick: bool = False) -> list[Metric]:
     inputs = example_inputs(pipeline.unet, batch=2)
     sample, timestep, hidden = inputs
     with torch.no_grad():
-        step_torch = _median_ms(
-            lambda: pipeline.unet(sample, timestep, encoder_hidden_states=hidden), repeats
+        step_torch, step_ort = _interleaved_ms(
+            lambda: pipeline.unet(sample, timestep, encoder_hidden_states=hidden),
+            lambda: ort_unet(sample, timestep, encoder_hidden_states=hidden),
+            repeats,
         )
-    step_ort = _median_ms(lambda: ort_unet(sample, timestep, encoder_hidden_states=hidden), repeats)
 
     fused.apply(plans[0])
     ort_unet.apply(plans[0])
