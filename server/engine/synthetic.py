@@ -49,15 +49,9 @@ def random_adapter(
 def diffusers_file(adapter: LoraAdapter, pipeline) -> bytes:
     """``adapter`` as a diffusers LoRA file that this pipeline's ``load_lora_weights`` accepts.
 
-    Text-encoder keys are written in the installed transformers' module layout
-    (without ``text_model.`` since transformers 5.6): diffusers 0.42 looks the
-    file's names up verbatim. ``adapters.formats.load_adapter`` reads both spellings.
+    Text-encoder keys follow this pipeline's module layout (without ``text_model.``
+    for a flattened transformers CLIP): diffusers 0.42 looks names up verbatim.
     """
     from adapters.formats import to_diffusers
 
-    flat = not hasattr(pipeline.text_encoder, "text_model")
-    modules = {
-        (key.replace("text_encoder.text_model.", "text_encoder.", 1) if flat else key): module
-        for key, module in adapter.modules.items()
-    }
-    return to_diffusers(LoraAdapter(modules=modules, metadata=dict(adapter.metadata), base=adapter.base))
+    return to_diffusers(adapter, flat_text_encoder=not hasattr(pipeline.text_encoder, "text_model"))
