@@ -33,6 +33,7 @@ from adapters.errors import (
 )
 from adapters.validation import validate_against_base
 from server.engine.cache import ByteLRU
+from server.engine.compiled import CompileSettings, compile_engine_unet
 from server.engine.denoise import BeforeStep, DenoiseJob, DenoiseOutput, batchable, denoise_batch
 from server.engine.fuse import BlendPlan, FusedWeights, PreparedAdapter
 from server.engine.preview import latent_preview
@@ -114,6 +115,7 @@ class Engine:
         limits: Limits | None = None,
         before_step: BeforeStep | None = None,
         backend: str = "torch",
+        compile: bool | CompileSettings = False,
     ) -> None:
         """``base`` is a ``server.models.loader.BaseModel``.
 
@@ -125,6 +127,8 @@ class Engine:
         (fault injection in tests: a slow step, a failure).
         ``backend`` runs the UNet on ``torch`` (the pipeline itself) or ``onnxruntime``
         (``server.backends``: same denoising loop, blends written into its bound weights).
+        ``compile`` (torch backend): ``torch.compile`` the UNet in place; swaps do not recompile
+        (``server.engine.compiled``).
         """
         self.base = base
         self.pipeline = base.pipeline
@@ -138,6 +142,8 @@ class Engine:
         self.limits = limits or Limits()
         self._before_step = before_step
         self._fused = FusedWeights(targets)
+        if compile:  # in place and lazy: graphs are built on the first request of each shape
+            compile_engine_unet(self.pipeline, backend, compile)
         from server.backends.select import unet_backend, with_backend
 
         self.backend = backend
