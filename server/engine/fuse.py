@@ -96,9 +96,11 @@ class FusedWeights:
                     "it was made for another base model"
                 )
             rank = module.rank
-            down = module.down.reshape(rank, -1).to(device=weight.device, dtype=weight.dtype)
+            # Half-precision weights: factors stay float32, the blend is cast once in _compute.
+            dtype = torch.float32 if weight.element_size() < 4 else weight.dtype
+            down = module.down.reshape(rank, -1).to(device=weight.device, dtype=dtype)
             up = module.up.reshape(module.up.shape[0], rank).to(device=weight.device, dtype=torch.float32)
-            up = (up * module.scale).to(weight.dtype).contiguous()
+            up = (up * module.scale).to(dtype).contiguous()
             factors[key] = (down.contiguous(), up)
             nbytes += _nbytes(down) + _nbytes(up)
         return PreparedAdapter(name=name, version=version, sha256=sha256, factors=factors, nbytes=nbytes)
@@ -179,7 +181,10 @@ class FusedWeights:
         base = pristine if pristine.is_contiguous() else pristine.contiguous()
         if out is None:
             out = torch.empty_like(base, memory_format=torch.contiguous_format)
-        torch.addmm(base.view(rows, -1), up, down, out=out.view(rows, -1))
+        if up.dtype != base.dtype:  # fp16/bf16 weights: W0 + B @ A in float32, rounded once
+            out.view(rows, -1).copy_(torch.addmm(base.view(rows, -1).to(up.dtype), up, down))
+        else:
+            torch.addmm(base.view(rows, -1), up, down, out=out.view(rows, -1))
         return out
 
 
