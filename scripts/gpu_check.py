@@ -1,13 +1,25 @@
-"""GPU check: torch CUDA (fp32, fp16) and, if installed, TensorRT with refit, on the tiny model.
+"""GPU check: torch CUDA fp32/fp16, the fp16 engine with swaps, torch.compile with swaps, TensorRT refit.
 
 Run on a machine with CUDA (and TensorRT for the refit path):
 
-    python scripts/gpu_check.py [--model tiny] [--steps 20]
+    python scripts/gpu_check.py [--model tiny] [--steps 20] [--gen-steps 20]
+    python scripts/gpu_check.py --cpu     # dry run of every section on the CPU (micro model)
 
-Prints per-step UNet latency of each path, the TensorRT swap (refit) time, and
-the max difference of each path's UNet output from torch fp32 under one blend,
-and after A -> B -> A (a leak would show there). Exits 1 if a difference is
-over its tolerance, 2 if there is no CUDA device.
+Sections, each a few lines of output, then a one-line summary:
+
+- unet: per-step UNet latency fp32 and fp16, the fused swap time, and the max
+  difference of the fp16 UNet output from fp32 under one blend;
+- engine: the fp16 engine generating base, A, B, A+B, base with the fused
+  swap (swap ms, per-step ms, image difference from the fp32 engine); the base
+  weights must be bit-identical to a fresh load after the swaps;
+- channels_last: fp16 UNet step with channels_last latents vs contiguous;
+- compiled: ``Engine(compile=True)`` in fp16: graphs compiled by the first
+  request, none by the swaps after it, per-step ms vs eager, and the image
+  difference from the eager engine for each blend;
+- tensorrt (if installed): build, refit times, difference after A -> B -> A.
+
+Exits 1 if a check fails (a tolerance, a recompile, a leaked weight), 2 if
+there is no CUDA device (without ``--cpu``).
 """
 
 from __future__ import annotations
@@ -17,108 +29,294 @@ import importlib.util
 import sys
 import tempfile
 import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from server.backends.onnx_export import example_inputs
+from server.engine import Engine, GenerateRequest, MemoryResolver
+from server.engine.compiled import CompileSettings, channels_last_inputs, graphs_compiled
 from server.engine.fuse import FusedWeights
 from server.engine.synthetic import random_adapter
-from server.models.factory import build_pipeline
-from server.models.shapes import lora_targets, module_shapes
+from server.models.loader import load_base_model
+from server.models.shapes import lora_targets
 
-FP16_TOLERANCE = 5e-2
+FP16_TOLERANCE = 5e-2  # fp16 vs fp32 UNet output, max abs
 TRT_TOLERANCE = 1e-2
+COMPILED_FP16_TOLERANCE = 2e-2  # compiled vs eager fp16 UNet output, max abs
+IMAGE_MEAN_TOLERANCE = 4.0  # fp16 (eager or compiled) vs reference image, mean abs of 0..255 pixels
+BLENDS: tuple[tuple[str, tuple[tuple[str, float], ...]], ...] = (
+    ("base", ()),
+    ("A", (("a", 1.0),)),
+    ("B", (("b", 0.8),)),
+    ("A+B", (("a", 0.6), ("b", 0.5))),
+    ("base", ()),
+)
 
 
-def _time_ms(call, repeats: int) -> float:
+@dataclass
+class Report:
+    """Lines to print at the end and whether any check failed."""
+
+    lines: list[str] = field(default_factory=list)
+    failures: list[str] = field(default_factory=list)
+
+    def say(self, line: str) -> None:
+        print(line, flush=True)
+        self.lines.append(line)
+
+    def check(self, ok: bool, what: str) -> None:
+        if not ok:
+            self.failures.append(what)
+            self.say(f"  FAIL: {what}")
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _time_ms(call: Callable[[], Any], repeats: int, device: torch.device) -> float:
     call()
-    torch.cuda.synchronize()
+    _sync(device)
     started = time.perf_counter()
     for _ in range(repeats):
         call()
-    torch.cuda.synchronize()
+    _sync(device)
     return (time.perf_counter() - started) / repeats * 1000.0
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="tiny")
-    parser.add_argument("--steps", type=int, default=20)
-    args = parser.parse_args()
-    if not torch.cuda.is_available():
-        print("no CUDA device: nothing to check")
-        return 2
-    print(f"device: {torch.cuda.get_device_name()}  torch {torch.__version__}")
-    pipeline = build_pipeline(args.model, seed=0).to("cuda")
-    pipeline.unet.requires_grad_(False).eval()
-    shapes = {k: v for k, v in module_shapes(pipeline).items() if k.startswith("unet.")}
+def _unet_step(unet, inputs, dtype: torch.dtype) -> torch.Tensor:
+    sample, timestep, hidden = inputs
+    with torch.inference_mode():
+        return unet(sample.to(dtype), timestep, encoder_hidden_states=hidden.to(dtype), return_dict=False)[0]
+
+
+def _adapters(pipeline) -> dict[str, Any]:
+    shapes = {k: tuple(m.weight.shape) for k, m in lora_targets(pipeline).items()}
+    convs = sorted(k for k, s in shapes.items() if len(s) == 4 and k.startswith("unet.down"))[:4]
+    a = random_adapter(shapes, seed=1, rank=8, strength=0.3)
+    b = random_adapter(shapes, seed=2, rank=16, strength=0.3)
+    conv = random_adapter(shapes, seed=3, rank=4, strength=0.3, targets=convs)  # LoCon part of B
+    from adapters.canonical import LoraAdapter
+
+    return {"a": a, "b": LoraAdapter(modules={**b.modules, **conv.modules})}
+
+
+def _engine(args, dtype: torch.dtype, compile: bool | CompileSettings = False) -> Engine:
+    base = load_base_model(args.model, device=args.device, dtype=dtype)
+    resolver = MemoryResolver()
+    for name, adapter in _adapters(base.pipeline).items():
+        resolver.add_adapter(name, adapter)
+    return Engine(base, resolver=resolver, compile=compile)
+
+
+def _image_diff(first, second) -> tuple[float, int]:
+    a = np.asarray(first, dtype=np.int16)
+    b = np.asarray(second, dtype=np.int16)
+    difference = np.abs(a - b)
+    return float(difference.mean()), int(difference.max())
+
+
+def _generate(engine: Engine, adapters, args) -> Any:
+    request = GenerateRequest(
+        "a red house by a lake", steps=args.gen_steps, seed=5, guidance_scale=5.0, adapters=list(adapters)
+    )
+    return engine.generate(request)
+
+
+# ---------------------------------------------------------------- sections
+
+
+def check_unet(args, report: Report) -> None:
+    """UNet step fp32/fp16 and the fused swap, outside the engine."""
+    device = torch.device(args.device)
+    pipeline = load_base_model(args.model, device=device).pipeline
+    adapters = _adapters(pipeline)
     fused = FusedWeights(lora_targets(pipeline))
-    prepared = [
-        fused.prepare(
-            random_adapter(shapes, seed=s, rank=8, strength=0.3), name=str(s), version=1, sha256=str(s) * 8
-        )
-        for s in range(2)
-    ]
-    plan_a, plan_b = fused.plan([(prepared[0], 1.0)]), fused.plan([(prepared[1], 0.7)])
-    sample, timestep, hidden = (t.to("cuda") for t in example_inputs(pipeline.unet, batch=2))
-    failed = False
-
-    def unet(model, dtype=torch.float32):
-        with torch.no_grad():
-            return model(
-                sample.to(dtype), timestep, encoder_hidden_states=hidden.to(dtype), return_dict=False
-            )[0]
+    prepared = {n: fused.prepare(a, name=n, version=1, sha256=n * 64) for n, a in adapters.items()}
+    plan_a, plan_b = fused.plan([(prepared["a"], 1.0)]), fused.plan([(prepared["b"], 0.7)])
+    sample, timestep, hidden = example_inputs(pipeline.unet, batch=2)
+    inputs = (sample.to(device), timestep[0].to(device), hidden.to(device))
 
     fused.apply(plan_a)
-    reference = unet(pipeline.unet).float()
-    print(f"torch fp32: step {_time_ms(lambda: unet(pipeline.unet), args.steps):.2f} ms")
+    reference = _unet_step(pipeline.unet, inputs, torch.float32).float()
+    step = _time_ms(lambda: _unet_step(pipeline.unet, inputs, torch.float32), args.steps, device)
     started = time.perf_counter()
-    fused.apply(plan_b)
-    fused.apply(plan_a)
-    torch.cuda.synchronize()
-    print(f"torch fused swap B->A: {(time.perf_counter() - started) / 2 * 1000:.2f} ms per swap")
+    for plan in (plan_b, plan_a) * 2:
+        fused.apply(plan)
+    _sync(device)
+    swap = (time.perf_counter() - started) / 4 * 1000
+    report.say(f"unet fp32: step {step:.2f} ms, fused swap (scratch path) {swap:.2f} ms")
 
-    half = build_pipeline(args.model, seed=0).to("cuda", torch.float16)
-    half.unet.requires_grad_(False).eval()
+    half = load_base_model(args.model, device=device, dtype=torch.float16).pipeline
     half_fused = FusedWeights(lora_targets(half))
     half_plan = half_fused.plan(
-        [
-            (
-                half_fused.prepare(
-                    random_adapter(shapes, seed=0, rank=8, strength=0.3), name="0", version=1, sha256="0" * 8
-                ),
-                1.0,
-            )
-        ]
+        [(half_fused.prepare(adapters["a"], name="a", version=1, sha256="a" * 64), 1.0)]
     )
     half_fused.apply(half_plan)
-    diff = (unet(half.unet, torch.float16).float() - reference).abs().max().item()
-    failed |= diff > FP16_TOLERANCE
-    step = _time_ms(lambda: unet(half.unet, torch.float16), args.steps)
-    print(f"torch fp16: step {step:.2f} ms, max diff {diff:.2e}")
+    diff = (_unet_step(half.unet, inputs, torch.float16).float() - reference).abs().max().item()
+    step = _time_ms(lambda: _unet_step(half.unet, inputs, torch.float16), args.steps, device)
+    report.say(f"unet fp16: step {step:.2f} ms, max diff from fp32 under A {diff:.2e}")
+    report.check(diff <= FP16_TOLERANCE, f"fp16 UNet differs from fp32 by {diff:.2e} > {FP16_TOLERANCE}")
+    if args.model_trt:
+        check_tensorrt(args, pipeline, (plan_a, plan_b), inputs, reference, report)
 
+
+def check_engine(args, report: Report) -> dict[str, Any]:
+    """The fp16 engine through base, A, B, A+B, base; returns its images for the compiled section."""
+    full, half = _engine(args, torch.float32), _engine(args, torch.float16)
+    pristine = {k: m.weight.detach().clone() for k, m in lora_targets(half.pipeline).items()}
+    images: dict[str, Any] = {}
+    first_base = None
+    for label, blend in BLENDS:
+        ours, theirs = _generate(half, blend, args), _generate(full, blend, args)
+        mean, worst = _image_diff(ours.images[0], theirs.images[0])
+        step, step_fp32 = (r.timings.denoise_ms / args.gen_steps for r in (ours, theirs))
+        report.say(
+            f"engine fp16 {label:<4}: swap {ours.timings.swap_ms:6.2f} ms, step {step:6.2f} ms "
+            f"(fp32 {step_fp32:6.2f}), image vs fp32 mean {mean:.2f} max {worst}"
+        )
+        report.check(mean <= IMAGE_MEAN_TOLERANCE, f"fp16 {label} image mean diff {mean:.2f}/255")
+        images[label] = ours.images[0]
+        if label == "base":
+            if first_base is None:
+                first_base = ours.images[0]
+            else:
+                same = np.array_equal(np.asarray(first_base), np.asarray(ours.images[0]))
+                report.say(f"engine fp16 base image after A, B, A+B identical to the first: {same}")
+    leaked = [k for k, m in lora_targets(half.pipeline).items() if not torch.equal(m.weight, pristine[k])]
+    report.check(not leaked, f"{len(leaked)} fp16 weights differ from the base after the swaps")
+    return images
+
+
+def check_channels_last(args, report: Report) -> None:
+    """fp16 UNet step with channels_last latents vs contiguous, timed in alternation."""
+    device = torch.device(args.device)
+    unet = load_base_model(args.model, device=device, dtype=torch.float16).pipeline.unet
+    sample, timestep, hidden = example_inputs(unet, batch=2)
+    inputs = (sample.to(device), timestep[0].to(device), hidden.to(device))
+    plain_ms, last_ms = [], []
+    reference = _unet_step(unet, inputs, torch.float16)
+    for _ in range(3):
+        plain_ms.append(_time_ms(lambda: _unet_step(unet, inputs, torch.float16), args.steps, device))
+        handle = channels_last_inputs(unet)
+        last_ms.append(_time_ms(lambda: _unet_step(unet, inputs, torch.float16), args.steps, device))
+        output = _unet_step(unet, inputs, torch.float16)
+        handle.remove()
+    diff = (output.float() - reference.float()).abs().max().item()
+    report.say(
+        f"channels_last fp16: step {min(last_ms):.2f} ms vs contiguous {min(plain_ms):.2f} ms "
+        f"(x{min(plain_ms) / min(last_ms):.2f} faster), max diff {diff:.2e}"
+    )
+    report.check(diff <= COMPILED_FP16_TOLERANCE, f"channels_last output differs by {diff:.2e}")
+
+
+def check_compiled(args, report: Report, eager_images: dict[str, Any]) -> None:
+    """Engine(compile=...) in fp16: no graph compiled by a swap; images as the eager engine's."""
+    settings = CompileSettings(backend=args.compile_backend)
+    engine = _engine(args, torch.float16, compile=settings)
+    started = time.perf_counter()
+    before = graphs_compiled()
+    first = _generate(engine, (), args)
+    warm_s = time.perf_counter() - started
+    compiled_graphs = graphs_compiled() - before
+    report.say(f"compiled ({args.compile_backend}): first request {warm_s:.1f} s, {compiled_graphs} graph(s)")
+    report.check(compiled_graphs >= 1, "the first request compiled nothing: the UNet is not compiled")
+    eager_mean, _ = _image_diff(first.images[0], eager_images["base"])
+    for label, blend in BLENDS:
+        graphs = graphs_compiled()
+        result = _generate(engine, blend, args)
+        mean, worst = _image_diff(result.images[0], eager_images[label])
+        step = result.timings.denoise_ms / args.gen_steps
+        report.say(
+            f"compiled {label:<4}: swap {result.timings.swap_ms:6.2f} ms, step {step:6.2f} ms, "
+            f"image vs eager fp16 mean {mean:.2f} max {worst}, new graphs {graphs_compiled() - graphs}"
+        )
+        report.check(graphs_compiled() == graphs, f"swapping to {label} recompiled the UNet")
+        report.check(mean <= IMAGE_MEAN_TOLERANCE, f"compiled {label} image mean diff {mean:.2f}/255")
+    report.say(f"compiled first base image vs eager fp16: mean diff {eager_mean:.2f}")
+
+
+def check_tensorrt(args, pipeline, plans, inputs, reference, report: Report) -> None:
     if importlib.util.find_spec("tensorrt") is None:
-        print("tensorrt: not installed (pip install 'loraloom[tensorrt]'), skipped")
-        return int(failed)
+        report.say("tensorrt: not installed (pip install 'loraloom[tensorrt]'), skipped")
+        return
     from server.backends.tensorrt_backend import BuildSettings, TensorRTUnet
 
+    plan_a, plan_b = plans
+    device = torch.device(args.device)
     with tempfile.TemporaryDirectory() as folder:
         started = time.perf_counter()
         trt_unet = TensorRTUnet(pipeline, args.model, BuildSettings(fp16=False), folder=Path(folder))
         built = time.perf_counter() - started
-        print(f"tensorrt: build {built:.1f} s, {len(trt_unet.name_map)} refittable targets")
+        report.say(f"tensorrt: build {built:.1f} s, {len(trt_unet.name_map)} refittable targets")
         for label, plan in (("A", plan_a), ("B", plan_b), ("A again", plan_a)):
             started = time.perf_counter()
             trt_unet.apply(plan)
-            print(f"tensorrt: refit to {label} {(time.perf_counter() - started) * 1000:.1f} ms")
-        diff = (unet(trt_unet) - reference).abs().max().item()
-        failed |= diff > TRT_TOLERANCE
-        step = _time_ms(lambda: unet(trt_unet), args.steps)
-        print(f"tensorrt fp32: step {step:.2f} ms, max diff after A->B->A {diff:.2e}")
-    return int(failed)
+            report.say(f"tensorrt: refit to {label} {(time.perf_counter() - started) * 1000:.1f} ms")
+        diff = (_unet_step(trt_unet, inputs, torch.float32) - reference).abs().max().item()
+        report.check(diff <= TRT_TOLERANCE, f"tensorrt differs by {diff:.2e} after A->B->A")
+        step = _time_ms(lambda: _unet_step(trt_unet, inputs, torch.float32), args.steps, device)
+        report.say(f"tensorrt fp32: step {step:.2f} ms, max diff after A->B->A {diff:.2e}")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--model", default=None, help="built-in name or path (default: tiny; micro with --cpu)"
+    )
+    parser.add_argument(
+        "--steps", type=int, default=None, help="UNet calls per timing (default 20; 2 on cpu)"
+    )
+    parser.add_argument(
+        "--gen-steps", type=int, default=None, help="denoising steps per image (20; 2 on cpu)"
+    )
+    parser.add_argument("--compile-backend", default=None, help="inductor (default; aot_eager with --cpu)")
+    parser.add_argument("--cpu", action="store_true", help="dry run of every section on the CPU")
+    parser.add_argument(
+        "--skip", nargs="*", default=[], help="sections to skip: unet engine channels_last compiled"
+    )
+    args = parser.parse_args()
+    args.device = "cpu" if args.cpu else "cuda"
+    args.model = args.model or ("micro" if args.cpu else "tiny")
+    args.steps = args.steps or (2 if args.cpu else 20)
+    args.gen_steps = args.gen_steps or (2 if args.cpu else 20)
+    args.compile_backend = args.compile_backend or ("aot_eager" if args.cpu else "inductor")
+    args.model_trt = not args.cpu
+    if args.cpu:
+        torch.set_num_threads(max(1, min(4, torch.get_num_threads())))
+        from diffusers.utils import logging as diffusers_logging
+
+        diffusers_logging.set_verbosity_error()  # its "fp16 cannot run on cpu" warning: it can, slowly
+        print(f"dry run on the CPU, model {args.model}  torch {torch.__version__}")
+    elif not torch.cuda.is_available():
+        print("no CUDA device: nothing to check (--cpu runs a dry run)")
+        return 2
+    else:
+        print(f"device: {torch.cuda.get_device_name()}  torch {torch.__version__}  model {args.model}")
+    report = Report()
+    started = time.perf_counter()
+    if "unet" not in args.skip:
+        check_unet(args, report)
+    images = None
+    if "engine" not in args.skip or "compiled" not in args.skip:
+        images = check_engine(args, report)
+    if "channels_last" not in args.skip:
+        check_channels_last(args, report)
+    if "compiled" not in args.skip and images is not None:
+        check_compiled(args, report, images)
+    verdict = (
+        "ok" if not report.failures else f"FAILED ({len(report.failures)}): " + "; ".join(report.failures)
+    )
+    print(f"summary: {verdict} in {time.perf_counter() - started:.0f} s")
+    return int(bool(report.failures))
 
 
 if __name__ == "__main__":
