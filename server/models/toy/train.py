@@ -117,6 +117,17 @@ def train_vae(config: ToyTrainConfig, pixels: torch.Tensor, spec: factory.Factor
 
 
 @torch.no_grad()
+def reconstruction_accuracy(vae, seed: int, count: int = 200):
+    """Color and shape accuracy of the VAE's reconstructions of images it never saw: the UNet's ceiling."""
+    from server.models.toy.measures import accuracy
+
+    images, labels = ShapesDataset(seed=seed + 1000).arrays(0, count)
+    decoded = vae.decode(vae.encode(_to_tensor(images)).latent_dist.mean).sample
+    pixels = decoded.clamp(-1, 1).add(1).mul(127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    return accuracy(list(pixels), [label.color for label in labels], [label.shape for label in labels])
+
+
+@torch.no_grad()
 def encode_latents(vae, pixels: torch.Tensor, batch: int = 128) -> torch.Tensor:
     """Posterior means of every image (unscaled)."""
     return torch.cat(
@@ -199,6 +210,7 @@ def train(config: ToyTrainConfig, out: Path, dtype: torch.dtype = torch.float16)
     log.info("drew %d images (%.0fs)", config.images, time.perf_counter() - began)
 
     vae = train_vae(config, pixels, spec)
+    log.info("vae reconstructions of held-out images: %s", reconstruction_accuracy(vae, config.seed))
     raw = encode_latents(vae, pixels)
     scaling = float(1.0 / raw.std())
     vae.register_to_config(scaling_factor=scaling)
