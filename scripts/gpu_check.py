@@ -50,7 +50,7 @@ from server.models.shapes import lora_targets
 FP16_TOLERANCE = 5e-2  # fp16 vs fp32 UNet output, max abs
 TRT_TOLERANCE = 1e-2
 COMPILED_FP16_TOLERANCE = 2e-2  # compiled vs eager fp16 UNet output, max abs
-IMAGE_MEAN_TOLERANCE = 4.0  # fp16 (eager or compiled) vs reference image, mean abs of 0..255 pixels
+IMAGE_MEAN_TOLERANCE = 2.0  # fp16 vs reference image, mean abs of 0..255 (tiny on CPU, 20 steps: 0.07)
 BLENDS: tuple[tuple[str, tuple[tuple[str, float], ...]], ...] = (
     ("base", ()),
     ("A", (("a", 1.0),)),
