@@ -232,6 +232,7 @@ class LoraloomService:
             limits=_limits(config),
             before_step=before_step,
             backend=config.backend,
+            precision=config.precision,
         )
         scheduler = Scheduler(
             engine,

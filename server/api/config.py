@@ -28,7 +28,17 @@ class ServerConfig:
     dtype: str = field(default="float32", metadata={"help": "float32, float16 or bfloat16."})
     backend: str = field(
         default="torch",
-        metadata={"help": "UNet backend: torch, or onnxruntime (CPU float32; see bench backends)."},
+        metadata={
+            "help": "UNet backend: torch, onnxruntime (CPU float32) or openvino (CPU; also decodes); "
+            "see bench backends."
+        },
+    )
+    precision: str = field(
+        default="fp32",
+        metadata={
+            "help": "Compute precision of backend openvino: fp32 (torch's images within 2/255) or bf16 "
+            "(faster on CPUs with AVX512-BF16/AMX, else fp32)."
+        },
     )
     home: Path | None = field(default=None, metadata={"help": "Data folder (default: LORALOOM_HOME)."})
     store_db_url: str | None = field(

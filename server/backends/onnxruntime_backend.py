@@ -15,7 +15,6 @@ keys are written here; the text encoder stays in torch.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -30,16 +29,8 @@ from server.backends.onnx_export import (
     export_unet,
     unet_targets,
 )
+from server.backends.pipeline_view import PipelineView, unet_config
 from server.engine.fuse import BlendPlan
-
-
-@dataclass(frozen=True)
-class _Config:
-    """What the denoising loop reads from ``unet.config``."""
-
-    in_channels: int
-    time_cond_proj_dim: int | None
-    sample_size: int
 
 
 class OrtUnet:
@@ -76,11 +67,7 @@ class OrtUnet:
         }
         for key, value in self._values.items():
             self._binding.bind_ortvalue_input(key, value)
-        self.config = _Config(
-            in_channels=unet.config.in_channels,
-            time_cond_proj_dim=unet.config.time_cond_proj_dim,
-            sample_size=unet.config.sample_size,
-        )
+        self.config = unet_config(unet)
         self.device = torch.device("cpu")
         self.dtype = torch.float32
 
@@ -137,17 +124,6 @@ class OrtUnet:
         return (out.to(sample.dtype),)
 
 
-class _PipelineView:
-    """A pipeline whose ``unet`` is replaced; every other attribute is the original's."""
-
-    def __init__(self, pipeline, unet) -> None:
-        self._pipeline = pipeline
-        self.unet = unet
-
-    def __getattr__(self, name: str):
-        return getattr(self._pipeline, name)
-
-
 def with_unet(pipeline, unet) -> Any:
     """``pipeline`` with ``unet`` in place of its UNet, for ``server.engine.denoise``."""
-    return _PipelineView(pipeline, unet)
+    return PipelineView(pipeline, unet=unet)

@@ -28,6 +28,7 @@ def register(app: typer.Typer) -> None:
         device: Annotated[str | None, _opt("device", "--device")] = None,
         dtype: Annotated[str | None, _opt("dtype", "--dtype")] = None,
         backend: Annotated[str | None, _opt("backend", "--backend")] = None,
+        precision: Annotated[str | None, _opt("precision", "--precision")] = None,
         home: Annotated[Path | None, _opt("home", "--home")] = None,
         store_db_url: Annotated[str | None, _opt("store_db_url", "--store-db-url")] = None,
         max_queue: Annotated[int | None, _opt("max_queue", "--max-queue")] = None,

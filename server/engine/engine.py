@@ -116,6 +116,7 @@ class Engine:
         before_step: BeforeStep | None = None,
         backend: str = "torch",
         compile: bool | CompileSettings = False,
+        precision: str = "fp32",
     ) -> None:
         """``base`` is a ``server.models.loader.BaseModel``.
 
@@ -125,8 +126,11 @@ class Engine:
         a quarter of ``cache_bytes``).
         ``before_step(index, total)`` is a seam called before every denoising step
         (fault injection in tests: a slow step, a failure).
-        ``backend`` runs the UNet on ``torch`` (the pipeline itself) or ``onnxruntime``
-        (``server.backends``: same denoising loop, blends written into its bound weights).
+        ``backend`` runs the UNet on ``torch`` (the pipeline itself), ``onnxruntime`` or
+        ``openvino`` (``server.backends``: same denoising loop, blends written into the
+        backend's bound weights; openvino also decodes). UNet adapter keys then go to the
+        backend only, text-encoder keys to the torch text encoder. ``precision`` (``fp32`` or
+        ``bf16``, openvino only; bf16 falls back to fp32 on a CPU without native BF16).
         ``compile`` (torch backend): ``torch.compile`` the UNet in place; swaps do not recompile
         (``server.engine.compiled``).
         """
@@ -142,13 +146,16 @@ class Engine:
         self.limits = limits or Limits()
         self._before_step = before_step
         self._fused = FusedWeights(targets)
+        from server.backends.select import build_backend, check_backend
+
+        check_backend(backend, precision)
         if compile:  # in place and lazy: graphs are built on the first request of each shape
             compile_engine_unet(self.pipeline, backend, compile)
-        from server.backends.select import unet_backend, with_backend
-
         self.backend = backend
-        self._unet = unet_backend(backend, base)  # before any blend: it copies the base weights
-        self._run_pipeline = with_backend(self.pipeline, self._unet)
+        self._backend = build_backend(backend, base, precision)  # before any blend: it keeps W0
+        self.precision = self._backend.precision
+        self._unet = self._backend.unet
+        self._run_pipeline = self._backend.view(self.pipeline)
         self._cache: ByteLRU[PreparedAdapter] = ByteLRU(cache_bytes)
         self._plans: ByteLRU[BlendPlan] = ByteLRU(
             cache_bytes // 4 if plan_cache_bytes is None else plan_cache_bytes
@@ -166,6 +173,11 @@ class Engine:
     @property
     def resolution(self) -> int:
         return int(self.base.resolution)
+
+    @property
+    def backend_name(self) -> str:
+        """The backend as shown to clients: ``torch``, ``onnxruntime``, ``openvino (bf16)``."""
+        return self._backend.label
 
     @property
     def blend_signature(self) -> str:
@@ -277,8 +289,10 @@ class Engine:
         if plan is not None:
             return plan
         plan = self._fused.plan(entries)
-        if plan.factor_bytes + self._fused.materialized_bytes(plan) <= self._plans.capacity_bytes:
-            self._fused.materialize(plan)
+        part = self._torch_part(plan)  # materialized weights only for what torch runs
+        if plan.factor_bytes + self._fused.materialized_bytes(part) <= self._plans.capacity_bytes:
+            self._fused.materialize(part)
+            plan.weights = part.weights
         with self._cache_lock:
             try:
                 self._plans.put(signature, plan, plan.nbytes)
@@ -309,7 +323,7 @@ class Engine:
             return 0.0
         started = time.perf_counter()
         plan = self._plan(prepared) if prepared else None
-        self._fused.apply(plan)
+        self._fused.apply(self._torch_part(plan))
         if self._unet is not None:
             self._unet.apply(plan)
         swap_ms = (time.perf_counter() - started) * 1000.0
@@ -317,6 +331,16 @@ class Engine:
         self._swap_ms_total += swap_ms
         self._swap_ms_last = swap_ms
         return swap_ms
+
+    def _torch_part(self, plan: BlendPlan | None) -> BlendPlan | None:
+        """``plan`` less its UNet keys when a backend runs the UNet (they go to the backend only)."""
+        if plan is None or self._unet is None:
+            return plan
+        factors = {key: pair for key, pair in plan.factors.items() if not key.startswith("unet.")}
+        if len(factors) == len(plan.factors):
+            return plan
+        weights = None if plan.weights is None else {key: plan.weights[key] for key in factors}
+        return BlendPlan(signature=plan.signature, factors=factors, factor_bytes=0, weights=weights)
 
     def activate(self, adapters: Sequence[tuple[str, float]]) -> tuple[list[AppliedAdapter], float, float]:
         """Write a blend (``[]``: the base) into the weights now; returns (adapters, load ms, swap ms)."""

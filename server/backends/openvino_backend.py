@@ -1,0 +1,219 @@
+"""OpenVINO (CPU) UNet with hot-swap by writing into weight tensors shared with the runtime.
+
+The UNet is exported with every adapter-targetable weight as a graph input
+(``onnx_export``, ``weights="inputs"``: each input is named by its canonical
+key). Each such input is set once, on each infer request, to an ``ov.Tensor``
+that shares memory with a host buffer; a swap writes ``W0 + B @ A`` (from the
+pristine base, never from the previous blend) into those buffers in place. No
+model is recompiled and no request is created on a swap.
+
+Precision (``openvino_runtime``): with ``"bf16"`` the weight inputs are declared
+bfloat16, so the buffers hold bfloat16 and a step converts no weight; a swap
+computes in float32 and rounds once into the buffer.
+
+Two compiled variants share the buffers. The CPU plugin repacks a 3x3
+convolution's weights on every call when they are an input (measured on
+``small``: +20 % per step), so the *lean* variant holds the spatial
+convolutions as constants at their base values and takes only the other
+targets as inputs; it runs while the blend leaves every spatial convolution at
+its base (attention/linear LoRA, the usual kind). A blend that touches one
+(LoCon-style) runs on the *full* variant, where every target is an input. Both
+are compiled for static shapes, once per (variant, input shapes) the first time
+it is used, and kept.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from typing import Any
+
+import numpy as np
+import torch
+
+from server.backends.onnx_export import (
+    HIDDEN,
+    SAMPLE,
+    TIMESTEP,
+    ExportSettings,
+    export_unet,
+    unet_targets,
+)
+from server.backends.openvino_runtime import compile_model, core, effective_precision, openvino
+from server.backends.pipeline_view import unet_config
+from server.engine.fuse import BlendPlan
+
+log = logging.getLogger(__name__)
+
+LEAN, FULL = "lean", "full"
+
+
+def is_spatial(weight: torch.Tensor) -> bool:
+    """A convolution weight with a kernel larger than 1x1 (the plugin repacks those per call)."""
+    return weight.dim() == 4 and tuple(weight.shape[2:]) != (1, 1)
+
+
+class OvUnet:
+    """The UNet forward on OpenVINO, its target weights in host buffers the runtime reads."""
+
+    def __init__(
+        self,
+        pipeline,
+        fingerprint: str,
+        *,
+        precision: str = "fp32",
+        threads: int | None = None,
+        folder=None,
+    ) -> None:
+        ov = openvino()
+        self.precision = effective_precision(precision)
+        self.threads = threads
+        self.folder = folder
+        self.exported = export_unet(pipeline, fingerprint, ExportSettings(weights="inputs"), folder=folder)
+        targets = unet_targets(pipeline)
+        # W0: the base's own float32 tensors, shared, not copied. Nothing writes into them in place
+        # (the engine's fused path repoints parameters; with this backend it leaves the UNet alone).
+        self._pristine = {
+            key: module.weight.detach().to(torch.float32).contiguous() for key, module in targets.items()
+        }
+        self.weight_dtype = torch.bfloat16 if self.precision == "bf16" else torch.float32
+        self._buffers = {key: w.to(self.weight_dtype, copy=True) for key, w in self._pristine.items()}
+        ov_type = ov.Type.bf16 if self.precision == "bf16" else ov.Type.f32
+        self._tensors = {key: _shared_tensor(ov, buffer, ov_type) for key, buffer in self._buffers.items()}
+        self._spatial = frozenset(key for key, w in self._pristine.items() if is_spatial(w))
+        largest = max((w.numel() for w in self._pristine.values()), default=0)
+        self._scratch = torch.empty(largest if self.precision == "bf16" else 0, dtype=torch.float32)
+        self._touched: set[str] = set()
+        self.signature: tuple[tuple[str, float], ...] = ()
+        self._source = core().read_model(str(self.exported.path))
+        self._models: dict[str, Any] = {}
+        self._compiled: dict[tuple, tuple[Any, Any]] = {}
+        self._lock = threading.Lock()
+        self.variant = LEAN if self._spatial else FULL
+        self.config = unet_config(pipeline.unet)
+        self.device = torch.device("cpu")
+        self.dtype = torch.float32
+
+    # ------------------------------------------------------------ introspection
+
+    @property
+    def weight_keys(self) -> tuple[str, ...]:
+        return tuple(self._buffers)
+
+    @property
+    def compiled_shapes(self) -> tuple[tuple, ...]:
+        """``(variant, sample shape, hidden shape)`` of every compiled model, in compile order."""
+        return tuple(self._compiled)
+
+    def buffer(self, key: str) -> torch.Tensor:
+        """The buffer bound to input ``key`` (what the runtime reads on the next call)."""
+        return self._buffers[key]
+
+    # ------------------------------------------------------------ models
+
+    def _model(self, variant: str) -> Any:
+        model = self._models.get(variant)
+        if model is None:
+            model = self._models[variant] = self._build(variant)
+        return model
+
+    def _build(self, variant: str) -> Any:
+        ov = openvino()
+        model = self._source.clone()
+        if variant == LEAN:
+            by_name = {p.output(0).get_any_name(): p for p in model.get_parameters()}
+            for key in self._spatial:
+                parameter = by_name[key]
+                constant = ov.opset13.constant(self._pristine[key].numpy(), shared_memory=True)
+                parameter.output(0).replace(constant.output(0))
+                model.remove_parameter(parameter)
+        inputs = {p.output(0).get_any_name() for p in model.get_parameters()}
+        if self.weight_dtype == torch.bfloat16:
+            ppp = ov.preprocess.PrePostProcessor(model)
+            for key in self._buffers:
+                if key in inputs:
+                    ppp.input(key).tensor().set_element_type(ov.Type.bf16)
+            model = ppp.build()
+        return model
+
+    def request(self, variant: str, sample_shape: tuple, hidden_shape: tuple) -> Any:
+        """The infer request of ``variant`` for these input shapes (compiled the first time)."""
+        key = (variant, tuple(sample_shape), tuple(hidden_shape))
+        found = self._compiled.get(key)
+        if found is None:
+            with self._lock:
+                found = self._compiled.get(key)
+                if found is None:
+                    found = self._compiled[key] = self._compile(*key)
+        return found[1]
+
+    def _compile(self, variant: str, sample_shape: tuple, hidden_shape: tuple) -> tuple[Any, Any]:
+        log.info("compiling the %s OpenVINO UNet (%s) for sample %s", variant, self.precision, sample_shape)
+        model = self._model(variant).clone()
+        model.reshape({SAMPLE: list(sample_shape), TIMESTEP: [sample_shape[0]], HIDDEN: list(hidden_shape)})
+        compiled = compile_model(model, self.precision, self.threads)
+        request = compiled.create_infer_request()
+        names = {name for port in compiled.inputs for name in port.get_names()}
+        for key, tensor in self._tensors.items():
+            if key in names:
+                request.set_tensor(key, tensor)
+        return compiled, request
+
+    # ------------------------------------------------------------ hot-swap
+
+    @torch.no_grad()
+    def apply(self, plan: BlendPlan | None) -> int:
+        """Write ``plan``'s UNet weights (``None``: base) into the buffers; returns modules written."""
+        previous = torch.get_num_threads()
+        torch.set_num_threads(1)  # many small addmm: a thread pool costs more than it saves (see fuse)
+        try:
+            return self._apply(plan)
+        finally:
+            torch.set_num_threads(previous)
+
+    def _apply(self, plan: BlendPlan | None) -> int:
+        factors = {k: v for k, v in (plan.factors.items() if plan is not None else ()) if k in self._buffers}
+        written = 0
+        for key in self._touched - set(factors):
+            self._buffers[key].copy_(self._pristine[key])  # bf16: the same rounding as at start
+            written += 1
+        for key, (down, up) in factors.items():
+            base = self._pristine[key]
+            rows = base.shape[0]
+            out = self._buffers[key].view(rows, -1)
+            up, down = up.to(torch.float32), down.to(torch.float32)
+            if out.dtype == torch.float32:
+                torch.addmm(base.view(rows, -1), up, down, out=out)
+            else:
+                scratch = self._scratch[: base.numel()].view(rows, -1)
+                out.copy_(torch.addmm(base.view(rows, -1), up, down, out=scratch))
+            written += 1
+        self._touched = set(factors)
+        self.variant = FULL if self._touched & self._spatial else (LEAN if self._spatial else FULL)
+        self.signature = plan.signature if plan is not None else ()
+        return written
+
+    # ------------------------------------------------------------ forward
+
+    def __call__(self, sample, timestep, encoder_hidden_states=None, return_dict: bool = False, **_: Any):
+        batch = sample.shape[0]
+        request = self.request(self.variant, tuple(sample.shape), tuple(encoder_hidden_states.shape))
+        ov = openvino()
+        steps = torch.as_tensor(timestep, dtype=torch.float32).reshape(-1).expand(batch).contiguous()
+        arrays = (
+            np.ascontiguousarray(sample.detach().to(torch.float32).numpy()),
+            steps.numpy(),
+            np.ascontiguousarray(encoder_hidden_states.detach().to(torch.float32).numpy()),
+        )
+        for name, array in zip((SAMPLE, TIMESTEP, HIDDEN), arrays, strict=True):
+            request.set_tensor(name, ov.Tensor(array, shared_memory=True))
+        request.infer()
+        out = torch.from_numpy(request.get_output_tensor(0).data.copy())
+        return (out.to(sample.dtype),)
+
+
+def _shared_tensor(ov, buffer: torch.Tensor, ov_type) -> Any:
+    """An ``ov.Tensor`` over ``buffer``'s memory (the buffer must outlive it)."""
+    if buffer.dtype == torch.bfloat16:
+        return ov.Tensor(buffer.view(torch.int16).numpy(), list(buffer.shape), ov_type)
+    return ov.Tensor(buffer.numpy(), shared_memory=True)
