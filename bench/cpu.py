@@ -1,0 +1,300 @@
+"""Suite ``cpu``: loraloom's fastest CPU path vs OpenVINO GenAI's Text2ImagePipeline.
+
+Both sides run in this process on the same factory models and the same adapter
+files: ``tiny`` (64 px, 20 steps) and ``small`` (256 px, 5 steps), Euler, seed 0,
+CFG 7.5, one prompt. GenAI loads the project's own export of each model
+(``bench.genai.export``) and two random rank-8 adapters (UNet and text-encoder
+attention) as kohya files with float32 alphas. loraloom runs
+``Engine(base, backend="openvino", precision="bf16")``; where that backend is
+missing it falls back to ``backend="torch"`` (fp32) and every note says so.
+The peer runs in its default precision (bf16 on a CPU with AVX512-BF16 or AMX).
+
+Timings are wall-clock medians, the two sides timed in alternation (one request
+each, turn about) after warm-ups, on ``--threads`` threads each (default 1: on a
+shared 2-core machine a 2-thread torch pool collapses, 10-50 s for what takes 2 s
+on one thread; pass ``--threads 2`` on a quiet 2-core machine).
+
+- ``cpu_base_gen_ms_tiny`` / ``_small``: a request with no adapter. Peer: a
+  pipeline built without adapters.
+- ``cpu_blend_gen_ms_small``: a request with the blend a 0.7 + b 0.3 active.
+  Peer: the pipeline built with both adapters (GenAI's dynamic LoRA), the blend
+  as an ``AdapterConfig`` of alphas.
+- ``cpu_switch_ms_small``: the added cost of alternating blends from one request
+  to the next: requests go X X Y Y X X ..., so every other request switches;
+  the figure is the median over pairs of (switching request - the staying
+  request after it). loraloom's figure is at least its in-engine swap time
+  (``Timings.swap_ms``; a difference of medians can fall below it in noise).
+- ``cpu_fidelity_f32_small`` / ``_bf16_small``: max pixel difference (of 255)
+  of loraloom's fp32 / bf16 path from the torch fp32 engine under the blend, the
+  mean in the note. Peer column: for fp32 the tolerance (2 levels); for bf16
+  GenAI's own bf16 image against the same torch reference.
+
+Each adapter must change GenAI's image (max difference above 2 levels from its
+base image), else the notes of the peer comparisons say the comparison is void.
+Without ``openvino_genai`` (or if the export fails) the suite says so and
+reports only the fidelity figures.
+"""
+
+from __future__ import annotations
+
+import copy
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from adapters.errors import LoraloomError
+from adapters.formats import to_kohya
+from bench.genai.peer import GenaiPeer, Settings, default_precision, genai_missing
+from bench.report import Metric, median_ms, timed
+from server.engine import Engine, GenerateRequest, MemoryResolver
+from server.engine.synthetic import random_adapter
+from server.models.loader import BaseModel, load_base_model
+
+PEER = "OpenVINO GenAI (Text2ImagePipeline)"
+THREADS = 1
+PROMPT = "a watercolor fox in a snowy forest"
+SEED = 0
+GUIDANCE = 7.5
+SAMPLER = "euler"
+STEPS = {"tiny": 20, "small": 5}
+RANK = 8
+ADAPTERS = ("a", "b")
+BLEND_X = [("a", 0.7), ("b", 0.3)]
+BLEND_Y = [("a", 0.3), ("b", 0.7)]
+F32_TOLERANCE = 2.0
+MIN_EFFECT = 2.0  # an adapter must move GenAI's image by more than this (max, of 255)
+BACKEND = "openvino"
+
+
+@dataclass(frozen=True)
+class Config:
+    base_rounds: int
+    blend_rounds: int
+    switch_requests: int  # a multiple of 4: X X Y Y
+
+
+FULL = Config(base_rounds=9, blend_rounds=9, switch_requests=40)
+QUICK = Config(base_rounds=2, blend_rounds=2, switch_requests=8)
+
+
+def _say(text: str) -> None:
+    print(f"[bench cpu] {text}", file=sys.stderr, flush=True)
+
+
+class Model:
+    """A base model, its adapter files, and fresh engines over private copies of it."""
+
+    def __init__(self, size: str, folder: Path) -> None:
+        self.size = size
+        self.base: BaseModel = load_base_model(size)
+        self.pristine = copy.deepcopy(self.base.pipeline)
+        self.settings = Settings(PROMPT, self.base.resolution, STEPS[size], GUIDANCE, SEED)
+        self.files: dict[str, Path] = {}
+        for index, name in enumerate(ADAPTERS):
+            adapter = random_adapter(self.base.module_shapes, seed=index, rank=RANK, strength=0.1)
+            path = folder / f"{size}-{name}.safetensors"
+            path.write_bytes(to_kohya(adapter))  # alpha is an F32 scalar: what GenAI reads
+            self.files[name] = path
+
+    def request(self, blend: list[tuple[str, float]]) -> GenerateRequest:
+        s = self.settings
+        return GenerateRequest(
+            s.prompt,
+            width=s.size,
+            height=s.size,
+            steps=s.steps,
+            guidance_scale=s.guidance_scale,
+            seed=s.seed,
+            scheduler=SAMPLER,
+            adapters=blend,
+        )
+
+    def engine(self, backend: str, precision: str) -> tuple[Engine, str]:
+        """An engine on ``backend`` at ``precision``, or torch fp32 when that cannot be built (label says)."""
+        resolver = MemoryResolver()
+        for name, path in self.files.items():
+            resolver.add_file(name, path)
+        base = copy.copy(self.base)
+        base.pipeline = copy.deepcopy(self.pristine)
+        if backend == "torch":
+            return Engine(base, resolver=resolver), "torch fp32"
+        try:
+            engine = Engine(base, resolver=resolver, backend=backend, precision=precision)
+        except (TypeError, ImportError, LoraloomError) as error:
+            base.pipeline = copy.deepcopy(self.pristine)
+            _say(f"{self.size}: {backend} {precision} unavailable ({error}); using torch fp32")
+            return Engine(base, resolver=resolver), "FALLBACK torch fp32"
+        return engine, f"{backend} {precision}"
+
+
+def _image(engine: Engine, model: Model, blend: list[tuple[str, float]]) -> np.ndarray:
+    return np.asarray(engine.generate(model.request(blend)).images[0], dtype=np.float32)
+
+
+def _diff(first: np.ndarray, second: np.ndarray) -> tuple[float, float]:
+    delta = np.abs(first.astype(np.float32) - second.astype(np.float32))
+    return float(delta.max()), float(delta.mean())
+
+
+def _alternate(calls: dict[str, Callable[[], object]], rounds: int) -> dict[str, float]:
+    """Median ms of each call, timed turn about after one warm-up each."""
+    for call in calls.values():
+        call()
+    samples: dict[str, list[float]] = {name: [] for name in calls}
+    for _ in range(rounds):
+        for name, call in calls.items():
+            samples[name].append(timed(call))
+    return {name: median_ms(values) for name, values in samples.items()}
+
+
+@dataclass
+class Peer:
+    """GenAI on one model, or why it could not run."""
+
+    genai: GenaiPeer | None
+    reason: str = ""
+    void: str = ""  # set when an adapter does not change GenAI's image
+
+
+def _peer(model: Model, threads: int) -> Peer:
+    missing = genai_missing()
+    if missing:
+        return Peer(None, missing)
+    from bench.genai.export import export_for_genai
+
+    try:
+        exported = export_for_genai(model.base)
+        _say(f"{model.size}: GenAI folder {'cached' if exported.cached else 'exported'} at {exported.path}")
+        genai = GenaiPeer(exported.path, model.files, threads=threads)
+    except Exception as error:  # the peer failing must not take loraloom's figures down with it
+        return Peer(None, f"GenAI could not load the {model.size} model: {type(error).__name__}: {error}")
+    base = genai.generate(model.settings)
+    weak = []
+    for name in ADAPTERS:
+        moved, _ = _diff(genai.generate(model.settings, [(name, 1.0)]), base)
+        _say(f"{model.size}: adapter {name} moves GenAI's image by {moved:.0f}/255 (max)")
+        if moved <= MIN_EFFECT:
+            weak.append(name)
+    void = f"VOID: adapter(s) {', '.join(weak)} do not change GenAI's image" if weak else ""
+    return Peer(genai, void=void)
+
+
+def _note(label: str, peer: Peer, extra: str = "") -> str:
+    parts = [f"{label} vs {peer.genai.precision}" if peer.genai else label, extra, peer.void]
+    return "; ".join(part for part in parts if part)
+
+
+def base_gen_ms(model: Model, engine: Engine, label: str, peer: Peer, rounds: int) -> Metric:
+    assert peer.genai is not None
+    genai = peer.genai
+    medians = _alternate(
+        {
+            "ours": lambda: engine.generate(model.request([])),
+            "theirs": lambda: genai.generate(model.settings),
+        },
+        rounds,
+    )
+    s = model.settings
+    note = _note(label, peer, f"{s.size} px {s.steps} steps")
+    return Metric(f"cpu_base_gen_ms_{model.size}", medians["ours"], medians["theirs"], "ms", "lower", note)
+
+
+def blend_gen_ms(model: Model, engine: Engine, label: str, peer: Peer, rounds: int) -> Metric:
+    assert peer.genai is not None
+    genai = peer.genai
+    medians = _alternate(
+        {
+            "ours": lambda: engine.generate(model.request(BLEND_X)),
+            "theirs": lambda: genai.generate(model.settings, BLEND_X),
+        },
+        rounds,
+    )
+    note = _note(label, peer, "a 0.7 + b 0.3")
+    return Metric(f"cpu_blend_gen_ms_{model.size}", medians["ours"], medians["theirs"], "ms", "lower", note)
+
+
+def switch_ms(model: Model, engine: Engine, label: str, peer: Peer, requests: int) -> Metric:
+    assert peer.genai is not None
+    genai = peer.genai
+    order = [BLEND_X if (index // 2) % 2 == 0 else BLEND_Y for index in range(requests)]
+    engine.generate(model.request(BLEND_Y))  # warm both blends; the first timed request then switches
+    engine.generate(model.request(BLEND_X))
+    engine.generate(model.request(BLEND_Y))
+    genai.generate(model.settings, BLEND_X)
+    genai.generate(model.settings, BLEND_Y)
+    ours: list[float] = []
+    theirs: list[float] = []
+    swaps: list[float] = []
+    for blend in order:
+        request = model.request(blend)
+        started = time.perf_counter()
+        result = engine.generate(request)
+        ours.append(time.perf_counter() - started)
+        swaps.append(result.timings.swap_ms)
+        theirs.append(timed(lambda b=blend: genai.generate(model.settings, b)))
+    # Even positions switch blend, odd ones repeat the one before: pair each switch with the stay after it.
+    our_added = statistics.median(ours[i] - ours[i + 1] for i in range(0, requests, 2)) * 1000.0
+    their_added = statistics.median(theirs[i] - theirs[i + 1] for i in range(0, requests, 2)) * 1000.0
+    in_engine = statistics.median(swaps[0::2])
+    if any(swaps[1::2]):
+        raise RuntimeError("a repeated blend was swapped again: the switch measurement is broken")
+    note = _note(label, peer, f"{requests} req; ours: diff {our_added:.1f}, swap {in_engine:.2f}")
+    return Metric(f"cpu_switch_ms_{model.size}", max(our_added, in_engine), their_added, "ms", "lower", note)
+
+
+def fidelity(
+    model: Model, reference: np.ndarray, ours: np.ndarray, label: str, precision: str, peer: Peer
+) -> Metric:
+    worst, mean = _diff(ours, reference)
+    note = f"{label}; mean {mean:.2f}"
+    if precision == "fp32":
+        note += "; peer: tolerance"
+        return Metric(f"cpu_fidelity_f32_{model.size}", worst, F32_TOLERANCE, "/255", "lower", note)
+    if peer.genai is None:
+        note += "; peer: fp32 tolerance (GenAI not run)"
+        return Metric(f"cpu_fidelity_bf16_{model.size}", worst, F32_TOLERANCE, "/255", "lower", note)
+    their_worst, their_mean = _diff(peer.genai.generate(model.settings, BLEND_X), reference)
+    note += f"; peer: GenAI {peer.genai.precision}, mean {their_mean:.2f}"
+    return Metric(f"cpu_fidelity_bf16_{model.size}", worst, their_worst, "/255", "lower", note)
+
+
+def run(quick: bool = False) -> list[Metric]:
+    config = QUICK if quick else FULL
+    threads = torch.get_num_threads()
+    metrics: list[Metric] = []
+    with tempfile.TemporaryDirectory(prefix="loraloom-bench-cpu-") as folder:
+        for size in ("tiny", "small"):
+            model = Model(size, Path(folder))
+            peer = _peer(model, threads)
+            if peer.genai is None:
+                _say(f"{size}: PEER NOT RUN: {peer.reason}")
+            engine, label = model.engine(BACKEND, "bf16")
+            _say(f"{size}: loraloom path {label}; GenAI default precision {_precision_or_none()}")
+            if peer.genai is not None:
+                metrics.append(base_gen_ms(model, engine, label, peer, config.base_rounds))
+            if size != "small":
+                continue
+            if peer.genai is not None:
+                metrics.append(blend_gen_ms(model, engine, label, peer, config.blend_rounds))
+                metrics.append(switch_ms(model, engine, label, peer, config.switch_requests))
+            reference_engine, _ = model.engine("torch", "fp32")
+            reference = _image(reference_engine, model, BLEND_X)
+            f32_engine, f32_label = model.engine(BACKEND, "fp32")
+            f32_image = _image(f32_engine, model, BLEND_X)
+            metrics.append(fidelity(model, reference, f32_image, f32_label, "fp32", peer))
+            metrics.append(fidelity(model, reference, _image(engine, model, BLEND_X), label, "bf16", peer))
+    return metrics
+
+
+def _precision_or_none() -> str:
+    try:
+        return default_precision()
+    except ImportError:
+        return "n/a"
