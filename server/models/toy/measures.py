@@ -11,6 +11,13 @@ so a generated image with a tinted background is still judged on its shape.
   background), fitted on the synthetic data with a fixed seed. Its weights ship
   next to this file (``shape_classifier.safetensors``, ~30 KB, fp16);
   ``python -m server.models.toy.measures --refit`` rebuilds them the same way.
+- Style (the style adapters of :mod:`server.models.toy.styles`), each a number
+  per image on the same white-balanced chroma map, higher = more of the style:
+  :func:`stripe_energy` (share of the chroma map's vertical spectrum at the
+  stripe period), :func:`hollowness` (share of the shape's filled outline that
+  is not colored) and :func:`lightness` (mean HSL lightness of the shape's
+  pixels: pastel colors are lighter). :data:`STYLE_THRESHOLDS` split drawn style
+  images from plain ones.
 """
 
 from __future__ import annotations
@@ -24,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFilter
 from torch import nn
 
 from server.models.toy.dataset import COLOR_HUES, SHAPES, ShapesDataset
@@ -182,6 +189,81 @@ def classify_shapes(images: Sequence[Image.Image | np.ndarray]) -> list[str]:
     with torch.no_grad():
         logits = shape_classifier()(_chroma_batch(images))
     return [SHAPES[int(i)] for i in logits.argmax(dim=1)]
+
+
+# ------------------------------------------------------------------ style metrics
+
+STRIPE_PERIOD = 8  # pixels; the striped style draws 4 px of color, 4 px of background
+STRIPE_BAND = 1  # frequency bins either side of the stripe frequency that count as stripes
+STYLE_CHROMA = 0.2  # a pixel belongs to the shape (for the style metrics) above this chroma
+TOP_PIXELS = 30  # an image with fewer shape pixels is judged on its most colored pixels
+
+
+def stripe_energy(image: Image.Image | np.ndarray, period: int = STRIPE_PERIOD) -> float:
+    """Share of the chroma map's vertical (along-y) spectral power near ``period``; in [0, 1].
+
+    Horizontal stripes make every column of the shape oscillate with the
+    stripe period; a solid shape's columns are one step up and down, whose
+    power sits at low frequencies. Neutral texture has no chroma, so it adds none.
+    """
+    c = chroma(image)
+    power = (np.abs(np.fft.rfft(c, axis=0)) ** 2).sum(axis=1)[1:]  # drop DC
+    total = float(power.sum())
+    if total <= 1e-9:
+        return 0.0
+    center = c.shape[0] // period  # bin index k (cycles per image) minus one after dropping DC
+    band = power[max(0, center - 1 - STRIPE_BAND) : center + STRIPE_BAND]
+    return float(band.sum()) / total
+
+
+def _shape_mask(c: np.ndarray) -> np.ndarray:
+    """Pixels that belong to the shape: chroma above half the image's near-maximum (and above a floor)."""
+    high = float(np.percentile(c, 99.5))
+    return c > max(STYLE_CHROMA, 0.5 * high)
+
+
+def hollowness(image: Image.Image | np.ndarray) -> float:
+    """Share of the shape's filled area (holes filled) that is not colored: ~0 solid, large for outlines.
+
+    The colored pixels are closed (3x3) to bridge small gaps in a generated
+    outline, then every pixel not reachable from the border counts as inside.
+    """
+    mask = _shape_mask(chroma(image))
+    colored = int(mask.sum())
+    if colored < MIN_SHAPE_PIXELS:
+        return 0.0
+    closed = Image.fromarray(np.pad(mask, 1).astype(np.uint8) * 255)
+    closed = closed.filter(ImageFilter.MaxFilter(3)).filter(ImageFilter.MinFilter(3))
+    ImageDraw.floodfill(closed, (0, 0), 128)  # the outside; what stays 0 is a hole
+    inside = np.asarray(closed)[1:-1, 1:-1] != 128
+    filled = int((inside | mask).sum())
+    return 1.0 - colored / filled if filled else 0.0
+
+
+def lightness(image: Image.Image | np.ndarray) -> float:
+    """Mean HSL lightness, (max + min) / 2, of the shape's pixels; pastel colors are lighter."""
+    rgb = _as_array(image)
+    c = rgb.max(axis=-1) - rgb.min(axis=-1)
+    mask = c > STYLE_CHROMA
+    if int(mask.sum()) < TOP_PIXELS:
+        mask = c >= np.sort(c, axis=None)[-TOP_PIXELS]
+    pixels = rgb[mask]
+    return float((pixels.max(axis=-1) + pixels.min(axis=-1)).mean() / 2.0)
+
+
+STYLE_METRICS = {"striped": stripe_energy, "outlined": hollowness, "pastel": lightness}
+# Above the threshold an image reads as the style (fitted on drawn images; see tests/toy/test_styles.py).
+STYLE_THRESHOLDS = {"striped": 0.15, "outlined": 0.15, "pastel": 0.59}
+
+
+def style_metric(style: str, images: Sequence[Image.Image | np.ndarray]) -> float:
+    """Mean of ``style``'s metric over ``images``."""
+    if style not in STYLE_METRICS:
+        raise ValueError(f"unknown style {style!r}; choose one of {', '.join(STYLE_METRICS)}")
+    if not images:
+        raise ValueError("style_metric needs at least one image")
+    measure = STYLE_METRICS[style]
+    return float(np.mean([measure(image) for image in images]))
 
 
 @dataclass(frozen=True)
