@@ -81,8 +81,18 @@ class OvUnet:
         ov_type = ov.Type.bf16 if self.precision == "bf16" else ov.Type.f32
         self._tensors = {key: _shared_tensor(ov, buffer, ov_type) for key, buffer in self._buffers.items()}
         self._spatial = frozenset(key for key, w in self._pristine.items() if is_spatial(w))
+        # Per key, as matrices: (W0, the buffer, float32 scratch for bf16 buffers); a swap
+        # then costs one or two kernels per module and no view arithmetic.
         largest = max((w.numel() for w in self._pristine.values()), default=0)
-        self._scratch = torch.empty(largest if self.precision == "bf16" else 0, dtype=torch.float32)
+        scratch = torch.empty(largest if self.precision == "bf16" else 0, dtype=torch.float32)
+        self._matrices = {
+            key: (
+                w.view(w.shape[0], -1),
+                self._buffers[key].view(w.shape[0], -1),
+                scratch[: w.numel()].view(w.shape[0], -1) if self.precision == "bf16" else None,
+            )
+            for key, w in self._pristine.items()
+        }
         self._touched: set[str] = set()
         self.signature: tuple[tuple[str, float], ...] = ()
         self._source = core().read_model(str(self.exported.path))
@@ -178,15 +188,13 @@ class OvUnet:
             self._buffers[key].copy_(self._pristine[key])  # bf16: the same rounding as at start
             written += 1
         for key, (down, up) in factors.items():
-            base = self._pristine[key]
-            rows = base.shape[0]
-            out = self._buffers[key].view(rows, -1)
-            up, down = up.to(torch.float32), down.to(torch.float32)
-            if out.dtype == torch.float32:
-                torch.addmm(base.view(rows, -1), up, down, out=out)
-            else:
-                scratch = self._scratch[: base.numel()].view(rows, -1)
-                out.copy_(torch.addmm(base.view(rows, -1), up, down, out=scratch))
+            base, out, scratch = self._matrices[key]
+            if up.dtype != torch.float32:
+                up, down = up.float(), down.float()
+            if scratch is None:
+                torch.addmm(base, up, down, out=out)
+            else:  # W0 + B @ A in float32, rounded once into the bf16 buffer
+                out.copy_(torch.addmm(base, up, down, out=scratch))
             written += 1
         self._touched = set(factors)
         self.variant = FULL if self._touched & self._spatial else (LEAN if self._spatial else FULL)
