@@ -40,6 +40,7 @@ from server.backends.onnx_export import (
     unet_targets,
 )
 from server.backends.openvino_runtime import compile_model, core, effective_precision, openvino
+from server.backends.openvino_weights import SharedWeights, declare_bf16_inputs
 from server.backends.pipeline_view import unet_config
 from server.engine.fuse import BlendPlan
 
@@ -65,36 +66,12 @@ class OvUnet:
         threads: int | None = None,
         folder=None,
     ) -> None:
-        ov = openvino()
         self.precision = effective_precision(precision)
         self.threads = threads
-        self.folder = folder
         self.exported = export_unet(pipeline, fingerprint, ExportSettings(weights="inputs"), folder=folder)
-        targets = unet_targets(pipeline)
-        # W0: the base's own float32 tensors, shared, not copied. Nothing writes into them in place
-        # (the engine's fused path repoints parameters; with this backend it leaves the UNet alone).
-        self._pristine = {
-            key: module.weight.detach().to(torch.float32).contiguous() for key, module in targets.items()
-        }
         self.weight_dtype = torch.bfloat16 if self.precision == "bf16" else torch.float32
-        self._buffers = {key: w.to(self.weight_dtype, copy=True) for key, w in self._pristine.items()}
-        ov_type = ov.Type.bf16 if self.precision == "bf16" else ov.Type.f32
-        self._tensors = {key: _shared_tensor(ov, buffer, ov_type) for key, buffer in self._buffers.items()}
-        self._spatial = frozenset(key for key, w in self._pristine.items() if is_spatial(w))
-        # Per key, as matrices: (W0, the buffer, float32 scratch for bf16 buffers); a swap
-        # then costs one or two kernels per module and no view arithmetic.
-        largest = max((w.numel() for w in self._pristine.values()), default=0)
-        scratch = torch.empty(largest if self.precision == "bf16" else 0, dtype=torch.float32)
-        self._matrices = {
-            key: (
-                w.view(w.shape[0], -1),
-                self._buffers[key].view(w.shape[0], -1),
-                scratch[: w.numel()].view(w.shape[0], -1) if self.precision == "bf16" else None,
-            )
-            for key, w in self._pristine.items()
-        }
-        self._touched: set[str] = set()
-        self.signature: tuple[tuple[str, float], ...] = ()
+        self.weights = SharedWeights(unet_targets(pipeline), self.weight_dtype)
+        self._spatial = frozenset(key for key, w in self.weights.pristine.items() if is_spatial(w))
         self._source = core().read_model(str(self.exported.path))
         self._models: dict[str, Any] = {}
         self._compiled: dict[tuple, tuple[Any, Any]] = {}
@@ -108,7 +85,11 @@ class OvUnet:
 
     @property
     def weight_keys(self) -> tuple[str, ...]:
-        return tuple(self._buffers)
+        return self.weights.keys
+
+    @property
+    def signature(self) -> tuple[tuple[str, float], ...]:
+        return self.weights.signature
 
     @property
     def compiled_shapes(self) -> tuple[tuple, ...]:
@@ -117,7 +98,7 @@ class OvUnet:
 
     def buffer(self, key: str) -> torch.Tensor:
         """The buffer bound to input ``key`` (what the runtime reads on the next call)."""
-        return self._buffers[key]
+        return self.weights.buffer(key)
 
     # ------------------------------------------------------------ models
 
@@ -134,16 +115,11 @@ class OvUnet:
             by_name = {p.output(0).get_any_name(): p for p in model.get_parameters()}
             for key in self._spatial:
                 parameter = by_name[key]
-                constant = ov.opset13.constant(self._pristine[key].numpy(), shared_memory=True)
+                constant = ov.opset13.constant(self.weights.pristine[key].numpy(), shared_memory=True)
                 parameter.output(0).replace(constant.output(0))
                 model.remove_parameter(parameter)
-        inputs = {p.output(0).get_any_name() for p in model.get_parameters()}
         if self.weight_dtype == torch.bfloat16:
-            ppp = ov.preprocess.PrePostProcessor(model)
-            for key in self._buffers:
-                if key in inputs:
-                    ppp.input(key).tensor().set_element_type(ov.Type.bf16)
-            model = ppp.build()
+            model = declare_bf16_inputs(model, self.weights.keys)
         return model
 
     def request(self, variant: str, sample_shape: tuple, hidden_shape: tuple) -> Any:
@@ -163,42 +139,15 @@ class OvUnet:
         model.reshape({SAMPLE: list(sample_shape), TIMESTEP: [sample_shape[0]], HIDDEN: list(hidden_shape)})
         compiled = compile_model(model, self.precision, self.threads)
         request = compiled.create_infer_request()
-        names = {name for port in compiled.inputs for name in port.get_names()}
-        for key, tensor in self._tensors.items():
-            if key in names:
-                request.set_tensor(key, tensor)
+        self.weights.bind(request, {name for port in compiled.inputs for name in port.get_names()})
         return compiled, request
 
     # ------------------------------------------------------------ hot-swap
 
-    @torch.no_grad()
     def apply(self, plan: BlendPlan | None) -> int:
         """Write ``plan``'s UNet weights (``None``: base) into the buffers; returns modules written."""
-        previous = torch.get_num_threads()
-        torch.set_num_threads(1)  # many small addmm: a thread pool costs more than it saves (see fuse)
-        try:
-            return self._apply(plan)
-        finally:
-            torch.set_num_threads(previous)
-
-    def _apply(self, plan: BlendPlan | None) -> int:
-        factors = {k: v for k, v in (plan.factors.items() if plan is not None else ()) if k in self._buffers}
-        written = 0
-        for key in self._touched - set(factors):
-            self._buffers[key].copy_(self._pristine[key])  # bf16: the same rounding as at start
-            written += 1
-        for key, (down, up) in factors.items():
-            base, out, scratch = self._matrices[key]
-            if up.dtype != torch.float32:
-                up, down = up.float(), down.float()
-            if scratch is None:
-                torch.addmm(base, up, down, out=out)
-            else:  # W0 + B @ A in float32, rounded once into the bf16 buffer
-                out.copy_(torch.addmm(base, up, down, out=scratch))
-            written += 1
-        self._touched = set(factors)
-        self.variant = FULL if self._touched & self._spatial else (LEAN if self._spatial else FULL)
-        self.signature = plan.signature if plan is not None else ()
+        written = self.weights.apply(plan)
+        self.variant = FULL if self.weights.touched & self._spatial else (LEAN if self._spatial else FULL)
         return written
 
     # ------------------------------------------------------------ forward
@@ -218,10 +167,3 @@ class OvUnet:
         request.infer()
         out = torch.from_numpy(request.get_output_tensor(0).data.copy())
         return (out.to(sample.dtype),)
-
-
-def _shared_tensor(ov, buffer: torch.Tensor, ov_type) -> Any:
-    """An ``ov.Tensor`` over ``buffer``'s memory (the buffer must outlive it)."""
-    if buffer.dtype == torch.bfloat16:
-        return ov.Tensor(buffer.view(torch.int16).numpy(), list(buffer.shape), ov_type)
-    return ov.Tensor(buffer.numpy(), shared_memory=True)

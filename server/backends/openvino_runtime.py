@@ -8,7 +8,13 @@ falls back to fp32, with a log line, on a CPU without it.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -66,6 +72,39 @@ def effective_precision(precision: str, bf16_supported: bool | None = None) -> s
 def cache_folder(folder: Path | None = None) -> Path:
     """Where converted models and compiled blobs are kept (default: the data folder's cache)."""
     return folder or cache_dir() / "openvino"
+
+
+def converted(
+    part: str, fingerprint: str, convert: Callable[[], Any], *, version: int, folder: Path | None = None
+) -> Path:
+    """``part`` of a base model as OpenVINO IR: ``convert()`` the first time, then from the cache.
+
+    Kept under ``<cache>/<part>-<key>/<part>.xml`` (float32 weights), where the key hashes
+    the base fingerprint, ``version`` (bump when the converted graph changes) and the
+    converter versions. Written to a temporary folder and renamed into place, so a reader
+    never sees half a model.
+    """
+    import torch
+
+    ov = openvino()
+    versions = {"openvino": ov.__version__, "torch": torch.__version__}
+    text = json.dumps({"fingerprint": fingerprint, "version": version, **versions}, sort_keys=True)
+    root = cache_folder(folder) / f"{part}-{hashlib.sha256(text.encode()).hexdigest()[:32]}"
+    path = root / f"{part}.xml"
+    if path.is_file():
+        return path
+    root.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{part}-", dir=root.parent))
+    try:
+        ov.save_model(convert(), str(staging / path.name), compress_to_fp16=False)
+        try:
+            os.rename(staging, root)
+        except OSError:  # another process converted it first: use theirs
+            if not path.is_file():
+                raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return path
 
 
 def compile_properties(precision: str, threads: int | None) -> dict[str, str]:

@@ -2,20 +2,14 @@
 
 At 256 px the decoder costs as much as several UNet steps in torch; on OpenVINO
 it runs 2-5x faster (``bench backends``). The decoder is converted from torch
-once (``openvino.convert_model``) and kept as OpenVINO IR (float32 weights)
-under ``LORALOOM_HOME/cache/openvino/<key>/``, where the key hashes the base
-model's fingerprint and the converter versions. It is compiled for static
-shapes, once per latent shape.
+once (``openvino.convert_model``) and kept as OpenVINO IR
+(``openvino_runtime.converted``). It is compiled for static shapes, once per
+latent shape.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
-import os
-import shutil
-import tempfile
 import threading
 import warnings
 from pathlib import Path
@@ -25,12 +19,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from server.backends.openvino_runtime import cache_folder, compile_model, core, effective_precision, openvino
+from server.backends.openvino_runtime import compile_model, converted, core, effective_precision, openvino
 
 log = logging.getLogger(__name__)
 
-IR_FORMAT = 1  # bump when the converted graph changes
-FILE = "vae_decoder.xml"
+IR_VERSION = 1  # bump when the converted graph changes
 
 
 class _Decode(nn.Module):
@@ -42,45 +35,16 @@ class _Decode(nn.Module):
         return self.vae.decode(latents, return_dict=False)[0]
 
 
-def ir_key(fingerprint: str) -> str:
-    """The cache key of a converted decoder: base fingerprint, format, converter versions."""
-    ov = openvino()
-    text = json.dumps(
-        {
-            "fingerprint": fingerprint,
-            "format": IR_FORMAT,
-            "openvino": ov.__version__,
-            "torch": torch.__version__,
-        },
-        sort_keys=True,
-    )
-    return hashlib.sha256(text.encode()).hexdigest()[:32]
-
-
 def export_vae_decoder(vae: nn.Module, fingerprint: str, *, folder: Path | None = None) -> Path:
     """The decoder as OpenVINO IR (converted the first time, then read from the cache)."""
-    ov = openvino()
-    root = cache_folder(folder) / ir_key(fingerprint)
-    path = root / FILE
-    if path.is_file():
-        return path
-    channels = vae.config.latent_channels
-    example = torch.zeros(1, channels, 8, 8)
-    root.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".convert-", dir=root.parent))
-    try:
+
+    def convert():
+        example = torch.zeros(1, vae.config.latent_channels, 8, 8)
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore")  # tracer warnings on diffusers' shape checks
-            model = ov.convert_model(_Decode(vae.eval()), example_input=example)
-        ov.save_model(model, str(staging / FILE), compress_to_fp16=False)
-        try:
-            os.rename(staging, root)
-        except OSError:  # another process converted it first: use theirs
-            if not path.is_file():
-                raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return path
+            return openvino().convert_model(_Decode(vae.eval()), example_input=example)
+
+    return converted("vae_decoder", fingerprint, convert, version=IR_VERSION, folder=folder)
 
 
 class OvVaeDecoder:

@@ -1,9 +1,10 @@
 """Choosing the backend the engine runs its denoising loop on.
 
-A backend replaces the UNet call (and, for OpenVINO, the VAE decoder); the
-text encoder stays in torch, where the engine's fused path writes text-encoder
-adapter keys. ``unet.*`` keys go to the backend's UNet only: the torch UNet is
-then never written.
+A backend replaces the UNet call (OpenVINO also the text encoder and the VAE
+decoder). Adapter keys of a replaced component go to the backend only: the
+torch module it replaces is then never written; the engine's fused path writes
+the keys of the torch modules that still run (the text encoder under ONNX
+Runtime).
 """
 
 from __future__ import annotations
@@ -35,11 +36,16 @@ class UnetBackend(Protocol):
 
 @dataclass(frozen=True)
 class Backend:
-    """What runs a request: ``unet``/``vae`` replace the pipeline's (``None``: torch's own)."""
+    """What runs a request: ``unet``/``text_encoder``/``vae`` replace the pipeline's (``None``: torch's).
+
+    Adapter keys of a replaced component go to it only (``owns``): the engine's fused
+    path then writes the rest, into the torch modules that still run.
+    """
 
     name: str
     precision: str
     unet: UnetBackend | None = None
+    text_encoder: Any | None = None
     vae: Any | None = None
 
     @property
@@ -47,9 +53,22 @@ class Backend:
         """``torch``, ``onnxruntime`` or e.g. ``openvino (bf16)``."""
         return f"{self.name} ({self.precision})" if self.name == "openvino" else self.name
 
+    @property
+    def prefixes(self) -> tuple[str, ...]:
+        """Key prefixes of the adapter targets this backend runs."""
+        parts = (("unet.", self.unet), ("text_encoder.", self.text_encoder))
+        return tuple(prefix for prefix, part in parts if part is not None)
+
+    def owns(self, key: str) -> bool:
+        return key.startswith(self.prefixes) if self.prefixes else False
+
+    def apply(self, plan: BlendPlan | None) -> int:
+        """Write ``plan`` (``None``: base) into this backend's weights; returns modules written."""
+        return sum(part.apply(plan) for part in (self.unet, self.text_encoder) if part is not None)
+
     def view(self, pipeline: Any) -> Any:
         """``pipeline`` itself for torch, else a view of it with this backend's components."""
-        return with_components(pipeline, unet=self.unet, vae=self.vae)
+        return with_components(pipeline, unet=self.unet, text_encoder=self.text_encoder, vae=self.vae)
 
 
 def check_backend(name: str, precision: str = "fp32") -> None:
@@ -87,10 +106,16 @@ def build_backend(name: str, base: Any, precision: str = "fp32", *, folder=None)
             name, precision, unet=OrtUnet(base.pipeline, base.fingerprint, threads=threads, folder=folder)
         )
     from server.backends.openvino_backend import OvUnet
+    from server.backends.openvino_text import OvTextEncoder, supports
     from server.backends.openvino_vae import OvVaeDecoder
 
-    unet = OvUnet(base.pipeline, base.fingerprint, precision=precision, threads=threads, folder=folder)
-    vae = OvVaeDecoder(
-        base.pipeline.vae, base.fingerprint, precision=unet.precision, threads=threads, folder=folder
-    )
-    return Backend(name, unet.precision, unet=unet, vae=vae)
+    pipeline, fingerprint = base.pipeline, base.fingerprint
+    unet = OvUnet(pipeline, fingerprint, precision=precision, threads=threads, folder=folder)
+    precision = unet.precision  # bf16 falls back to fp32 on a CPU without native BF16
+    text_encoder = None
+    if supports(pipeline):
+        text_encoder = OvTextEncoder(
+            pipeline, fingerprint, precision=precision, threads=threads, folder=folder
+        )
+    vae = OvVaeDecoder(pipeline.vae, fingerprint, precision=precision, threads=threads, folder=folder)
+    return Backend(name, precision, unet=unet, text_encoder=text_encoder, vae=vae)

@@ -128,8 +128,8 @@ class Engine:
         (fault injection in tests: a slow step, a failure).
         ``backend`` runs the UNet on ``torch`` (the pipeline itself), ``onnxruntime`` or
         ``openvino`` (``server.backends``: same denoising loop, blends written into the
-        backend's bound weights; openvino also decodes). UNet adapter keys then go to the
-        backend only, text-encoder keys to the torch text encoder. ``precision`` (``fp32`` or
+        backend's bound weights; openvino also runs the text encoder and decodes). Adapter keys
+        of the modules a backend runs go to it only. ``precision`` (``fp32`` or
         ``bf16``, openvino only; bf16 falls back to fp32 on a CPU without native BF16).
         ``compile`` (torch backend): ``torch.compile`` the UNet in place; swaps do not recompile
         (``server.engine.compiled``).
@@ -324,8 +324,7 @@ class Engine:
         started = time.perf_counter()
         plan = self._plan(prepared) if prepared else None
         self._fused.apply(self._torch_part(plan))
-        if self._unet is not None:
-            self._unet.apply(plan)
+        self._backend.apply(plan)
         swap_ms = (time.perf_counter() - started) * 1000.0
         self._swaps += 1
         self._swap_ms_total += swap_ms
@@ -333,10 +332,10 @@ class Engine:
         return swap_ms
 
     def _torch_part(self, plan: BlendPlan | None) -> BlendPlan | None:
-        """``plan`` less its UNet keys when a backend runs the UNet (they go to the backend only)."""
-        if plan is None or self._unet is None:
+        """``plan`` less the keys of modules a backend runs (they go to the backend only)."""
+        if plan is None or not self._backend.prefixes:
             return plan
-        factors = {key: pair for key, pair in plan.factors.items() if not key.startswith("unet.")}
+        factors = {key: pair for key, pair in plan.factors.items() if not self._backend.owns(key)}
         if len(factors) == len(plan.factors):
             return plan
         weights = None if plan.weights is None else {key: plan.weights[key] for key in factors}

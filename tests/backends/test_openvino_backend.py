@@ -15,12 +15,14 @@ from adapters.errors import InvalidArgument
 from server.backends.onnx_export import example_inputs
 from server.backends.openvino_backend import FULL, LEAN, OvUnet
 from server.backends.openvino_runtime import cpu_supports_bf16, effective_precision
+from server.backends.openvino_text import OvTextEncoder
 from server.backends.openvino_vae import OvVaeDecoder
 from server.engine import Engine, MemoryResolver
 from server.engine.fuse import FusedWeights
+from server.engine.synthetic import random_adapter
 from server.engine.types import GenerateRequest
 from server.models.loader import BaseModel, infer_architecture
-from server.models.shapes import lora_targets
+from server.models.shapes import lora_targets, module_shapes
 
 from .conftest import unet_adapters
 
@@ -63,9 +65,14 @@ def _base(pipeline, dtype=torch.float32, device="cpu") -> BaseModel:
     )
 
 
+def _text_adapter(pipeline):
+    shapes = {key: shape for key, shape in module_shapes(pipeline).items() if key.startswith("text_encoder.")}
+    return random_adapter(shapes, seed=4, rank=4, strength=0.5)
+
+
 def _engine(pipeline, backend="openvino", precision="fp32") -> Engine:
     resolver = MemoryResolver()
-    for name, adapter in unet_adapters(pipeline).items():
+    for name, adapter in {**unet_adapters(pipeline), "t": _text_adapter(pipeline)}.items():
         resolver.add_adapter(name, adapter)
     return Engine(_base(pipeline), resolver=resolver, backend=backend, precision=precision)
 
@@ -81,7 +88,7 @@ def test_engine_gives_the_torch_engine_images(tiny_pipeline, precision):
     engine = _engine(tiny_pipeline, precision=precision)
     assert engine.backend_name == f"openvino ({precision})"
     images = {}
-    for blend in ([("a", 1.0)], [("b", 0.8), ("a", -0.4)], [], [("a", 1.0)]):
+    for blend in ([("a", 1.0)], [("b", 0.8), ("t", 1.0)], [], [("a", 1.0)]):
         expected, got = _image(reference, blend), _image(engine, blend)
         diff = np.abs(got - expected)
         if precision == "fp32":
@@ -93,10 +100,11 @@ def test_engine_gives_the_torch_engine_images(tiny_pipeline, precision):
     first, again = images[(("a", 1.0),)]
     assert np.array_equal(first, again)
     assert np.abs(first - images[()][0]).max() > 10 * FP32_TOLERANCE
-    # The torch UNet is never written when a backend runs the UNet (text-encoder keys still are).
-    pristine = dict(tiny_pipeline.unet.named_parameters())
-    for name, parameter in engine.pipeline.unet.named_parameters():
-        assert torch.equal(parameter, pristine[name]), name
+    # The torch modules the backend replaces are never written.
+    for component in ("unet", "text_encoder"):
+        pristine = dict(getattr(tiny_pipeline, component).named_parameters())
+        for name, parameter in getattr(engine.pipeline, component).named_parameters():
+            assert torch.equal(parameter, pristine[name]), name
 
 
 def test_other_sizes_compile_once_each(tiny_pipeline):
@@ -189,6 +197,23 @@ def test_vae_decoder_matches_torch_and_reuses_its_conversion(own_tiny, fingerpri
     with torch.no_grad():
         expected = own_tiny.vae.decode(latents, return_dict=False)[0]
     assert (second.decode(latents)[0] - expected).abs().max() < 1e-4
+
+
+def test_text_encoder_swaps_in_place(own_tiny, fingerprint):
+    fused = FusedWeights(lora_targets(own_tiny))
+    prepared = fused.prepare(_text_adapter(own_tiny), name="t", version=1, sha256="t" * 8)
+    plan = fused.plan([(prepared, 0.8)])
+    encoder = OvTextEncoder(own_tiny, fingerprint, threads=1)
+    ids = own_tiny.tokenizer(["a red square"], padding="max_length", return_tensors="pt").input_ids
+    base = encoder(ids)[0]
+    for step in (plan, None):
+        fused.apply(step)
+        encoder.apply(step)
+        with torch.no_grad():
+            expected = own_tiny.text_encoder(ids)[0]
+        assert (encoder(ids)[0] - expected).abs().max() < 1e-4
+    assert torch.equal(encoder(ids)[0], base)
+    assert len(encoder.compiled_shapes) == 1
 
 
 def test_bad_settings_are_refused_clearly(tiny_pipeline, caplog):
