@@ -15,6 +15,8 @@
   (2 for float32 backends, the README's bf16 bound for bf16).
 - ``decode_ratio_small_openvino_<precision>``: ms of the VAE decode of one
   256 px image on OpenVINO; the peer is torch.
+- ``encode_ratio_small_openvino_<precision>``: ms to encode one prompt with the
+  text encoder on OpenVINO (its adapter targets as inputs); the peer is torch.
 - ``lean_step_small_openvino_bf16``: ms per step of the lean OpenVINO variant
   (3x3 convolutions constant; blends that leave them at base) against the full
   one (every target an input; blends that touch them).
@@ -93,21 +95,23 @@ def _image(pipeline, steps: int) -> np.ndarray:
 
 
 def _openvino_backends(pipeline, threads: int, folder: Path) -> dict[str, tuple]:
-    """``openvino_<precision>`` -> (UNet, VAE decoder), for the precisions this CPU runs natively."""
+    """``openvino_<precision>`` -> (UNet, VAE decoder, text encoder), for the precisions this CPU runs."""
     try:
         from server.backends.openvino_backend import OvUnet
         from server.backends.openvino_runtime import cpu_supports_bf16
+        from server.backends.openvino_text import OvTextEncoder
         from server.backends.openvino_vae import OvVaeDecoder
     except ImportError:
         return {}
     precisions = ["fp32", "bf16"] if cpu_supports_bf16() else ["fp32"]
     found = {}
     for precision in precisions:
-        unet = OvUnet(pipeline, f"bench-{MODEL}", precision=precision, threads=threads, folder=folder)
-        vae = OvVaeDecoder(
-            pipeline.vae, f"bench-{MODEL}", precision=precision, threads=threads, folder=folder
+        settings = {"precision": precision, "threads": threads, "folder": folder}
+        found[f"openvino_{precision}"] = (
+            OvUnet(pipeline, f"bench-{MODEL}", **settings),
+            OvVaeDecoder(pipeline.vae, f"bench-{MODEL}", **settings),
+            OvTextEncoder(pipeline, f"bench-{MODEL}", **settings),
         )
-        found[f"openvino_{precision}"] = (unet, vae)
     return found
 
 
@@ -130,7 +134,7 @@ def run(quick: bool = False) -> list[Metric]:
         folder = Path(name)
         unets = {"onnxruntime": OrtUnet(pipeline, f"bench-{MODEL}", threads=threads, folder=folder)}
         openvino = _openvino_backends(pipeline, threads, folder)
-    unets.update({name: unet for name, (unet, _) in openvino.items()})
+    unets.update({name: parts[0] for name, parts in openvino.items()})
     shapes = {k: v for k, v in module_shapes(pipeline).items() if k.startswith("unet.")}
     fused = FusedWeights(lora_targets(pipeline))
     prepared = [
@@ -171,7 +175,8 @@ def run(quick: bool = False) -> list[Metric]:
     steps = 4
     reference = _image(pipeline, steps)
     views = {"onnxruntime": PipelineView(pipeline, unet=unets["onnxruntime"])}
-    views.update({name: PipelineView(pipeline, unet=unet, vae=vae) for name, (unet, vae) in openvino.items()})
+    for name, (unet, vae, text) in openvino.items():
+        views[name] = PipelineView(pipeline, unet=unet, vae=vae, text_encoder=text)
     diffs = {name: float(np.abs(_image(view, steps) - reference).max()) for name, view in views.items()}
 
     note = f"{MODEL}, batch 2, {threads} threads"
@@ -192,7 +197,7 @@ def run(quick: bool = False) -> list[Metric]:
         ]
 
     latents = torch.randn(1, 4, sample.shape[2], sample.shape[3], generator=torch.Generator().manual_seed(0))
-    decoders = {name: vae for name, (_, vae) in openvino.items()}
+    decoders = {name: parts[1] for name, parts in openvino.items()}
     with torch.no_grad():
         decode_ms = _interleaved_ms(
             {
@@ -205,6 +210,28 @@ def run(quick: bool = False) -> list[Metric]:
         metrics.append(
             Metric(
                 f"decode_ratio_{MODEL}_{name}", decode_ms[name], decode_ms["torch"], "ms", "lower", "256 px"
+            )
+        )
+
+    ids = pipeline.tokenizer(["a red square"], padding="max_length", return_tensors="pt").input_ids
+    encoders = {name: parts[2] for name, parts in openvino.items()}
+    with torch.no_grad():
+        encode_ms = _interleaved_ms(
+            {
+                "torch": lambda: pipeline.text_encoder(ids),
+                **{name: (lambda text=text: text(ids)) for name, text in encoders.items()},
+            },
+            repeats * 3,
+        )
+    for name in encoders:
+        metrics.append(
+            Metric(
+                f"encode_ratio_{MODEL}_{name}",
+                encode_ms[name],
+                encode_ms["torch"],
+                "ms",
+                "lower",
+                "one prompt",
             )
         )
 
