@@ -22,8 +22,9 @@ on one thread; pass ``--threads 2`` on a quiet 2-core machine).
 - ``cpu_switch_ms_small``: the added cost of alternating blends from one request
   to the next: requests go X X Y Y X X ..., so every other request switches;
   the figure is the median over pairs of (switching request - the staying
-  request after it). loraloom's figure is at least its in-engine swap time
-  (``Timings.swap_ms``; a difference of medians can fall below it in noise).
+  request after it), in CPU time of this process (both sides run in it; wall
+  time on a shared machine drowns a few ms in noise). loraloom's figure is at
+  least its in-engine swap time (``Timings.swap_ms``), which noise can undercut.
 - ``cpu_fidelity_f32_small`` / ``_bf16_small``: max pixel difference (of 255)
   of loraloom's fp32 / bf16 path from the torch fp32 engine under the blend, the
   mean in the note. Peer column: for fp32 the tolerance (2 levels); for bf16
@@ -52,7 +53,7 @@ import torch
 from adapters.errors import LoraloomError
 from adapters.formats import to_kohya
 from bench.genai.peer import GenaiPeer, Settings, default_precision, genai_missing
-from bench.report import Metric, median_ms, timed
+from bench.report import Metric, cpu_timed, median_ms, timed
 from server.engine import Engine, GenerateRequest, MemoryResolver
 from server.engine.synthetic import random_adapter
 from server.models.loader import BaseModel, load_base_model
@@ -131,7 +132,7 @@ class Model:
             base.pipeline = copy.deepcopy(self.pristine)
             _say(f"{self.size}: {backend} {precision} unavailable ({error}); using torch fp32")
             return Engine(base, resolver=resolver), "FALLBACK torch fp32"
-        return engine, f"{backend} {precision}"
+        return engine, engine.backend_name  # the precision it runs: bf16 falls back to fp32 without BF16
 
 
 def _image(engine: Engine, model: Model, blend: list[tuple[str, float]]) -> np.ndarray:
@@ -234,18 +235,18 @@ def switch_ms(model: Model, engine: Engine, label: str, peer: Peer, requests: in
     swaps: list[float] = []
     for blend in order:
         request = model.request(blend)
-        started = time.perf_counter()
+        started = time.process_time()
         result = engine.generate(request)
-        ours.append(time.perf_counter() - started)
+        ours.append(time.process_time() - started)
         swaps.append(result.timings.swap_ms)
-        theirs.append(timed(lambda b=blend: genai.generate(model.settings, b)))
+        theirs.append(cpu_timed(lambda b=blend: genai.generate(model.settings, b)))
     # Even positions switch blend, odd ones repeat the one before: pair each switch with the stay after it.
     our_added = statistics.median(ours[i] - ours[i + 1] for i in range(0, requests, 2)) * 1000.0
     their_added = statistics.median(theirs[i] - theirs[i + 1] for i in range(0, requests, 2)) * 1000.0
     in_engine = statistics.median(swaps[0::2])
     if any(swaps[1::2]):
         raise RuntimeError("a repeated blend was swapped again: the switch measurement is broken")
-    note = _note(label, peer, f"{requests} req; ours: diff {our_added:.1f}, swap {in_engine:.2f}")
+    note = _note(label, peer, f"CPU time, {requests} req; ours: diff {our_added:.1f}, swap {in_engine:.2f}")
     return Metric(f"cpu_switch_ms_{model.size}", max(our_added, in_engine), their_added, "ms", "lower", note)
 
 

@@ -51,23 +51,19 @@ class GenaiExport:
 
 
 class _TextEncoder(nn.Module):
-    """``input_ids -> last_hidden_state``; weight names always contain ``text_model.encoder.layers...``.
+    """``input_ids -> last_hidden_state``, weights named ``text_model.encoder.layers...``.
 
     GenAI finds a kohya text-encoder module (``lora_te_text_model_encoder_layers_0_...``) by
-    substring in the weight names; transformers 5 flattens ``CLIPTextModel`` (no ``text_model``),
-    so the flattened model is held under that name here.
+    substring in the weight names; transformers 5 flattens ``CLIPTextModel`` (no ``text_model``
+    inside), so the transformer is held under that name here either way.
     """
 
     def __init__(self, encoder: nn.Module) -> None:
         super().__init__()
-        if hasattr(encoder, "text_model"):
-            self.clip = encoder
-        else:
-            self.text_model = encoder
-        self.encoder_model = encoder
+        self.text_model = getattr(encoder, "text_model", encoder)
 
     def forward(self, input_ids):
-        return self.encoder_model(input_ids, return_dict=False)[0]
+        return self.text_model(input_ids, return_dict=False)[0]
 
 
 class _Unet(nn.Module):
@@ -103,7 +99,12 @@ def _openvino():
 def export_key(fingerprint: str) -> str:
     openvino, _ = _openvino()
     text = json.dumps(
-        {"fingerprint": fingerprint, "format": EXPORT_FORMAT, "openvino": openvino.get_version()},
+        {
+            "fingerprint": fingerprint,
+            "format": EXPORT_FORMAT,
+            "openvino": openvino.get_version(),
+            "torch": torch.__version__,
+        },
         sort_keys=True,
     )
     return hashlib.sha256(text.encode()).hexdigest()[:32]
