@@ -174,14 +174,14 @@ def _peer(model: Model, threads: int) -> Peer:
         exported = export_for_genai(model.base)
         _say(f"{model.size}: GenAI folder {'cached' if exported.cached else 'exported'} at {exported.path}")
         genai = GenaiPeer(exported.path, model.files, threads=threads)
+        base = genai.generate(model.settings)
+        moved = {name: _diff(genai.generate(model.settings, [(name, 1.0)]), base)[0] for name in ADAPTERS}
     except Exception as error:  # the peer failing must not take loraloom's figures down with it
-        return Peer(None, f"GenAI could not load the {model.size} model: {type(error).__name__}: {error}")
-    base = genai.generate(model.settings)
+        return Peer(None, f"GenAI could not run the {model.size} model: {type(error).__name__}: {error}")
     weak = []
-    for name in ADAPTERS:
-        moved, _ = _diff(genai.generate(model.settings, [(name, 1.0)]), base)
-        _say(f"{model.size}: adapter {name} moves GenAI's image by {moved:.0f}/255 (max)")
-        if moved <= MIN_EFFECT:
+    for name, moved_by in moved.items():
+        _say(f"{model.size}: adapter {name} moves GenAI's image by {moved_by:.0f}/255 (max)")
+        if moved_by <= MIN_EFFECT:
             weak.append(name)
     void = f"VOID: adapter(s) {', '.join(weak)} do not change GenAI's image" if weak else ""
     return Peer(genai, void=void)
