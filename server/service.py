@@ -211,6 +211,7 @@ class LoraloomService:
         """
         import torch
 
+        from server.backends.select import choose_backend
         from server.engine import Engine, StoreResolver
         from server.engine.scheduler import Scheduler
         from server.models.loader import load_base_model
@@ -225,14 +226,18 @@ class LoraloomService:
             validator=validator,
             max_blob_bytes=config.max_upload_bytes,
         )
+        backend, precision = choose_backend(config.backend, config.precision, base.device.type, config.dtype)
+        asked = f"{config.backend}/{config.precision}"
+        log.info("backend %s, precision %s (configured %s)", backend, precision, asked)
         engine = Engine(
             base,
             resolver=StoreResolver(store),
             cache_bytes=config.cache_mb << 20,
             limits=_limits(config),
             before_step=before_step,
-            backend=config.backend,
-            precision=config.precision,
+            backend=backend,
+            precision=precision,
+            compile=config.compile,
         )
         scheduler = Scheduler(
             engine,

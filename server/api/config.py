@@ -27,17 +27,25 @@ class ServerConfig:
     device: str = field(default="cpu", metadata={"help": "torch device: cpu, cuda, cuda:1, ..."})
     dtype: str = field(default="float32", metadata={"help": "float32, float16 or bfloat16."})
     backend: str = field(
-        default="torch",
+        default="auto",
         metadata={
-            "help": "UNet backend: torch, onnxruntime (CPU float32) or openvino (CPU; also decodes); "
+            "help": "UNet backend: auto (openvino on a float32 CPU model when installed, else torch), "
+            "torch, onnxruntime (CPU float32) or openvino (CPU; also encodes and decodes); "
             "see bench backends."
         },
     )
     precision: str = field(
-        default="fp32",
+        default="auto",
         metadata={
-            "help": "Compute precision of backend openvino: fp32 (torch's images within 2/255) or bf16 "
-            "(faster on CPUs with AVX512-BF16/AMX, else fp32)."
+            "help": "Compute precision of backend openvino: auto (bf16 where the CPU has AVX512-BF16/AMX, "
+            "else fp32), fp32 (torch's images within 2/255) or bf16 (within about 12/255)."
+        },
+    )
+    compile: bool = field(
+        default=False,
+        metadata={
+            "help": "Backend torch: torch.compile the UNet (blend swaps never recompile; each new "
+            "image size compiles once)."
         },
     )
     home: Path | None = field(default=None, metadata={"help": "Data folder (default: LORALOOM_HOME)."})

@@ -43,6 +43,8 @@ def micro_config(home, **overrides) -> ServerConfig:
         host="127.0.0.1",
         port=0,
         model="micro",
+        backend="torch",  # the API tests are about the API; backends have their own tests
+        precision="fp32",
         home=home,
         max_queue=2,
         default_steps=4,
