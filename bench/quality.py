@@ -1,33 +1,54 @@
-"""Suite ``quality``: does the built-in ``toy`` model draw what the prompt asks?
+"""Suite ``quality``: does the built-in ``toy`` model draw what the prompt asks, and do style adapters work?
 
 Prompts are the toy dataset's captions (every color and shape, seeded); each
-image is scored by :mod:`server.models.toy.measures`:
+image is scored by :mod:`server.models.toy.measures`.
+
+Base model (loraloom's resident engine vs the same folder through plain
+diffusers ``pipeline(...)``, same seeds, 20 steps, guidance 7.5; the two should
+agree, so a ratio far from 1 means the engine's sampling differs):
 
 - ``color_acc``: % of images whose shape has the prompt's color (dominant hue);
 - ``shape_acc``: % of images the shape classifier reads as the prompt's shape.
 
-loraloom generates through its resident engine (``Engine.generate``, one
-request per prompt); the peer is the same model folder through plain diffusers
-``pipeline(...)``. Same seeds, 20 steps, guidance 7.5: the two should agree, so
-a ratio far from 1 means the engine's sampling differs from diffusers'. The
-full run scores 200 images per side; ``--quick`` 24.
+Style adapters (:mod:`server.models.toy.styles`; the shipped examples, or every
+``<style>.safetensors`` in ``$LORALOOM_STYLE_ADAPTERS``, a ``styles build``
+output folder), all through the engine, the same plain captions and seeds with
+and without the adapter (style adapters have no trigger word):
+
+- ``style_<s>``: the style's metric with the adapter (loraloom) and without it
+  (peer: the base model on the same prompts); the ratio is the factor it moves;
+- ``style_<s>_color_acc``: color accuracy with the adapter (peer: without);
+- ``blend_<a>+<b>_<s>``: a 50/50 blend (0.5 + 0.5) of the first two adapters,
+  its metric of style ``s`` (loraloom) against the midpoint of the two parents'
+  (peer); the note gives both parents and says whether the blend lies between.
+
+The full run scores 200 images per side for the base model and 48 per style
+setting; ``--quick`` 24 and 8.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
 
 from PIL import Image
 
 from bench.report import Metric
-from server.models.toy.evaluate import DEFAULT_GUIDANCE, DEFAULT_STEPS, pipeline_generator, score
+from server.models.toy.evaluate import DEFAULT_GUIDANCE, DEFAULT_STEPS, pipeline_generator, prompts, score
 
-PEER = "diffusers pipeline(...)"
+PEER = "diffusers pipeline(...) / the base model without the adapter"
 FULL_COUNT = 200
 QUICK_COUNT = 24
+STYLE_FULL_COUNT = 48
+STYLE_QUICK_COUNT = 8
+STYLE_ADAPTERS_ENV = "LORALOOM_STYLE_ADAPTERS"
+BATCH = 8
 
 
 def engine_generator(engine, steps: int = DEFAULT_STEPS, guidance: float = DEFAULT_GUIDANCE):
+    """One engine request per prompt, as a server would run them (batch size 1)."""
     from server.engine import GenerateRequest
 
     def generate(texts: Sequence[str], seeds: Sequence[int]) -> list[Image.Image]:
@@ -38,6 +59,137 @@ def engine_generator(engine, steps: int = DEFAULT_STEPS, guidance: float = DEFAU
         return images
 
     return generate
+
+
+def generate_with_blend(
+    engine,
+    texts: Sequence[str],
+    seeds: Sequence[int],
+    blend: Sequence[tuple[str, float]] = (),
+    *,
+    steps: int = DEFAULT_STEPS,
+    guidance: float = DEFAULT_GUIDANCE,
+    batch: int = BATCH,
+) -> list[Image.Image]:
+    """Images of ``texts`` under ``blend`` (adapter refs the engine's resolver knows), batched per blend."""
+    from server.engine import GenerateRequest
+    from server.engine.engine import BatchEntry
+
+    images: list[Image.Image] = []
+    for start in range(0, len(texts), batch):
+        entries = [
+            BatchEntry(
+                engine.normalize(
+                    GenerateRequest(
+                        text, steps=steps, guidance_scale=guidance, seed=int(seed), adapters=list(blend)
+                    )
+                )
+            )
+            for text, seed in zip(texts[start : start + batch], seeds[start : start + batch], strict=True)
+        ]
+        for outcome in engine.generate_batch(entries):
+            if isinstance(outcome, Exception):
+                raise outcome
+            images += outcome.images
+    return images
+
+
+@dataclass(frozen=True)
+class StyleScore:
+    """One blend's images scored: every style's metric, and color accuracy."""
+
+    metrics: dict[str, float]
+    color: float
+
+
+def score_styles(images: Sequence[Image.Image], colors: Sequence[str], styles: Sequence[str]) -> StyleScore:
+    from server.models.toy.measures import dominant_color, style_metric
+
+    hits = sum(dominant_color(image) == color for image, color in zip(images, colors, strict=True))
+    return StyleScore({style: style_metric(style, images) for style in styles}, hits / len(images))
+
+
+def style_adapter_files() -> dict[str, Path]:
+    """Style name -> adapter file: ``$LORALOOM_STYLE_ADAPTERS/<style>.safetensors``, else the shipped ones."""
+    from server.models.toy.styles import SHIPPED, STYLES, shipped_adapter
+
+    folder = os.environ.get(STYLE_ADAPTERS_ENV)
+    if folder:
+        found = {
+            s: Path(folder) / f"{s}.safetensors"
+            for s in STYLES
+            if (Path(folder) / f"{s}.safetensors").is_file()
+        }
+        if not found:
+            raise FileNotFoundError(
+                f"{STYLE_ADAPTERS_ENV}={folder} has no <style>.safetensors; "
+                "run python -m server.models.toy.styles build --out DIR first"
+            )
+        return found
+    return {style: shipped_adapter(style) for style in SHIPPED}
+
+
+def style_metrics(count: int) -> list[Metric]:
+    from server.engine import Engine
+    from server.engine.resolvers import MemoryResolver
+    from server.models.loader import load_base_model
+
+    files = style_adapter_files()
+    resolver = MemoryResolver()
+    for style, path in files.items():
+        resolver.add_file(style, path)
+    engine = Engine(load_base_model("toy"), resolver=resolver)
+    asked = prompts(count, seed=1)
+    seeds = [1000 + i for i in range(count)]
+    colors = [p.color for p in asked]
+    styles = list(files)
+
+    texts = [p.text for p in asked]
+
+    def run(blend: Sequence[tuple[str, float]]) -> StyleScore:
+        return score_styles(generate_with_blend(engine, texts, seeds, blend), colors, styles)
+
+    metrics: list[Metric] = []
+    with_adapter: dict[str, StyleScore] = {}
+    note = f"{count} images, {DEFAULT_STEPS} steps, guidance {DEFAULT_GUIDANCE}; peer: no adapter"
+    base = run(())
+    for style in styles:
+        with_adapter[style] = tuned = run(((style, 1.0),))
+        metrics.append(
+            Metric(f"style_{style}", tuned.metrics[style], base.metrics[style], "score", "higher", note)
+        )
+        metrics.append(
+            Metric(f"style_{style}_color_acc", tuned.color * 100, base.color * 100, "%", "higher", note)
+        )
+    if len(styles) >= 2:
+        a, b = styles[:2]
+        mixed = run(((a, 0.5), (b, 0.5)))
+        for style in (a, b):
+            ends = (with_adapter[a].metrics[style], with_adapter[b].metrics[style])
+            value = mixed.metrics[style]
+            between = min(ends) < value < max(ends)
+            metrics.append(
+                Metric(
+                    f"blend_{a}+{b}_{style}",
+                    value,
+                    sum(ends) / 2,
+                    "score",
+                    "higher",
+                    f"0.5 {a} + 0.5 {b}; parents {ends[0]:.3f} ({a}) / {ends[1]:.3f} ({b}); "
+                    f"between: {'yes' if between else 'NO'}; peer: the parents' midpoint",
+                )
+            )
+        metrics.append(
+            Metric(
+                f"blend_{a}+{b}_color_acc",
+                mixed.color * 100,
+                (with_adapter[a].color + with_adapter[b].color) * 50,
+                "%",
+                "higher",
+                "peer: the parents' mean",
+            )
+        )
+    return metrics
 
 
 def run(quick: bool = False) -> list[Metric]:
@@ -53,4 +205,5 @@ def run(quick: bool = False) -> list[Metric]:
     return [
         Metric("color_acc", ours.color * 100, theirs.color * 100, "%", "higher", note),
         Metric("shape_acc", ours.shape * 100, theirs.shape * 100, "%", "higher", note),
+        *style_metrics(STYLE_QUICK_COUNT if quick else STYLE_FULL_COUNT),
     ]

@@ -48,9 +48,9 @@ from server.models.toy.dataset import (
     _background,
     _shape_points,
 )
-from server.models.toy.measures import STRIPE_PERIOD
 
 STYLES: tuple[str, ...] = ("striped", "outlined", "pastel")
+STRIPE_PERIOD = 8  # pixels of the 64 px image: 4 px color, 4 px background
 
 OUTLINE_WIDTH = 2.5  # pixels
 PASTEL_WHITE = 0.4  # fraction of white mixed into the color
@@ -71,6 +71,7 @@ class TrainSettings:
     alpha: float = 8.0
     lr: float = 3e-3
     targets: str = "attn,proj,conv"
+    noise_offset: float = 0.0
     seed: int = 0
     threads: int = 2
 
@@ -82,6 +83,7 @@ class TrainSettings:
             f"--alpha={self.alpha:g}",
             f"--lr={self.lr:g}",
             f"--targets={self.targets}",
+            f"--noise-offset={self.noise_offset:g}",
             f"--seed={self.seed}",
         ]
 
