@@ -1,0 +1,121 @@
+"""Style sets, style metrics and the shipped style adapters of the toy model (fast subset).
+
+The full check (48 images per setting, 20 steps) is ``python -m bench quality``.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from adapters.formats import load_adapter
+from adapters.validation import validate_against_base
+from bench.quality import generate_with_blend
+from server.models.toy.evaluate import prompts
+from server.models.toy.measures import STYLE_THRESHOLDS, dominant_color, style_metric
+from server.models.toy.styles import (
+    SHIPPED,
+    STYLES,
+    shipped_adapter,
+    style_images,
+    write_style_folder,
+)
+from trainer.data import read_pairs
+
+# A few images at few steps keep this fast; the margins below were measured on these exact seeds.
+FAST_COUNT = 4
+FAST_STEPS = 10
+SEPARATION_COUNT = 40
+
+
+@pytest.fixture(scope="module")
+def plain_images():
+    # Seed 1: neither the style sets' seed nor the model's.
+    return [image for image, _ in style_images("plain", SEPARATION_COUNT, seed=1)]
+
+
+@pytest.mark.parametrize("style", STYLES)
+def test_style_metric_separates_drawn_style_images_from_plain_ones(style, plain_images):
+    styled = [image for image, _ in style_images(style, SEPARATION_COUNT, seed=1)]
+    threshold = STYLE_THRESHOLDS[style]  # fixed in measures.py
+    plain_right = sum(style_metric(style, [image]) < threshold for image in plain_images)
+    styled_right = sum(style_metric(style, [image]) >= threshold for image in styled)
+    assert (plain_right + styled_right) / (2 * SEPARATION_COUNT) >= 0.95, (plain_right, styled_right)
+
+
+def test_a_style_set_is_a_trainer_data_folder_with_the_dataset_captions(tmp_path):
+    folder = write_style_folder("striped", tmp_path / "striped", 5)
+    pairs, source = read_pairs(folder)
+    assert source == "kohya" and len(pairs) == 5
+    expected = [labels.caption for _, labels in style_images("striped", 5)]
+    assert [caption for _, caption in pairs] == expected
+
+
+@pytest.fixture(scope="module")
+def toy():
+    torch.set_num_threads(2)
+    from server.models.loader import load_base_model
+
+    return load_base_model("toy")
+
+
+@pytest.mark.parametrize("style", SHIPPED)
+def test_a_shipped_adapter_is_small_fp16_and_fits_the_toy_model(style, toy):
+    path = shipped_adapter(style)
+    assert path.is_file() and path.stat().st_size < 512 * 1024
+    adapter = load_adapter(path.read_bytes(), module_names=toy.module_shapes.keys())
+    validate_against_base(adapter, toy.module_shapes, toy.base_ref)
+    assert {module.down.dtype for module in adapter.modules.values()} == {torch.float16}
+    assert adapter.metadata.get("ss_output_name") == style
+
+
+@pytest.fixture(scope="module")
+def measured(toy):
+    """Style metrics and color hits of FAST_COUNT images under a blend of the shipped adapters."""
+    from server.engine import Engine
+    from server.engine.resolvers import MemoryResolver
+
+    resolver = MemoryResolver()
+    for style in SHIPPED:
+        resolver.add_file(style, shipped_adapter(style))
+    engine = Engine(toy, resolver=resolver)
+    asked = prompts(FAST_COUNT, seed=1)
+    texts, seeds = [p.text for p in asked], list(range(1000, 1000 + FAST_COUNT))
+    done: dict[tuple, tuple[dict[str, float], int]] = {}
+
+    def run(blend: tuple[tuple[str, float], ...]) -> tuple[dict[str, float], int]:
+        if blend not in done:
+            images = generate_with_blend(engine, texts, seeds, blend, steps=FAST_STEPS)
+            hits = sum(dominant_color(image) == p.color for image, p in zip(images, asked, strict=True))
+            done[blend] = ({style: style_metric(style, images) for style in SHIPPED}, hits)
+        return done[blend]
+
+    return run
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("style", SHIPPED)
+def test_a_shipped_adapter_moves_its_metric_and_keeps_the_colors(style, measured):
+    base, base_hits = measured(())
+    tuned, hits = measured(((style, 1.0),))
+    assert tuned[style] - base[style] > MARGINS[style], (style, base[style], tuned[style])
+    assert hits >= min(base_hits, FAST_COUNT - 1), (hits, base_hits)
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(
+    strict=True,
+    reason="known: at weight 0.5 the striped adapter draws almost no stripes, so a 50/50 blend's stripe "
+    "metric falls to the other parent's level (retrain the adapters on the retrained toy model)",
+)
+def test_a_50_50_blend_lands_between_its_parents_on_both_metrics(measured):
+    a, b = SHIPPED
+    mixed, _ = measured(((a, 0.5), (b, 0.5)))
+    alone = {style: measured(((style, 1.0),))[0] for style in SHIPPED}
+    for style in SHIPPED:
+        low, high = sorted((alone[a][style], alone[b][style]))
+        assert low < mixed[style] < high, (style, low, mixed[style], high)
+
+
+# Measured on these seeds (4 images, 10 steps): striped -0.07 -> 0.17, pastel 0.47 -> 0.50.
+MARGINS = {"striped": 0.12, "pastel": 0.015, "outlined": 0.1}
