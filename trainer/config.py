@@ -30,7 +30,7 @@ DEFAULT_STEPS = 1000
 # The base model `loraloom serve` loads unless told otherwise (its LORALOOM_MODEL variable, else tiny):
 # an adapter trained with no flags fits the server started with no flags.
 BASE_MODEL_ENV = "LORALOOM_MODEL"
-DEFAULT_BASE = "tiny"
+DEFAULT_BASE = "toy"
 
 
 def _opt(default: Any, help: str) -> Any:

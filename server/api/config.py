@@ -22,7 +22,11 @@ class ServerConfig:
     host: str = field(default="127.0.0.1", metadata={"help": "Interface to listen on (0.0.0.0: all)."})
     port: int = field(default=50051, metadata={"help": "Port to listen on (0: any free port)."})
     model: str = field(
-        default="tiny", metadata={"help": "Base model: micro|tiny|small, a diffusers folder, an SD 1.x file."}
+        default="toy",
+        metadata={
+            "help": "Base model: toy (trained, 64 px), micro|tiny|small (random weights), "
+            "a diffusers folder, an SD 1.x file."
+        },
     )
     device: str = field(default="cpu", metadata={"help": "torch device: cpu, cuda, cuda:1, ..."})
     dtype: str = field(default="float32", metadata={"help": "float32, float16 or bfloat16."})

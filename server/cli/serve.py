@@ -58,7 +58,7 @@ def register(app: typer.Typer) -> None:
         log_format: Annotated[str | None, _opt("log_format", "--log-format")] = None,
         log_prompts: Annotated[bool | None, _opt("log_prompts", "--log-prompts/--no-log-prompts")] = None,
     ) -> None:
-        """Serve the gRPC API (no flags: built-in model "tiny", local store, 127.0.0.1:50051)."""
+        """Serve the gRPC API (no flags: built-in model "toy", local store, 127.0.0.1:50051)."""
         from server.api.config import from_env
 
         overrides = {key: value for key, value in locals().items() if key != "from_env"}

@@ -13,7 +13,7 @@ from server.cli.main import app
 
 def test_defaults_serve_the_builtin_model_on_localhost():
     config = from_env({})
-    assert (config.host, config.port, config.model, config.device) == ("127.0.0.1", 50051, "tiny", "cpu")
+    assert (config.host, config.port, config.model, config.device) == ("127.0.0.1", 50051, "toy", "cpu")
     assert config.home is None and config.store_db_url is None and config.warmup
 
 
@@ -37,7 +37,7 @@ def test_limits_derived_from_the_config():
     assert config.max_message_bytes == 4 << 20
     assert config.chunk_bytes == (4 << 20) - 64 * 1024
     assert ServerConfig(image_chunk_bytes=700).chunk_bytes == 700
-    assert "model=tiny" in config.summary()
+    assert "model=toy" in config.summary()
 
 
 @pytest.mark.parametrize(

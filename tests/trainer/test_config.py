@@ -81,7 +81,7 @@ def test_device_names():
 
 def test_default_base_follows_the_servers_variable(monkeypatch):
     monkeypatch.delenv("LORALOOM_MODEL", raising=False)
-    assert TrainConfig(data_dir="x").base == "tiny"
+    assert TrainConfig(data_dir="x").base == "toy"
     monkeypatch.setenv("LORALOOM_MODEL", "micro")
     assert TrainConfig(data_dir="x").base == "micro"
     assert TrainConfig(data_dir="x", base="small").base == "small"
