@@ -10,6 +10,10 @@
   projections into the backend's weights; the peer is the torch fused path
   writing the same blend into its scratch buffers (a materialized blend only
   repoints parameters, ~0.05 ms, and the engine does that for torch anyway).
+- ``switch_small_openvino_<precision>``: ms to switch between two blends seen
+  before: OpenVINO with two blend slots (the engine's setting) selects the
+  slot's requests; the peer is the torch fused path repointing to materialized
+  blends.
 - ``image_diff_small_<backend>``: max pixel difference (of 255) of a 4-step image
   under that blend from the torch image; the peer column is the tolerance
   (2 for float32 backends, the README's bf16 bound for bf16).
@@ -108,7 +112,7 @@ def _openvino_backends(pipeline, threads: int, folder: Path) -> dict[str, tuple]
     for precision in precisions:
         settings = {"precision": precision, "threads": threads, "folder": folder}
         found[f"openvino_{precision}"] = (
-            OvUnet(pipeline, f"bench-{MODEL}", **settings),
+            OvUnet(pipeline, f"bench-{MODEL}", slots=1, **settings),  # one slot: swaps always write
             OvVaeDecoder(pipeline.vae, f"bench-{MODEL}", **settings),
             OvTextEncoder(pipeline, f"bench-{MODEL}", **settings),
         )
@@ -144,9 +148,9 @@ def run(quick: bool = False) -> list[Metric]:
         for s in range(2)
     ]
     plans = [fused.plan([(prepared[0], 1.0)]), fused.plan([(prepared[1], 0.7)])]
-    turn = [0]
-
     def swapper(target) -> Callable[[], None]:
+        turn = [0]  # each target alternates between the two plans on its own
+
         def swap() -> None:
             turn[0] += 1
             target.apply(plans[turn[0] % 2])
@@ -156,6 +160,21 @@ def run(quick: bool = False) -> list[Metric]:
     swap_ms = _interleaved_ms(
         {"torch": swapper(fused), **{name: swapper(unet) for name, unet in unets.items()}}, repeats * 3
     )
+    # Switching between two blends seen before: torch repoints to materialized weights, OpenVINO
+    # (two blend slots, as the engine runs it) selects the slot's infer requests.
+    for plan in plans:
+        fused.materialize(plan)
+    slotted = {}
+    if openvino:
+        from server.backends.openvino_backend import OvUnet
+
+        for name in openvino:
+            precision = name.removeprefix("openvino_")
+            slotted[name] = OvUnet(pipeline, f"bench-{MODEL}", precision=precision, folder=folder, slots=2)
+    switch_ms = _interleaved_ms(
+        {"torch": swapper(fused), **{name: swapper(unet) for name, unet in slotted.items()}}, repeats * 3
+    )
+    del slotted
 
     inputs = example_inputs(pipeline.unet, batch=2)
     sample, timestep, hidden = inputs
@@ -195,6 +214,17 @@ def run(quick: bool = False) -> list[Metric]:
             ),
             Metric(f"image_diff_{MODEL}_{name}", diffs[name], tolerance, "/255", "lower", f"{steps} steps"),
         ]
+        if name in switch_ms:
+            metrics.append(
+                Metric(
+                    f"switch_{MODEL}_{name}",
+                    switch_ms[name],
+                    switch_ms["torch"],
+                    "ms",
+                    "lower",
+                    "between two blends seen before (torch: materialized)",
+                )
+            )
 
     latents = torch.randn(1, 4, sample.shape[2], sample.shape[3], generator=torch.Generator().manual_seed(0))
     decoders = {name: parts[1] for name, parts in openvino.items()}

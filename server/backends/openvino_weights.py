@@ -24,13 +24,19 @@ from server.engine.fuse import BlendPlan
 class SharedWeights:
     """The buffers of ``targets`` (canonical key -> module) in ``dtype``, and the blend written in them."""
 
-    def __init__(self, targets: Mapping[str, nn.Module], dtype: torch.dtype) -> None:
+    def __init__(
+        self,
+        targets: Mapping[str, nn.Module],
+        dtype: torch.dtype,
+        pristine: Mapping[str, torch.Tensor] | None = None,
+    ) -> None:
+        """``pristine``: another set's ``W0`` to share (more blend slots over the same base)."""
         ov = openvino()
         # W0: the base's own float32 tensors, shared, not copied. Nothing writes into them in place
         # (the engine's fused path repoints parameters, and leaves a backend's modules alone).
-        self.pristine = {
-            key: module.weight.detach().to(torch.float32).contiguous() for key, module in targets.items()
-        }
+        if pristine is None:
+            pristine = {key: m.weight.detach().to(torch.float32).contiguous() for key, m in targets.items()}
+        self.pristine = dict(pristine)
         self.dtype = dtype
         self._buffers = {key: w.to(dtype, copy=True) for key, w in self.pristine.items()}
         ov_type = ov.Type.bf16 if dtype == torch.bfloat16 else ov.Type.f32

@@ -143,8 +143,8 @@ def _same(first: dict[str, torch.Tensor], second: dict[str, torch.Tensor]) -> bo
 @pytest.mark.parametrize("precision", PRECISIONS)
 def test_swaps_write_in_place_from_base(own_tiny, fingerprint, precision):
     plans = _plans(own_tiny)
-    unet = OvUnet(own_tiny, fingerprint, precision=precision, threads=1)
-    fresh = OvUnet(own_tiny, fingerprint, precision=precision, threads=1)
+    unet = OvUnet(own_tiny, fingerprint, precision=precision, threads=1, slots=1)
+    fresh = OvUnet(own_tiny, fingerprint, precision=precision, threads=1, slots=1)
     assert fresh.exported.cached  # the second backend reuses the export
     sample, timestep, hidden = example_inputs(own_tiny.unet, batch=1)
     base = _weights(unet)
@@ -171,6 +171,32 @@ def test_swaps_write_in_place_from_base(own_tiny, fingerprint, precision):
     assert {variant: unet.request(variant, sample.shape, hidden.shape) for variant in requests} == requests
     assert len(unet.compiled_shapes) == 2
     assert {key: unet.buffer(key).data_ptr() for key in unet.weight_keys} == addresses
+
+
+def test_blend_slots_make_switching_back_free_and_stay_exact(own_tiny, fingerprint):
+    plans = _plans(own_tiny)
+    unet = OvUnet(own_tiny, fingerprint, precision="fp32", threads=1, slots=2)
+    fresh = OvUnet(own_tiny, fingerprint, precision="fp32", threads=1, slots=1)
+    sample, timestep, hidden = example_inputs(own_tiny.unet, batch=1)
+
+    def run(backend: OvUnet) -> torch.Tensor:
+        return backend(sample, timestep, encoder_hidden_states=hidden)[0]
+
+    base = run(unet)
+    assert unet.apply(plans["a"]) > 0  # a second slot, written from base
+    out_a = run(unet)
+    assert unet.apply(plans["ab"]) > 0  # evicts the base's slot
+    out_ab = run(unet)
+    made = len(unet._requests)
+    for _ in range(2):  # A <-> AB alternate: both held, nothing written, no request made
+        assert unet.apply(plans["a"]) == 0 and torch.equal(run(unet), out_a)
+        assert unet.apply(plans["ab"]) == 0 and torch.equal(run(unet), out_ab)
+    assert len(unet._requests) == made
+    fresh.apply(plans["ab"])
+    assert torch.equal(run(fresh), out_ab)  # a slot rewritten from base holds exactly the blend
+    assert unet.apply(None) > 0  # the base evicts A's slot and is restored exactly
+    assert torch.equal(run(unet), base)
+    assert unet.apply(plans["ab"]) == 0 and torch.equal(run(unet), out_ab)
 
 
 def test_fp32_forward_matches_torch_under_a_blend(own_tiny, fingerprint):
