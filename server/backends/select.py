@@ -109,11 +109,20 @@ def check_backend(name: str, precision: str = "fp32") -> None:
         )
 
 
-def build_backend(name: str, base: Any, precision: str = "fp32", *, folder=None) -> Backend:
+def build_backend(
+    name: str,
+    base: Any,
+    precision: str = "fp32",
+    *,
+    folder=None,
+    slot_budget_bytes: int | None = None,
+) -> Backend:
     """The backend ``name`` for ``base`` (a ``BaseModel``), at ``precision``.
 
     Build it before any blend is applied: it takes the base's UNet weights as its pristine ``W0``.
     ``folder`` overrides where exports are cached (default: the data folder's cache).
+    OpenVINO keeps a second blend slot (switching back to it writes nothing) when one
+    slot's weights fit in ``slot_budget_bytes`` (``None``: always).
     """
     check_backend(name, precision)
     if name == "torch":
@@ -130,12 +139,18 @@ def build_backend(name: str, base: Any, precision: str = "fp32", *, folder=None)
         return Backend(
             name, precision, unet=OrtUnet(base.pipeline, base.fingerprint, threads=threads, folder=folder)
         )
+    from server.backends.onnx_export import unet_targets
     from server.backends.openvino_backend import OvUnet
     from server.backends.openvino_text import OvTextEncoder, supports
     from server.backends.openvino_vae import OvVaeDecoder
 
     pipeline, fingerprint = base.pipeline, base.fingerprint
-    unet = OvUnet(pipeline, fingerprint, precision=precision, threads=threads, folder=folder)
+    slot_bytes = sum(
+        module.weight.numel() * (2 if precision == "bf16" else 4)
+        for module in unet_targets(pipeline).values()
+    )
+    slots = 2 if slot_budget_bytes is None or slot_bytes <= slot_budget_bytes else 1
+    unet = OvUnet(pipeline, fingerprint, precision=precision, threads=threads, folder=folder, slots=slots)
     precision = unet.precision  # bf16 falls back to fp32 on a CPU without native BF16
     text_encoder = None
     if supports(pipeline):

@@ -152,14 +152,14 @@ class Engine:
         if compile:  # in place and lazy: graphs are built on the first request of each shape
             compile_engine_unet(self.pipeline, backend, compile)
         self.backend = backend
-        self._backend = build_backend(backend, base, precision)  # before any blend: it keeps W0
+        plan_budget = cache_bytes // 4 if plan_cache_bytes is None else plan_cache_bytes
+        # Before any blend (it keeps W0); a backend may hold a second blend within the plans' budget.
+        self._backend = build_backend(backend, base, precision, slot_budget_bytes=plan_budget)
         self.precision = self._backend.precision
         self._unet = self._backend.unet
         self._run_pipeline = self._backend.view(self.pipeline)
         self._cache: ByteLRU[PreparedAdapter] = ByteLRU(cache_bytes)
-        self._plans: ByteLRU[BlendPlan] = ByteLRU(
-            cache_bytes // 4 if plan_cache_bytes is None else plan_cache_bytes
-        )
+        self._plans: ByteLRU[BlendPlan] = ByteLRU(plan_budget)
         self._cache_lock = threading.Lock()
         self._run_lock = threading.RLock()
         self._hits = 0

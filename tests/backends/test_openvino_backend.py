@@ -255,3 +255,10 @@ def test_bad_settings_are_refused_clearly(tiny_pipeline, caplog):
         assert effective_precision("bf16", bf16_supported=False) == "fp32"
     assert "no native BF16" in caplog.text
     assert effective_precision("fp32", bf16_supported=False) == "fp32"
+
+
+def test_the_engine_keeps_a_second_blend_slot_only_within_its_plan_budget(tiny_pipeline):
+    roomy = Engine(_base(tiny_pipeline), backend="openvino", precision="fp32")
+    tight = Engine(_base(tiny_pipeline), backend="openvino", precision="fp32", plan_cache_bytes=1024)
+    assert roomy._backend.unet._slot_count == 2
+    assert tight._backend.unet._slot_count == 1
