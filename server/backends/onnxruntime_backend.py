@@ -30,7 +30,7 @@ from server.backends.onnx_export import (
     unet_targets,
 )
 from server.backends.pipeline_view import PipelineView, unet_config
-from server.engine.fuse import BlendPlan
+from server.engine.fuse import BlendPlan, one_thread
 
 
 class OrtUnet:
@@ -82,12 +82,8 @@ class OrtUnet:
     @torch.no_grad()
     def apply(self, plan: BlendPlan | None) -> int:
         """Write ``plan``'s UNet weights (``None``: base) into the bound buffers; returns modules written."""
-        previous = torch.get_num_threads()
-        torch.set_num_threads(1)  # many small addmm: a thread pool costs more than it saves (see fuse)
-        try:
+        with one_thread():  # many small addmm: a thread pool costs more than it saves
             return self._apply(plan)
-        finally:
-            torch.set_num_threads(previous)
 
     def _apply(self, plan: BlendPlan | None) -> int:
         factors = {k: v for k, v in (plan.factors.items() if plan is not None else ()) if k in self._buffers}

@@ -14,6 +14,7 @@ import logging
 import os
 import shutil
 import tempfile
+import threading
 from collections.abc import Callable
 from functools import cache
 from pathlib import Path
@@ -126,3 +127,29 @@ def compile_properties(precision: str, threads: int | None) -> dict[str, str]:
 def compile_model(model: Any, precision: str, threads: int | None) -> Any:
     """``model`` compiled for the CPU with ``compile_properties``."""
     return core().compile_model(model, "CPU", compile_properties(precision, threads))
+
+
+class PerShape:
+    """Values made once per input shape, on first use (thread-safe): compiled models and their requests.
+
+    OpenVINO runs fastest on static shapes, so each backend compiles per shape it sees.
+    """
+
+    def __init__(self, make: Callable[[tuple], Any]) -> None:
+        self._make = make
+        self._made: dict[tuple, Any] = {}
+        self._lock = threading.Lock()
+
+    @property
+    def shapes(self) -> tuple[tuple, ...]:
+        """The shapes made so far, in order."""
+        return tuple(self._made)
+
+    def get(self, shape: tuple) -> Any:
+        found = self._made.get(shape)
+        if found is None:
+            with self._lock:
+                found = self._made.get(shape)
+                if found is None:
+                    found = self._made[shape] = self._make(shape)
+        return found

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import logging
 import tempfile
-import threading
 import warnings
 from pathlib import Path
 from typing import Any
@@ -21,7 +20,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from server.backends.openvino_runtime import compile_model, converted, core, effective_precision, openvino
+from server.backends.openvino_runtime import (
+    PerShape,
+    compile_model,
+    converted,
+    core,
+    effective_precision,
+    openvino,
+)
 from server.backends.openvino_weights import SharedWeights, declare_bf16_inputs
 from server.engine.fuse import BlendPlan
 from server.models.shapes import lora_targets
@@ -112,32 +118,27 @@ class OvTextEncoder:
         self.weights = SharedWeights(text_targets(pipeline), dtype)
         model = core().read_model(str(self.path))
         self._model = declare_bf16_inputs(model, self.weights.keys) if dtype == torch.bfloat16 else model
-        self._compiled: dict[tuple[int, ...], tuple[Any, Any]] = {}
-        self._lock = threading.Lock()
+        self._requests = PerShape(self._compile)
         self.config = getattr(pipeline, COMPONENT).config
         self.device = torch.device("cpu")
         self.dtype = torch.float32
 
     @property
     def compiled_shapes(self) -> tuple[tuple[int, ...], ...]:
-        return tuple(self._compiled)
+        return self._requests.shapes
 
     def request(self, shape: tuple[int, ...]) -> Any:
-        found = self._compiled.get(shape)
-        if found is None:
-            with self._lock:
-                found = self._compiled.get(shape)
-                if found is None:
-                    log.info("compiling the OpenVINO text encoder (%s) for ids %s", self.precision, shape)
-                    model = self._model.clone()
-                    model.reshape({IDS: list(shape)})
-                    compiled = compile_model(model, self.precision, self.threads)
-                    request = compiled.create_infer_request()
-                    self.weights.bind(
-                        request, {name for port in compiled.inputs for name in port.get_names()}
-                    )
-                    found = self._compiled[shape] = (compiled, request)
-        return found[1]
+        """The infer request for token ids of ``shape`` (compiled and bound the first time)."""
+        return self._requests.get(shape)[1]
+
+    def _compile(self, shape: tuple[int, ...]) -> tuple[Any, Any]:
+        log.info("compiling the OpenVINO text encoder (%s) for ids %s", self.precision, shape)
+        model = self._model.clone()
+        model.reshape({IDS: list(shape)})
+        compiled = compile_model(model, self.precision, self.threads)
+        request = compiled.create_infer_request()
+        self.weights.bind(request, {name for port in compiled.inputs for name in port.get_names()})
+        return compiled, request  # the request's model stays referenced
 
     def apply(self, plan: BlendPlan | None) -> int:
         """Write ``plan``'s text-encoder weights (``None``: base) in place; returns modules written."""

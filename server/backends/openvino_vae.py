@@ -10,7 +10,6 @@ latent shape.
 from __future__ import annotations
 
 import logging
-import threading
 import warnings
 from pathlib import Path
 from typing import Any
@@ -19,7 +18,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from server.backends.openvino_runtime import compile_model, converted, core, effective_precision, openvino
+from server.backends.openvino_runtime import (
+    PerShape,
+    compile_model,
+    converted,
+    core,
+    effective_precision,
+    openvino,
+)
 
 log = logging.getLogger(__name__)
 
@@ -64,28 +70,25 @@ class OvVaeDecoder:
         self.folder = folder
         self.path = export_vae_decoder(vae, fingerprint, folder=folder)
         self._source = core().read_model(str(self.path))
-        self._compiled: dict[tuple[int, ...], tuple[Any, Any]] = {}
-        self._lock = threading.Lock()
+        self._requests = PerShape(self._compile)
         self.config = vae.config
         self.device = torch.device("cpu")
         self.dtype = torch.float32
 
     @property
     def compiled_shapes(self) -> tuple[tuple[int, ...], ...]:
-        return tuple(self._compiled)
+        return self._requests.shapes
 
     def request(self, shape: tuple[int, ...]) -> Any:
-        found = self._compiled.get(shape)
-        if found is None:
-            with self._lock:
-                found = self._compiled.get(shape)
-                if found is None:
-                    log.info("compiling the OpenVINO VAE decoder (%s) for latents %s", self.precision, shape)
-                    model = self._source.clone()
-                    model.reshape({0: list(shape)})
-                    compiled = compile_model(model, self.precision, self.threads)
-                    found = self._compiled[shape] = (compiled, compiled.create_infer_request())
-        return found[1]
+        """The infer request for latents of ``shape`` (compiled the first time)."""
+        return self._requests.get(shape)[1]
+
+    def _compile(self, shape: tuple[int, ...]) -> tuple[Any, Any]:
+        log.info("compiling the OpenVINO VAE decoder (%s) for latents %s", self.precision, shape)
+        model = self._source.clone()
+        model.reshape({0: list(shape)})
+        compiled = compile_model(model, self.precision, self.threads)
+        return compiled, compiled.create_infer_request()  # the request's model stays referenced
 
     def decode(self, latents: torch.Tensor, return_dict: bool = False, generator: Any = None) -> tuple:
         request = self.request(tuple(latents.shape))

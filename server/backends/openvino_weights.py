@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from server.backends.openvino_runtime import openvino
-from server.engine.fuse import BlendPlan
+from server.engine.fuse import BlendPlan, one_thread
 
 
 class SharedWeights:
@@ -74,12 +74,8 @@ class SharedWeights:
     @torch.no_grad()
     def apply(self, plan: BlendPlan | None) -> int:
         """Write ``plan``'s weights for these keys (``None``: base) in place; returns modules written."""
-        previous = torch.get_num_threads()
-        torch.set_num_threads(1)  # many small addmm: a thread pool costs more than it saves (see fuse)
-        try:
+        with one_thread():  # many small addmm: a thread pool costs more than it saves
             return self._apply(plan)
-        finally:
-            torch.set_num_threads(previous)
 
     def _apply(self, plan: BlendPlan | None) -> int:
         factors = {k: v for k, v in (plan.factors.items() if plan is not None else ()) if k in self._buffers}

@@ -110,7 +110,7 @@ class FusedWeights:
         """Stack the factors of ``entries`` (in signature order) per module."""
         ordered = sorted(entries, key=lambda item: (item[0].sha256, item[1]))
         signature = tuple((prepared.sha256, float(weight)) for prepared, weight in ordered)
-        with _one_thread():
+        with one_thread():
             return FusedWeights._stack(ordered, signature)
 
     @staticmethod
@@ -137,13 +137,13 @@ class FusedWeights:
         """Compute and keep the blend's weights with the plan (swaps to it then only repoint)."""
         if plan.weights is not None:
             return
-        with _one_thread():
+        with one_thread():
             plan.weights = {key: self._compute(key, pair, None) for key, pair in plan.factors.items()}
 
     @torch.no_grad()
     def apply(self, plan: BlendPlan | None) -> int:
         """Make the weights ``plan``'s (``None``: the base alone); returns the modules changed."""
-        with _one_thread():
+        with one_thread():
             return self._apply(plan)
 
     def _apply(self, plan: BlendPlan | None) -> int:
@@ -189,7 +189,7 @@ class FusedWeights:
 
 
 @contextmanager
-def _one_thread() -> Iterator[None]:
+def one_thread() -> Iterator[None]:
     """Run the swap's many small kernels on one CPU thread.
 
     Each low-rank update is small; waking a thread pool per kernel costs more than
