@@ -13,15 +13,14 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
-from grpc import aio
 
 from adapters.errors import InvalidArgument
-from server.api.errors import SERVICE_PREFIX
+from server.api.errors import ServiceInterceptor
 
 GENERATE = "generate"
 MANAGE = "manage"
@@ -127,24 +126,15 @@ def check(table: TokenTable, method: str, metadata) -> tuple[grpc.StatusCode, st
     return None
 
 
-class AuthInterceptor(aio.ServerInterceptor):
+class AuthInterceptor(ServiceInterceptor):
     """Refuses loraloom.v1 calls without a valid token of the method's scope."""
 
     def __init__(self, table: TokenTable) -> None:
         self.table = table
 
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
-        handler = await continuation(handler_call_details)
-        if handler is None or not handler_call_details.method.startswith(SERVICE_PREFIX):
-            return handler
-        refusal = check(self.table, handler_call_details.method, handler_call_details.invocation_metadata)
-        if refusal is None:
-            return handler
-        return _refusing(handler, *refusal)
+    def wrap(self, handler: grpc.RpcMethodHandler, details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler:
+        refusal = check(self.table, details.method, details.invocation_metadata)
+        return handler if refusal is None else _refusing(handler, *refusal)
 
 
 def _refusing(handler: grpc.RpcMethodHandler, code: grpc.StatusCode, message: str) -> grpc.RpcMethodHandler:

@@ -64,8 +64,11 @@ async def abort_with(context: aio.ServicerContext, error: BaseException, method:
     await context.abort(code, message, trailing_metadata=trailers)
 
 
-class ErrorInterceptor(aio.ServerInterceptor):
-    """Maps exceptions escaping loraloom.v1 handlers to status codes."""
+class ServiceInterceptor(aio.ServerInterceptor):
+    """An interceptor of loraloom.v1 calls only: ``wrap`` gets each of their handlers (others pass)."""
+
+    def wrap(self, handler: grpc.RpcMethodHandler, details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler:
+        raise NotImplementedError
 
     async def intercept_service(
         self,
@@ -73,10 +76,16 @@ class ErrorInterceptor(aio.ServerInterceptor):
         handler_call_details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler:
         handler = await continuation(handler_call_details)
-        method = handler_call_details.method
-        if handler is None or not method.startswith(SERVICE_PREFIX):
+        if handler is None or not handler_call_details.method.startswith(SERVICE_PREFIX):
             return handler
-        return wrap_handler(handler, method)
+        return self.wrap(handler, handler_call_details)
+
+
+class ErrorInterceptor(ServiceInterceptor):
+    """Maps exceptions escaping loraloom.v1 handlers to status codes."""
+
+    def wrap(self, handler: grpc.RpcMethodHandler, details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler:
+        return wrap_handler(handler, details.method)
 
 
 def wrap_handler(handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:

@@ -11,14 +11,12 @@ from __future__ import annotations
 
 import asyncio
 import inspect
-from collections.abc import Awaitable, Callable
 
 import grpc
-from grpc import aio
 from grpc_health.v1 import health_pb2
 from grpc_health.v1.health import aio as health_aio
 
-from server.api.errors import SERVICE_PREFIX
+from server.api.errors import ServiceInterceptor
 
 SERVICE_NAME = "loraloom.v1.Loraloom"
 LIVENESS = ""
@@ -76,20 +74,13 @@ class Lifecycle:
             self._idle.set()
 
 
-class GateInterceptor(aio.ServerInterceptor):
+class GateInterceptor(ServiceInterceptor):
     """UNAVAILABLE while not ready or draining; counts loraloom.v1 calls in flight."""
 
     def __init__(self, lifecycle: Lifecycle) -> None:
         self.lifecycle = lifecycle
 
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
-        handler = await continuation(handler_call_details)
-        if handler is None or not handler_call_details.method.startswith(SERVICE_PREFIX):
-            return handler
+    def wrap(self, handler: grpc.RpcMethodHandler, details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler:
         return _gated(handler, self.lifecycle)
 
 

@@ -14,14 +14,13 @@ from __future__ import annotations
 import asyncio
 import inspect
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Iterator
 
 import grpc
-from grpc import aio
 from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
-from server.api.errors import SERVICE_PREFIX
+from server.api.errors import ServiceInterceptor
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 
@@ -155,21 +154,14 @@ class _StatsCollector:
             )
 
 
-class MetricsInterceptor(aio.ServerInterceptor):
+class MetricsInterceptor(ServiceInterceptor):
     """Counts loraloom.v1 calls by method and final status code and times them."""
 
     def __init__(self, metrics: Metrics) -> None:
         self.metrics = metrics
 
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
-        handler = await continuation(handler_call_details)
-        if handler is None or not handler_call_details.method.startswith(SERVICE_PREFIX):
-            return handler
-        return _measured(handler, handler_call_details.method.rsplit("/", 1)[-1], self.metrics)
+    def wrap(self, handler: grpc.RpcMethodHandler, details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler:
+        return _measured(handler, details.method.rsplit("/", 1)[-1], self.metrics)
 
 
 def _code_of(context, error: BaseException | None) -> str:
