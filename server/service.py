@@ -226,7 +226,9 @@ class LoraloomService:
             validator=validator,
             max_blob_bytes=config.max_upload_bytes,
         )
-        backend, precision = choose_backend(config.backend, config.precision, base.device.type, config.dtype)
+        backend, precision = choose_backend(
+            config.backend, config.precision, base.device.type, config.dtype, compile=config.compile
+        )
         asked = f"{config.backend}/{config.precision}"
         log.info("backend %s, precision %s (configured %s)", backend, precision, asked)
         engine = Engine(

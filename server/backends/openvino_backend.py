@@ -39,6 +39,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from adapters.errors import InvalidArgument
 from server.backends.onnx_export import (
     HIDDEN,
     SAMPLE,
@@ -76,7 +77,7 @@ class OvUnet:
         slots: int = 2,
     ) -> None:
         if slots < 1:
-            raise ValueError(f"slots={slots}: need at least one set of weight buffers")
+            raise InvalidArgument(f"slots={slots}: needs at least one weight set (use 1 or 2)")
         self.precision = effective_precision(precision)
         self.threads = threads
         self.exported = export_unet(pipeline, fingerprint, ExportSettings(weights="inputs"), folder=folder)

@@ -71,16 +71,20 @@ class Backend:
         return with_components(pipeline, unet=self.unet, text_encoder=self.text_encoder, vae=self.vae)
 
 
-def choose_backend(backend: str, precision: str, device: str, dtype: str = "float32") -> tuple[str, str]:
+def choose_backend(
+    backend: str, precision: str, device: str, dtype: str = "float32", *, compile: bool = False
+) -> tuple[str, str]:
     """Resolve ``auto`` settings to what runs: ``(backend, precision)``.
 
     ``backend="auto"`` is OpenVINO on a float32 CPU model when the package is
     installed (several times faster per step than torch eager there: ``python -m
-    bench backends``), else torch. ``precision="auto"`` is bf16 when that backend is
-    OpenVINO on a CPU with native BF16 (images within about 12/255 of fp32), else fp32.
+    bench backends``), else torch; with ``compile`` (a torch feature) it is torch.
+    ``precision="auto"`` is bf16 when that backend is OpenVINO on a CPU with native
+    BF16 (images within about 12/255 of fp32), else fp32.
     """
     if backend == "auto":
-        backend = "openvino" if device == "cpu" and dtype == "float32" and _openvino_installed() else "torch"
+        wants_openvino = device == "cpu" and dtype == "float32" and not compile
+        backend = "openvino" if wants_openvino and _openvino_installed() else "torch"
     if precision == "auto":
         precision = "fp32"
         if backend == "openvino" and _openvino_installed():

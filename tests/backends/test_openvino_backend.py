@@ -257,6 +257,11 @@ def test_bad_settings_are_refused_clearly(tiny_pipeline, caplog):
     assert effective_precision("fp32", bf16_supported=False) == "fp32"
 
 
+def test_a_unet_without_weight_buffers_is_refused(own_tiny, fingerprint):
+    with pytest.raises(InvalidArgument, match="at least one weight set"):
+        OvUnet(own_tiny, fingerprint, slots=0)
+
+
 def test_the_engine_keeps_a_second_blend_slot_only_within_its_plan_budget(tiny_pipeline):
     roomy = Engine(_base(tiny_pipeline), backend="openvino", precision="fp32")
     tight = Engine(_base(tiny_pipeline), backend="openvino", precision="fp32", plan_cache_bytes=1024)

@@ -27,9 +27,10 @@ def test_auto_on_a_float32_cpu_model_is_openvino_at_the_cpus_best_precision():
     assert choose_backend("auto", "fp32", "cpu") == ("openvino", "fp32")
 
 
-def test_auto_is_torch_off_the_cpu_or_for_half_precision_models():
+def test_auto_is_torch_off_the_cpu_for_half_precision_models_or_with_compile():
     assert choose_backend("auto", "auto", "cuda") == ("torch", "fp32")
     assert choose_backend("auto", "auto", "cpu", "float16") == ("torch", "fp32")
+    assert choose_backend("auto", "auto", "cpu", compile=True) == ("torch", "fp32")
 
 
 def test_explicit_settings_pass_through_and_are_still_checked():
