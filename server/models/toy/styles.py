@@ -240,16 +240,18 @@ def build(out: Path, styles: tuple[str, ...], settings: TrainSettings, *, ship: 
     """Draw every style set, train its adapter; the time per style (also written to ``out/build.json``)."""
     out.mkdir(parents=True, exist_ok=True)
     times: dict[str, TrainTime] = {}
+    used: dict[str, dict] = {}
     for style in styles:
         data = write_style_folder(style, out / "data" / style, settings.images)
         adapter = out / f"{style}.safetensors"
         own = dataclasses.replace(settings, **STYLE_SETTINGS.get(style, {}))
+        used[style] = dataclasses.asdict(own)
         times[style] = spent = train_style(style, data, adapter, own)
         print(f"{style}: trained in {spent.wall:.0f}s wall, {spent.cpu:.0f}s CPU -> {adapter}", flush=True)
         if ship and style in SHIPPED:
             print(f"shipped {to_fp16(adapter, shipped_adapter(style))}", flush=True)
     record = {
-        "settings": settings.__dict__,
+        "settings": used,  # per style: the shared settings with STYLE_SETTINGS applied
         "seconds": {style: {"wall": t.wall, "cpu": t.cpu} for style, t in times.items()},
         "cpu_count": os.cpu_count(),
     }
