@@ -148,6 +148,7 @@ def run(quick: bool = False) -> list[Metric]:
         for s in range(2)
     ]
     plans = [fused.plan([(prepared[0], 1.0)]), fused.plan([(prepared[1], 0.7)])]
+
     def swapper(target) -> Callable[[], None]:
         turn = [0]  # each target alternates between the two plans on its own
 
