@@ -5,6 +5,8 @@ The full check (48 images per setting, 20 steps) is ``python -m bench quality``.
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -16,9 +18,12 @@ from server.models.toy.evaluate import DEFAULT_STEPS, prompts
 from server.models.toy.measures import STYLE_THRESHOLDS, dominant_color, hollowness, style_metric
 from server.models.toy.styles import (
     SHIPPED,
+    STYLE_SETTINGS,
     STYLES,
+    build,
     shipped_adapter,
     style_images,
+    style_settings,
     write_style_folder,
 )
 from trainer.data import read_pairs
@@ -90,6 +95,27 @@ def test_a_shipped_adapter_is_small_fp16_and_fits_the_toy_model(style, toy):
     validate_against_base(adapter, toy.module_shapes, toy.base_ref)
     assert {module.down.dtype for module in adapter.modules.values()} == {torch.float16}
     assert adapter.metadata.get("ss_output_name") == style
+
+
+def test_flags_override_a_styles_own_settings_which_override_the_defaults():
+    own = style_settings("outlined")
+    assert own.steps == STYLE_SETTINGS["outlined"]["steps"] and own.min_snr_gamma == 5.0
+    flagged = style_settings("outlined", {"steps": 7})
+    assert flagged.steps == 7 and flagged.min_snr_gamma == 5.0
+    assert "--min-snr-gamma=5" in flagged.flags() and "--steps=7" in flagged.flags()
+    assert not any(flag.startswith("--min-snr") for flag in style_settings("striped").flags())
+
+
+@pytest.mark.slow
+def test_build_trains_a_style_adapter_with_the_real_cli(tmp_path, toy):
+    tiny = {"images": 4, "steps": 2, "batch_size": 2, "threads": 1}
+    times = build(tmp_path, ("outlined",), ship=False, overrides=tiny)
+    adapter = load_adapter((tmp_path / "outlined.safetensors").read_bytes(), module_names=toy.module_shapes)
+    validate_against_base(adapter, toy.module_shapes, toy.base_ref)
+    record = json.loads((tmp_path / "build.json").read_text())
+    assert record["settings"]["outlined"]["steps"] == 2
+    assert record["settings"]["outlined"]["min_snr_gamma"] == 5.0
+    assert times["outlined"].wall > 0 and len(list((tmp_path / "data" / "outlined").glob("*.png"))) == 4
 
 
 # Measured on these seeds (8 images, 20 steps): striped 0.06 -> 0.21, outlined hollowness 0.03 -> 0.22.
