@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from server.backends.host_weights import HostWeights
 from server.backends.onnx_export import (
     HIDDEN,
     OUTPUT,
@@ -30,7 +31,7 @@ from server.backends.onnx_export import (
     unet_targets,
 )
 from server.backends.pipeline_view import PipelineView, unet_config
-from server.engine.fuse import BlendPlan, one_thread
+from server.engine.fuse import BlendPlan
 
 
 class OrtUnet:
@@ -43,14 +44,8 @@ class OrtUnet:
         self.exported = export_unet(pipeline, fingerprint, ExportSettings(weights="inputs"), folder=folder)
         targets = unet_targets(pipeline)
         # The base's own tensors (copied once: the torch model may be swapped by the engine).
-        self._pristine = {
-            key: module.weight.detach().to(torch.float32).contiguous().clone()
-            for key, module in targets.items()
-        }
-        self._buffers = {key: tensor.numpy().copy() for key, tensor in self._pristine.items()}
-        self._views = {key: torch.from_numpy(buffer) for key, buffer in self._buffers.items()}
-        self._touched: set[str] = set()
-        self.signature: tuple[tuple[str, float], ...] = ()
+        pristine = {key: m.weight.detach().float().contiguous().clone() for key, m in targets.items()}
+        self._weights = HostWeights(pristine)
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         if threads:
@@ -61,10 +56,8 @@ class OrtUnet:
             str(self.exported.path), options, providers=["CPUExecutionProvider"]
         )
         self._binding = self.session.io_binding()
-        # Keep the OrtValues alive: they alias the numpy buffers written on every swap.
-        self._values = {
-            key: ort.OrtValue.ortvalue_from_numpy(buffer) for key, buffer in self._buffers.items()
-        }
+        # Keep the OrtValues alive: they alias the buffers written on every swap.
+        self._values = {key: ort.OrtValue.ortvalue_from_numpy(self.buffer(key)) for key in self._weights.keys}
         for key, value in self._values.items():
             self._binding.bind_ortvalue_input(key, value)
         self.config = unet_config(unet)
@@ -73,37 +66,20 @@ class OrtUnet:
 
     @property
     def weight_keys(self) -> tuple[str, ...]:
-        return tuple(self._buffers)
+        return self._weights.keys
+
+    @property
+    def signature(self) -> tuple[tuple[str, float], ...]:
+        """The blend the buffers hold (``()``: the base)."""
+        return self._weights.signature
 
     def buffer(self, key: str) -> np.ndarray:
         """The bound buffer of ``key`` (what the session reads on the next call)."""
-        return self._buffers[key]
+        return self._weights.buffer(key).numpy()
 
-    @torch.no_grad()
     def apply(self, plan: BlendPlan | None) -> int:
         """Write ``plan``'s UNet weights (``None``: base) into the bound buffers; returns modules written."""
-        with one_thread():  # many small addmm: a thread pool costs more than it saves
-            return self._apply(plan)
-
-    def _apply(self, plan: BlendPlan | None) -> int:
-        factors = {k: v for k, v in (plan.factors.items() if plan is not None else ()) if k in self._buffers}
-        written = 0
-        for key in self._touched - set(factors):
-            self._views[key].copy_(self._pristine[key])
-            written += 1
-        for key, (down, up) in factors.items():
-            base = self._pristine[key]
-            rows = base.shape[0]
-            torch.addmm(
-                base.view(rows, -1),
-                up.to(torch.float32),
-                down.to(torch.float32),
-                out=self._views[key].view(rows, -1),
-            )
-            written += 1
-        self._touched = set(factors)
-        self.signature = plan.signature if plan is not None else ()
-        return written
+        return self._weights.apply(plan)
 
     def __call__(self, sample, timestep, encoder_hidden_states=None, return_dict: bool = False, **_: Any):
         batch = sample.shape[0]

@@ -1,0 +1,74 @@
+"""Adapter-targetable weights as host buffers a runtime reads in place, and the blend written into them.
+
+A runtime (OpenVINO, ONNX Runtime) binds each buffer's memory once as a graph
+input. A swap writes ``W0 + B @ A`` (from the pristine base, never from the
+previous blend) into the buffers of the modules the blend touches and restores
+those the previous blend touched; nothing is rebound. With bf16 buffers the
+blend is computed in float32 and rounded once, and a restore rounds ``W0`` the
+same way as at the start, so the base comes back bit for bit.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+
+from server.engine.fuse import BlendPlan, one_thread
+
+
+class HostWeights:
+    """Buffers (``dtype``) over the float32 ``pristine`` weights (canonical key -> tensor, not copied)."""
+
+    def __init__(self, pristine: Mapping[str, torch.Tensor], dtype: torch.dtype = torch.float32) -> None:
+        self.pristine = dict(pristine)
+        self.dtype = dtype
+        self._buffers = {key: w.to(dtype, copy=True) for key, w in self.pristine.items()}
+        # Per key, as matrices: (W0, the buffer, float32 scratch for bf16 buffers); a swap
+        # then costs one or two kernels per module and no view arithmetic.
+        bf16 = dtype == torch.bfloat16
+        largest = max((w.numel() for w in self.pristine.values()), default=0)
+        scratch = torch.empty(largest if bf16 else 0, dtype=torch.float32)
+        self._matrices = {
+            key: (
+                w.view(w.shape[0], -1),
+                self._buffers[key].view(w.shape[0], -1),
+                scratch[: w.numel()].view(w.shape[0], -1) if bf16 else None,
+            )
+            for key, w in self.pristine.items()
+        }
+        self.touched: frozenset[str] = frozenset()
+        self.signature: tuple[tuple[str, float], ...] = ()
+
+    @property
+    def keys(self) -> tuple[str, ...]:
+        return tuple(self._buffers)
+
+    def buffer(self, key: str) -> torch.Tensor:
+        """The buffer of ``key`` (what the runtime reads on the next call)."""
+        return self._buffers[key]
+
+    @torch.no_grad()
+    def apply(self, plan: BlendPlan | None) -> int:
+        """Write ``plan``'s weights for these keys (``None``: base) in place; returns modules written."""
+        with one_thread():  # many small addmm: a thread pool costs more than it saves
+            return self._apply(plan)
+
+    def _apply(self, plan: BlendPlan | None) -> int:
+        factors = {k: v for k, v in (plan.factors.items() if plan is not None else ()) if k in self._buffers}
+        written = 0
+        for key in self.touched - factors.keys():
+            self._buffers[key].copy_(self.pristine[key])  # bf16: the same rounding as at start
+            written += 1
+        for key, (down, up) in factors.items():
+            base, out, scratch = self._matrices[key]
+            if up.dtype != torch.float32:
+                up, down = up.float(), down.float()
+            if scratch is None:
+                torch.addmm(base, up, down, out=out)
+            else:  # W0 + B @ A in float32, rounded once into the bf16 buffer
+                out.copy_(torch.addmm(base, up, down, out=scratch))
+            written += 1
+        self.touched = frozenset(factors)
+        self.signature = plan.signature if plan is not None else ()
+        return written
