@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import copy
-
 import numpy as np
 import pytest
 import torch
@@ -11,26 +9,11 @@ import torch
 from adapters.errors import InvalidArgument
 from server.engine import Engine, MemoryResolver
 from server.engine.types import GenerateRequest
-from server.models.loader import BaseModel, infer_architecture
+from tests.engine.conftest import base_from
 
 from .conftest import unet_adapters
 
 PIXEL_TOLERANCE = 2  # of 255, max over the image (float32 kernel order, 4 steps)
-
-
-def _base(pipeline, dtype=torch.float32) -> BaseModel:
-    own = copy.deepcopy(pipeline)
-    for component in ("unet", "text_encoder", "vae"):
-        getattr(own, component).requires_grad_(False).eval()
-    return BaseModel(
-        pipeline=own,
-        source="tiny",
-        name="tiny",
-        architecture=infer_architecture(own),
-        resolution=own.unet.config.sample_size * own.vae_scale_factor,
-        device=torch.device("cpu"),
-        dtype=dtype,
-    )
 
 
 def _engine(pipeline, backend: str, tmp_path, monkeypatch) -> Engine:
@@ -38,7 +21,7 @@ def _engine(pipeline, backend: str, tmp_path, monkeypatch) -> Engine:
     resolver = MemoryResolver()
     for name, adapter in unet_adapters(pipeline).items():
         resolver.add_adapter(name, adapter)
-    return Engine(_base(pipeline), resolver=resolver, backend=backend)
+    return Engine(base_from(pipeline), resolver=resolver, backend=backend)
 
 
 def _image(engine: Engine, adapters) -> np.ndarray:
@@ -64,6 +47,6 @@ def test_onnxruntime_engine_gives_the_torch_engine_images(tiny_pipeline, tmp_pat
 
 def test_unknown_or_unfit_backend_is_refused(tiny_pipeline):
     with pytest.raises(InvalidArgument, match="unknown backend"):
-        Engine(_base(tiny_pipeline), backend="nope")
+        Engine(base_from(tiny_pipeline), backend="nope")
     with pytest.raises(InvalidArgument, match="float32 weights"):
-        Engine(_base(tiny_pipeline, dtype=torch.float16), backend="onnxruntime")
+        Engine(base_from(tiny_pipeline, dtype=torch.float16), backend="onnxruntime")

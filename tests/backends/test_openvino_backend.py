@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import logging
 
 import numpy as np
@@ -21,8 +20,8 @@ from server.engine import Engine, MemoryResolver
 from server.engine.fuse import FusedWeights
 from server.engine.synthetic import random_adapter
 from server.engine.types import GenerateRequest
-from server.models.loader import BaseModel, infer_architecture
 from server.models.shapes import lora_targets, module_shapes
+from tests.engine.conftest import base_from
 
 from .conftest import unet_adapters
 
@@ -47,22 +46,7 @@ def _home(ov_home, monkeypatch):
 @pytest.fixture(scope="module")
 def fingerprint(tiny_pipeline) -> str:
     """The engine's key for the tiny model, so backends built here share its caches."""
-    return _base(tiny_pipeline).fingerprint
-
-
-def _base(pipeline, dtype=torch.float32, device="cpu") -> BaseModel:
-    own = copy.deepcopy(pipeline)
-    for component in ("unet", "text_encoder", "vae"):
-        getattr(own, component).requires_grad_(False).eval()
-    return BaseModel(
-        pipeline=own,
-        source="tiny",
-        name="tiny",
-        architecture=infer_architecture(own),
-        resolution=own.unet.config.sample_size * own.vae_scale_factor,
-        device=torch.device(device),
-        dtype=dtype,
-    )
+    return base_from(tiny_pipeline).fingerprint
 
 
 def _text_adapter(pipeline):
@@ -74,7 +58,7 @@ def _engine(pipeline, backend="openvino", precision="fp32") -> Engine:
     resolver = MemoryResolver()
     for name, adapter in {**unet_adapters(pipeline), "t": _text_adapter(pipeline)}.items():
         resolver.add_adapter(name, adapter)
-    return Engine(_base(pipeline), resolver=resolver, backend=backend, precision=precision)
+    return Engine(base_from(pipeline), resolver=resolver, backend=backend, precision=precision)
 
 
 def _image(engine: Engine, adapters, **size) -> np.ndarray:
@@ -244,13 +228,13 @@ def test_text_encoder_swaps_in_place(own_tiny, fingerprint):
 
 def test_bad_settings_are_refused_clearly(tiny_pipeline, caplog):
     with pytest.raises(InvalidArgument, match="precision 'fp16' is not supported: use one of fp32, bf16"):
-        Engine(_base(tiny_pipeline), backend="openvino", precision="fp16")
+        Engine(base_from(tiny_pipeline), backend="openvino", precision="fp16")
     with pytest.raises(InvalidArgument, match="precision bf16 needs backend openvino"):
-        Engine(_base(tiny_pipeline), backend="torch", precision="bf16")
+        Engine(base_from(tiny_pipeline), backend="torch", precision="bf16")
     with pytest.raises(InvalidArgument, match="runs on the CPU from float32 weights"):
-        Engine(_base(tiny_pipeline, device="meta"), backend="openvino")
+        Engine(base_from(tiny_pipeline, device="meta"), backend="openvino")
     with pytest.raises(InvalidArgument, match="runs on the CPU from float32 weights"):
-        Engine(_base(tiny_pipeline, dtype=torch.bfloat16), backend="openvino", precision="bf16")
+        Engine(base_from(tiny_pipeline, dtype=torch.bfloat16), backend="openvino", precision="bf16")
     with caplog.at_level(logging.WARNING):
         assert effective_precision("bf16", bf16_supported=False) == "fp32"
     assert "no native BF16" in caplog.text
@@ -263,7 +247,7 @@ def test_a_unet_without_weight_buffers_is_refused(own_tiny, fingerprint):
 
 
 def test_the_engine_keeps_a_second_blend_slot_only_within_its_plan_budget(tiny_pipeline):
-    roomy = Engine(_base(tiny_pipeline), backend="openvino", precision="fp32")
-    tight = Engine(_base(tiny_pipeline), backend="openvino", precision="fp32", plan_cache_bytes=1024)
+    roomy = Engine(base_from(tiny_pipeline), backend="openvino", precision="fp32")
+    tight = Engine(base_from(tiny_pipeline), backend="openvino", precision="fp32", plan_cache_bytes=1024)
     assert roomy._backend.unet._slot_count == 2
     assert tight._backend.unet._slot_count == 1

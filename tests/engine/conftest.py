@@ -16,8 +16,14 @@ from server.models.shapes import module_shapes
 ADAPTER_NAMES = ("ink", "neon", "clay", "moss", "rust")
 
 
-def base_from(pipeline, name: str) -> BaseModel:
-    """A private, mutable copy of a session pipeline wrapped as the loader's BaseModel."""
+def base_from(
+    pipeline, name: str = "tiny", *, dtype: torch.dtype = torch.float32, device: str = "cpu"
+) -> BaseModel:
+    """A private, mutable copy of a session pipeline wrapped as the loader's BaseModel.
+
+    ``dtype`` and ``device`` are only what the BaseModel says (the weights stay as they are),
+    which is how tests reach the engine's refusals of unsupported settings.
+    """
     own = copy.deepcopy(pipeline)
     for component in ("unet", "text_encoder", "vae"):
         getattr(own, component).requires_grad_(False).eval()
@@ -27,8 +33,8 @@ def base_from(pipeline, name: str) -> BaseModel:
         name=name,
         architecture=infer_architecture(own),
         resolution=own.unet.config.sample_size * own.vae_scale_factor,
-        device=torch.device("cpu"),
-        dtype=torch.float32,
+        device=torch.device(device),
+        dtype=dtype,
     )
 
 
