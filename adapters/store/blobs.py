@@ -12,7 +12,6 @@ from __future__ import annotations
 import errno
 import os
 import secrets
-import time
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -20,7 +19,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from adapters.errors import AdapterInvalid, NotFound
-from adapters.store.hashing import check_sha256, copy_hashed, fsync_dir
+from adapters.store.hashing import check_sha256, copy_hashed, fsync_dir, stale_files
 
 
 @dataclass(frozen=True)
@@ -159,15 +158,4 @@ class LocalBlobStorage(BlobStorage):
                     yield entry.name
 
     def partials(self, *, older_than_s: float = 0.0, remove: bool = False) -> list[str]:
-        found: list[str] = []
-        cutoff = time.time() - older_than_s
-        for entry in sorted(self.tmp.glob(f"*{self.TEMP_SUFFIX}")):
-            try:
-                if entry.stat().st_mtime > cutoff:
-                    continue
-                if remove:
-                    entry.unlink()
-            except FileNotFoundError:
-                continue
-            found.append(str(entry))
-        return found
+        return stale_files(self.tmp, f"*{self.TEMP_SUFFIX}", older_than_s=older_than_s, remove=remove)

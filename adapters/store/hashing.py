@@ -1,11 +1,13 @@
-"""Copy a stream to a file while hashing it, with a size bound, then fsync."""
+"""Copy a stream to a file while hashing it, with a size bound, then fsync; and find stale temp files."""
 
 from __future__ import annotations
 
 import hashlib
 import os
 import re
+import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import BinaryIO
 
 from adapters.errors import AdapterInvalid, InvalidArgument
@@ -74,3 +76,22 @@ def fsync_dir(path: os.PathLike[str] | str) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def stale_files(folder: Path, pattern: str, *, older_than_s: float = 0.0, remove: bool = False) -> list[str]:
+    """Files in ``folder`` matching ``pattern`` not written for ``older_than_s`` seconds (removed if asked).
+
+    A file that vanishes meanwhile (another process finished or cleaned it) is skipped.
+    """
+    found: list[str] = []
+    cutoff = time.time() - older_than_s
+    for entry in sorted(folder.glob(pattern)):
+        try:
+            if entry.stat().st_mtime > cutoff:
+                continue
+            if remove:
+                entry.unlink()
+        except FileNotFoundError:
+            continue
+        found.append(str(entry))
+    return found

@@ -31,7 +31,7 @@ from typing import Any, BinaryIO
 
 from adapters.errors import AdapterInvalid, InvalidArgument, NotFound
 from adapters.store.blobs import BlobInfo, BlobStorage
-from adapters.store.hashing import CHUNK_BYTES, check_sha256, copy_hashed, fsync_dir
+from adapters.store.hashing import CHUNK_BYTES, check_sha256, copy_hashed, fsync_dir, stale_files
 
 ENV_BUCKET = "LORALOOM_S3_BUCKET"
 ENV_PREFIX = "LORALOOM_S3_PREFIX"
@@ -235,18 +235,7 @@ class S3BlobStorage(BlobStorage):
 
     def partials(self, *, older_than_s: float = 0.0, remove: bool = False) -> list[str]:
         """Temp files of interrupted downloads/uploads in the cache (S3 puts are atomic)."""
-        found: list[str] = []
-        cutoff = time.time() - older_than_s
-        for entry in sorted(self.tmp.glob(f"*{TEMP_SUFFIX}")):
-            try:
-                if entry.stat().st_mtime > cutoff:
-                    continue
-                if remove:
-                    entry.unlink()
-            except FileNotFoundError:
-                continue
-            found.append(str(entry))
-        return found
+        return stale_files(self.tmp, f"*{TEMP_SUFFIX}", older_than_s=older_than_s, remove=remove)
 
     # ------------------------------------------------------------------ cache
 

@@ -41,7 +41,7 @@ from adapters.formats.base_ref import normalize_architecture
 from adapters.home import data_home
 from adapters.store import db
 from adapters.store.blobs import BlobStorage, LocalBlobStorage
-from adapters.store.hashing import check_sha256, copy_hashed, hash_stream
+from adapters.store.hashing import check_sha256, copy_hashed, hash_stream, stale_files
 from adapters.store.models import AdapterFacts, AdapterPage, AdapterVersion, VerifyReport
 from adapters.store.names import (
     AdapterRef,
@@ -502,18 +502,8 @@ class AdapterStore:
         )
 
     def _staging_partials(self, older_than_s: float, remove: bool) -> builtins.list[str]:
-        found: builtins.list[str] = []
-        cutoff = datetime.now().timestamp() - older_than_s
-        for entry in sorted(self.staging_dir.glob(f"*{STAGING_SUFFIX}")):
-            try:
-                if entry.stat().st_mtime > cutoff:
-                    continue
-                if remove:
-                    entry.unlink()
-            except FileNotFoundError:
-                continue
-            found.append(str(entry))
-        return found
+        pattern = f"*{STAGING_SUFFIX}"
+        return stale_files(self.staging_dir, pattern, older_than_s=older_than_s, remove=remove)
 
     # ------------------------------------------------------------------ list
 
