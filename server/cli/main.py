@@ -6,12 +6,18 @@ Client commands talk to a running server (``--server`` / ``$LORALOOM_SERVER``, d
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated, TypeVar
 
 import typer
 
 from adapters.errors import LoraloomError
+
+if TYPE_CHECKING:
+    from server.client import Client
+
+T = TypeVar("T")
 
 app = typer.Typer(
     name="loraloom",
@@ -36,6 +42,17 @@ def _client(server: str, timeout: float | None):
     from server.client import Client
 
     return Client(server, timeout=timeout)
+
+
+def _call(server: str, timeout: float | None, call: Callable[[Client], T]) -> T:
+    """``call`` on a client of ``server``; a loraloom error ends the command with its message and code."""
+    from server.cli import output
+
+    try:
+        with _client(server, timeout) as client:
+            return call(client)
+    except LoraloomError as error:
+        raise output.fail(error, server) from None
 
 
 from server.cli import serve as _serve  # noqa: E402  (registers `serve` on app; imports no torch)
@@ -111,11 +128,7 @@ def info(server: Server = DEFAULT_SERVER, timeout: Timeout = 10.0, json: Json = 
     """Show the server's base model, backend, limits, cache and queue."""
     from server.cli import output
 
-    try:
-        with _client(server, timeout) as client:
-            details = client.server_info()
-    except LoraloomError as error:
-        raise output.fail(error, server) from None
+    details = _call(server, timeout, lambda client: client.server_info())
     if json:
         typer.echo(output.as_json(details))
         return
@@ -151,15 +164,15 @@ def adapters_list(
     """List the adapters in the store (the newest version of each name unless --all)."""
     from server.cli import output
 
-    try:
-        with _client(server, timeout) as client:
-            found = list(
-                client.iter_adapters(
-                    name_prefix=prefix, architecture=architecture, tag=tag, all_versions=all_versions
-                )
+    found = _call(
+        server,
+        timeout,
+        lambda client: list(
+            client.iter_adapters(
+                name_prefix=prefix, architecture=architecture, tag=tag, all_versions=all_versions
             )
-    except LoraloomError as error:
-        raise output.fail(error, server) from None
+        ),
+    )
     if json:
         typer.echo(output.as_json(found))
     elif not found:
@@ -178,11 +191,7 @@ def adapters_show(
     """Show one adapter version in full."""
     from server.cli import output
 
-    try:
-        with _client(server, timeout) as client:
-            found = client.get_adapter(ref)
-    except LoraloomError as error:
-        raise output.fail(error, server) from None
+    found = _call(server, timeout, lambda client: client.get_adapter(ref))
     typer.echo(output.as_json(found) if json else _describe(found))
 
 
@@ -220,18 +229,18 @@ def adapters_upload(
     """Upload an adapter file; it is checked against the server's base model before it becomes visible."""
     from server.cli import output
 
-    try:
-        with _client(server, timeout) as client:
-            created = client.upload_adapter(
-                file,
-                name,
-                description=description,
-                aliases=alias or (),
-                tags=tag or (),
-                trigger_words=trigger or (),
-            )
-    except LoraloomError as error:
-        raise output.fail(error, server) from None
+    created = _call(
+        server,
+        timeout,
+        lambda client: client.upload_adapter(
+            file,
+            name,
+            description=description,
+            aliases=alias or (),
+            tags=tag or (),
+            trigger_words=trigger or (),
+        ),
+    )
     typer.echo(f"uploaded {created.ref} ({output.size(created.size_bytes)}, sha256 {created.sha256[:12]})")
 
 
@@ -243,15 +252,10 @@ def adapters_delete(
     timeout: Timeout = 30.0,
 ) -> None:
     """Delete one version, or every version of a name."""
-    from server.cli import output
 
     if not yes and "@" not in ref:
         typer.confirm(f"delete every version of {ref!r}?", abort=True)
-    try:
-        with _client(server, timeout) as client:
-            deleted = client.delete_adapter(ref)
-    except LoraloomError as error:
-        raise output.fail(error, server) from None
+    deleted = _call(server, timeout, lambda client: client.delete_adapter(ref))
     typer.echo("deleted " + ", ".join(item.ref for item in deleted))
 
 
@@ -264,13 +268,8 @@ def adapters_alias(
     timeout: Timeout = 30.0,
 ) -> None:
     """Point NAME@ALIAS at a version (creating or moving the alias)."""
-    from server.cli import output
 
-    try:
-        with _client(server, timeout) as client:
-            target = client.set_alias(name, alias, version)
-    except LoraloomError as error:
-        raise output.fail(error, server) from None
+    target = _call(server, timeout, lambda client: client.set_alias(name, alias, version))
     typer.echo(f"{name}@{alias} -> {target.ref}")
 
 
@@ -284,11 +283,7 @@ def adapters_load(
     """Warm (or pin) an adapter in the engine's cache."""
     from server.cli import output
 
-    try:
-        with _client(server, timeout) as client:
-            loaded = client.load_adapter(ref, pin=pin)
-    except LoraloomError as error:
-        raise output.fail(error, server) from None
+    loaded = _call(server, timeout, lambda client: client.load_adapter(ref, pin=pin))
     state = "pinned" if loaded.pinned else "loaded"
     typer.echo(f"{state} {loaded.name}@{loaded.version} ({output.size(loaded.size_bytes)})")
 
@@ -300,13 +295,7 @@ def adapters_unload(
     timeout: Timeout = 30.0,
 ) -> None:
     """Drop an adapter from the engine's cache (and unpin it)."""
-    from server.cli import output
-
-    try:
-        with _client(server, timeout) as client:
-            dropped = client.unload_adapter(ref)
-    except LoraloomError as error:
-        raise output.fail(error, server) from None
+    dropped = _call(server, timeout, lambda client: client.unload_adapter(ref))
     typer.echo(f"unloaded {ref}" if dropped else f"{ref} was not resident")
 
 
@@ -315,11 +304,7 @@ def adapters_resident(server: Server = DEFAULT_SERVER, timeout: Timeout = 30.0, 
     """List the adapters held in the engine's cache."""
     from server.cli import output
 
-    try:
-        with _client(server, timeout) as client:
-            listing = client.list_resident()
-    except LoraloomError as error:
-        raise output.fail(error, server) from None
+    listing = _call(server, timeout, lambda client: client.list_resident())
     if json:
         typer.echo(output.as_json(listing))
         return

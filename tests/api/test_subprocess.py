@@ -104,6 +104,14 @@ def test_readme_commands(served, micro_shapes, tmp_path):
     assert "style@stable -> style@1" in aliased.stdout
     info = cli("info", env=env)
     assert "micro" in info.stdout and "ready" in info.stdout
+    pinned = cli("adapters", "load", "style@stable", "--pin", env=env)
+    assert pinned.returncode == 0 and "pinned style@1" in pinned.stdout, pinned.stderr
+    resident = cli("adapters", "resident", env=env)
+    assert "style@1" in resident.stdout and "(pinned)" in resident.stdout
+    unloaded = cli("adapters", "unload", "style@1", env=env)
+    assert unloaded.returncode == 0 and "unloaded style@1" in unloaded.stdout
+    again = cli("adapters", "unload", "style@1", env=env)
+    assert "was not resident" in again.stdout
     missing = cli("adapters", "show", "nobody", env=env)
     assert missing.returncode == 1 and "NotFound" in missing.stderr
     deleted = cli("adapters", "delete", "style", "--yes", env=env)
