@@ -16,8 +16,8 @@ so a generated image with a tinted background is still judged on its shape.
   :func:`stripe_anisotropy` (vertical over horizontal chroma gradients),
   :func:`hollowness` (share of the shape's row spans that is not colored,
   blind to horizontal stripes) and :func:`lightness` (mean HSL lightness of
-  the shape's pixels: pastel colors are lighter). :data:`STYLE_THRESHOLDS` split drawn style
-  images from plain ones.
+  the shape's pixels: pastel colors are lighter). :data:`STYLE_THRESHOLDS`
+  split drawn style images from plain ones.
 """
 
 from __future__ import annotations
