@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import inspect
 from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
 
-from server.api.config import ServerConfig, from_env
+from server.api.config import SECRET_FIELDS, ServerConfig, from_env
 from server.cli.main import app
 
 
@@ -30,6 +31,12 @@ def test_environment_then_flags():
     assert (config.port, config.model, config.warmup, config.grace_s) == (7000, "micro", False, 2.5)
     assert config.home == Path("/tmp/somewhere") and config.store_db_url.endswith("x.sqlite3")
     assert config.host == "127.0.0.1"
+
+
+def test_every_setting_but_the_secrets_is_a_serve_flag():
+    (serve,) = [c.callback for c in app.registered_commands if c.callback.__name__ == "serve"]
+    flags = set(inspect.signature(serve).parameters)
+    assert flags == set(ServerConfig.__dataclass_fields__) - SECRET_FIELDS
 
 
 def test_limits_derived_from_the_config():
