@@ -14,8 +14,7 @@ engine (``Engine.generate``), interleaved so a busy CPU slows both alike.
   Measuring both on the same request keeps CPU noise out. A ratio >= 1 means
   within budget.
 
-``python -m bench.api [--quick] [--json FILE]`` (or ``python -m bench api`` once
-registered in ``bench/__main__.py``).
+``python -m bench api [--quick] [--json FILE]`` (or ``python -m bench.api``).
 """
 
 from __future__ import annotations

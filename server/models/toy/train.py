@@ -17,8 +17,10 @@ Three stages, all seeded (same flags and thread count give the same weights):
 
 The result is a diffusers folder (safetensors only, fp16 weights: the fp16
 rounding changes no measured accuracy) that ``load_base_model("toy")`` loads.
-The default run is the shipped one; it took 71 minutes on the 2-core development
-machine with ``--threads 1`` while other jobs shared the machine. On an idle one
+The shipped weights are the default run with ``--threads 1`` (the thread count
+changes float summation order, so ``--threads 1`` is needed for the same bytes;
+``training.json`` next to the weights has the command); it took 71 minutes on
+the 2-core development machine while other jobs shared the machine. On an idle one
 with ``--threads 2`` a batch-16 UNet step took 0.37 s, so expect about 40
 minutes there. Progress goes to stderr.
 """
