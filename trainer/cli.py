@@ -9,8 +9,11 @@ once the command runs, so mounting this module costs nothing at CLI start-up.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import os
 import sys
+from dataclasses import MISSING
 from pathlib import Path
 from typing import Annotated
 
@@ -20,11 +23,22 @@ from adapters.errors import InvalidArgument, LoraloomError
 from trainer.config import TrainConfig
 
 EXIT_USAGE = 2
+SERVER_ENV = "LORALOOM_SERVER"
 EXIT_INTERRUPTED = 130
 
 
 def _help(name: str) -> str:
-    return TrainConfig.__dataclass_fields__[name].metadata["help"]
+    """The config field's help, with its default when it has a plain one (rich would eat ``[...]``)."""
+    field = TrainConfig.__dataclass_fields__[name]
+    text = field.metadata["help"]
+    if field.default_factory is not MISSING and name != "base":  # base: its help explains the default
+        default = field.default_factory()
+        shown = ",".join(map(str, default)) if isinstance(default, list) else default
+    else:
+        shown = field.default
+    if shown in (None, "", [], MISSING) or "default" in text:
+        return text
+    return f"{text} (default: {shown})"
 
 
 def _csv(value: str | None) -> list[str] | None:
@@ -38,8 +52,8 @@ def train_command(
         Path | None, typer.Option("--config", "-c", help="TOML file with these options (flags override it)")
     ] = None,
     base: Annotated[str | None, typer.Option(help=_help("base"))] = None,
-    rank: Annotated[int | None, typer.Option(help=_help("rank") + " [default: 8]")] = None,
-    alpha: Annotated[float | None, typer.Option(help=_help("alpha") + " [default: 8]")] = None,
+    rank: Annotated[int | None, typer.Option(help=_help("rank"))] = None,
+    alpha: Annotated[float | None, typer.Option(help=_help("alpha"))] = None,
     targets: Annotated[str | None, typer.Option(help=_help("targets") + "; comma-separated")] = None,
     train_text_encoder: Annotated[
         bool | None,
@@ -47,11 +61,11 @@ def train_command(
     ] = None,
     steps: Annotated[int | None, typer.Option(help=_help("steps"))] = None,
     epochs: Annotated[int | None, typer.Option(help=_help("epochs"))] = None,
-    lr: Annotated[float | None, typer.Option(help=_help("lr") + " [default: 1e-4]")] = None,
+    lr: Annotated[float | None, typer.Option(help=_help("lr"))] = None,
     text_encoder_lr: Annotated[float | None, typer.Option(help=_help("text_encoder_lr"))] = None,
     lr_scheduler: Annotated[str | None, typer.Option(help=_help("lr_scheduler"))] = None,
     warmup_steps: Annotated[int | None, typer.Option(help=_help("warmup_steps"))] = None,
-    batch_size: Annotated[int | None, typer.Option(help=_help("batch_size") + " [default: 1]")] = None,
+    batch_size: Annotated[int | None, typer.Option(help=_help("batch_size"))] = None,
     grad_accum: Annotated[int | None, typer.Option(help=_help("grad_accum"))] = None,
     resolution: Annotated[int | None, typer.Option(help=_help("resolution"))] = None,
     seed: Annotated[int | None, typer.Option(help=_help("seed"))] = None,
@@ -80,7 +94,13 @@ def train_command(
     ] = None,
     out: Annotated[str | None, typer.Option(help=_help("out"))] = None,
     store: Annotated[str | None, typer.Option(help=_help("store"))] = None,
-    server: Annotated[str | None, typer.Option(help=_help("server"))] = None,
+    server: Annotated[
+        str | None,
+        typer.Option(
+            help=_help("server") + " (default: $LORALOOM_SERVER, like the client commands, unless --store, "
+            "--no-register or the config file says where)"
+        ),
+    ] = None,
     no_register: Annotated[bool | None, typer.Option("--no-register", help=_help("no_register"))] = None,
     description: Annotated[str | None, typer.Option(help=_help("description"))] = None,
     tag: Annotated[list[str] | None, typer.Option("--tag", help="an adapter tag (repeatable)")] = None,
@@ -137,6 +157,7 @@ def train_command(
         )
     except (InvalidArgument, ValueError) as error:
         _fail(str(error), EXIT_USAGE)
+    train_config = _server_from_environment(train_config)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     from trainer.api import train
     from trainer.loop import TrainingInterrupted
@@ -160,6 +181,14 @@ def train_command(
         typer.echo(f"sample: {sample}")
     if result.registration is not None:
         typer.echo(f"registered {result.registration.ref} in {result.registration.where}")
+
+
+def _server_from_environment(config: TrainConfig) -> TrainConfig:
+    """``$LORALOOM_SERVER`` (the client commands' server) when nothing else says where to register."""
+    server = os.environ.get(SERVER_ENV, "").strip()
+    if not server or config.server or config.store or config.no_register:
+        return config
+    return dataclasses.replace(config, server=server)
 
 
 def _fail(message: str, code: int) -> None:

@@ -52,7 +52,7 @@ def register_in_store(
             base_model=base_model,
             training_metadata=training_metadata,
         )
-        where = repr(opened)
+        where = f"the store at {opened.location}"
     return Registration(
         name=version.name, version=version.version, sha256=version.sha256, where=where, kind="store"
     )

@@ -173,6 +173,14 @@ class AdapterStore:
     def __repr__(self) -> str:
         return f"AdapterStore({self.engine.url.render_as_string(hide_password=True)!r}, {self.blobs!r})"
 
+    @property
+    def location(self) -> str:
+        """Where the metadata lives, for people: a SQLite file's path, else the database URL (no password)."""
+        url = self.engine.url
+        if url.get_backend_name() == "sqlite" and url.database:
+            return url.database
+        return url.render_as_string(hide_password=True)
+
     # ------------------------------------------------------------------ register
 
     def register(

@@ -40,6 +40,23 @@ def test_toml_config_with_flag_overrides_writes_and_registers(tmp_path, shapes_d
     assert adapter.base is not None and adapter.base.architecture == "loraloom:micro"
 
 
+def test_loraloom_server_is_the_default_only_when_nothing_else_says_where(monkeypatch):
+    from trainer.cli import _server_from_environment
+    from trainer.config import TrainConfig
+
+    monkeypatch.setenv("LORALOOM_SERVER", "10.0.0.5:50051")
+    assert _server_from_environment(TrainConfig(data_dir="x")).server == "10.0.0.5:50051"
+    for where in ({"store": "/data"}, {"no_register": True}, {"server": "other:1"}):
+        config = TrainConfig(data_dir="x", **where)
+        assert _server_from_environment(config) == config
+
+
+def test_defaults_show_in_the_help():
+    result = runner.invoke(app, ["train", "--help"], env={"COLUMNS": "200"})
+    assert "(default: 8)" in result.output and "(default: 0.0001)" in result.output
+    assert "(default: attn)" in result.output and "LORALOOM_SERVER" in result.output
+
+
 def test_empty_folder_is_a_clean_error(tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()
@@ -56,7 +73,7 @@ def test_unknown_toml_option_is_a_usage_error(tmp_path):
 
 
 @pytest.mark.slow
-def test_train_with_server_registers_and_the_next_generate_uses_it(tmp_path, one_thread):
+def test_train_with_a_server_registers_and_the_next_generate_uses_it(tmp_path, one_thread):
     from server.api.app import ServerThread
     from server.api.config import ServerConfig
     from server.client import Client
@@ -77,8 +94,8 @@ def test_train_with_server_registers_and_the_next_generate_uses_it(tmp_path, one
                 "train", str(data), "--name", "cli-shapes", "--base", "micro", "--steps", "20",
                 "--resolution", "16", "--batch-size", "2", "--lr", "1e-2", "--targets", "attn,conv",
                 "--trigger-word", "shp", "--output-dir", str(tmp_path / "work"), "--no-progress",
-                "--server", running.address,
             ],
+            env={"LORALOOM_SERVER": running.address},  # as the client commands find their server
         )  # fmt: skip
         assert result.exit_code == 0, result.output
         assert f"registered cli-shapes@1 in {running.address}" in result.output
@@ -96,9 +113,11 @@ def test_no_flags_registers_into_the_default_store(shapes_dir, loraloom_home, on
         app,
         ["train", str(shapes_dir), "--base", "micro", "--epochs", "1", "--batch-size", "4",
          "--resolution", "16", "--no-progress"],
+        env={"LORALOOM_SERVER": ""},
     )  # fmt: skip
     assert result.exit_code == 0, result.output
-    assert "4 steps" in result.output and "registered shapes@1" in result.output
+    database = loraloom_home / "store" / "adapters.sqlite3"
+    assert "4 steps" in result.output and f"registered shapes@1 in the store at {database}" in result.output
     from adapters.store import AdapterStore
 
     with AdapterStore.open() as store:
