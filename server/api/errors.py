@@ -25,6 +25,10 @@ SERVICE_PREFIX = "/loraloom.v1.Loraloom/"
 # retry pushback (honoured by clients with a retry policy) and a plain one in seconds.
 RETRY_PUSHBACK_KEY = "grpc-retry-pushback-ms"
 RETRY_AFTER_KEY = "retry-after-s"
+# Set on every status a loraloom server sends, so a client can tell "the server said UNAVAILABLE
+# (starting, draining)" from "nothing answered at that address" (same code, from the transport).
+ANSWERED_KEY = "loraloom-answered"
+ANSWERED: tuple[tuple[str, str], ...] = ((ANSWERED_KEY, "1"),)
 
 # Subclasses come first where they share a parent; the first match wins.
 STATUS_BY_ERROR: tuple[tuple[type[errors.LoraloomError], grpc.StatusCode], ...] = (
@@ -45,14 +49,16 @@ def status_for(error: BaseException) -> tuple[grpc.StatusCode, str, tuple[tuple[
         if isinstance(error, kind):
             return code, str(error) or kind.__name__, _trailers(error)
     incident = uuid.uuid4().hex[:12]
-    return grpc.StatusCode.INTERNAL, f"internal error (incident {incident}; details in the server log)", ()
+    message = f"internal error (incident {incident}; details in the server log)"
+    return grpc.StatusCode.INTERNAL, message, ANSWERED
 
 
 def _trailers(error: BaseException) -> tuple[tuple[str, str], ...]:
     if isinstance(error, errors.ResourceExhausted):
         seconds = max(float(error.retry_after_s), 0.0)
-        return ((RETRY_PUSHBACK_KEY, str(round(seconds * 1000))), (RETRY_AFTER_KEY, f"{seconds:g}"))
-    return ()
+        hint = ((RETRY_PUSHBACK_KEY, str(round(seconds * 1000))), (RETRY_AFTER_KEY, f"{seconds:g}"))
+        return hint + ANSWERED
+    return ANSWERED
 
 
 async def abort_with(context: aio.ServicerContext, error: BaseException, method: str) -> None:

@@ -16,7 +16,7 @@ import grpc
 from grpc_health.v1 import health_pb2
 from grpc_health.v1.health import aio as health_aio
 
-from server.api.errors import ServiceInterceptor
+from server.api.errors import ANSWERED, ServiceInterceptor
 
 SERVICE_NAME = "loraloom.v1.Loraloom"
 LIVENESS = ""
@@ -107,7 +107,7 @@ def _gate(behaviour, lifecycle: Lifecycle):
         async def streaming(request, context):
             reason = lifecycle.refusal()
             if reason:
-                await context.abort(grpc.StatusCode.UNAVAILABLE, reason)
+                await context.abort(grpc.StatusCode.UNAVAILABLE, reason, trailing_metadata=ANSWERED)
             lifecycle.enter()
             try:
                 async for response in behaviour(request, context):
@@ -120,7 +120,7 @@ def _gate(behaviour, lifecycle: Lifecycle):
     async def unary(request, context):
         reason = lifecycle.refusal()
         if reason:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, reason)
+            await context.abort(grpc.StatusCode.UNAVAILABLE, reason, trailing_metadata=ANSWERED)
         lifecycle.enter()
         try:
             return await behaviour(request, context)

@@ -65,7 +65,9 @@ def generate(
     prompt: Annotated[str, typer.Argument(help="What to draw.")],
     adapter: Annotated[
         list[str] | None,
-        typer.Option("--adapter", "-a", help="Adapter of the blend, name\\[@version]\\[:weight]; repeatable."),
+        typer.Option(
+            "--adapter", "-a", help="Adapter of the blend, name\\[@version]\\[:weight]; repeatable."
+        ),
     ] = None,
     output: Annotated[
         Path, typer.Option("--output", "-o", help="PNG file to write (several: out-0.png, ...).")

@@ -10,7 +10,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from adapters.errors import LoraloomError, Unavailable
+from adapters.errors import LoraloomError
+from server.client.errors import Unreachable
 
 console = Console()
 errors = Console(stderr=True)
@@ -32,7 +33,7 @@ def as_json(value) -> str:
 def fail(error: LoraloomError, target: str | None = None) -> typer.Exit:
     """Print ``error`` for a person and return the exit to raise (code 1)."""
     errors.print(f"[red]error[/red] ({type(error).__name__}): {error}", highlight=False, markup=True)
-    if isinstance(error, Unavailable) and target:
+    if isinstance(error, Unreachable) and target:
         errors.print(f"is `loraloom serve` running at {target}? (set --server or LORALOOM_SERVER)")
     return typer.Exit(1)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import grpc
 
 from adapters import errors
-from server.api.errors import RETRY_AFTER_KEY, RETRY_PUSHBACK_KEY
+from server.api.errors import ANSWERED_KEY, RETRY_AFTER_KEY, RETRY_PUSHBACK_KEY
 
 
 class ServerError(errors.LoraloomError):
@@ -14,6 +14,10 @@ class ServerError(errors.LoraloomError):
     def __init__(self, message: str, code: grpc.StatusCode) -> None:
         super().__init__(message)
         self.code = code
+
+
+class Unreachable(errors.Unavailable):
+    """No loraloom server answered at the address (refused, unresolvable, TLS failure, ...)."""
 
 
 ERROR_BY_STATUS: dict[grpc.StatusCode, type[errors.LoraloomError]] = {
@@ -37,6 +41,8 @@ def from_status(code: grpc.StatusCode, details: str | None, trailing_metadata=No
         return ServerError(message, code)
     if kind is errors.ResourceExhausted:
         return errors.ResourceExhausted(message, retry_after_s=_retry_after(trailing_metadata))
+    if kind is errors.Unavailable and not any(key == ANSWERED_KEY for key, _ in trailing_metadata or ()):
+        return Unreachable(message)
     return kind(message)
 
 

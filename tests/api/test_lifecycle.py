@@ -9,8 +9,9 @@ import grpc
 import pytest
 
 from adapters import errors
-from server.api.errors import STATUS_BY_ERROR, status_for
+from server.api.errors import ANSWERED_KEY, STATUS_BY_ERROR, status_for
 from server.client import Client
+from server.client.errors import Unreachable
 from tests.api.helpers import StepSeam, micro_config
 
 
@@ -30,8 +31,9 @@ def test_start_ready_drain_transitions(tmp_path):
     with Client(running.address, timeout=30) as client:
         assert client.health("") == "SERVING"
         assert client.health() == "NOT_SERVING"
-        with pytest.raises(errors.Unavailable, match="starting"):
+        with pytest.raises(errors.Unavailable, match="starting") as starting:
             client.server_info()
+        assert not isinstance(starting.value, Unreachable)
         patient: list[object] = []
         waiter = threading.Thread(target=lambda: patient.append(_info_with_retries(running.address)))
         waiter.start()
@@ -54,13 +56,14 @@ def test_start_ready_drain_transitions(tmp_path):
         drainer.start()
         time.sleep(0.2)
         assert client.health() == "NOT_SERVING"
-        with pytest.raises(errors.Unavailable, match="shutting down"):
+        with pytest.raises(errors.Unavailable, match="shutting down") as refused:
             client.generate("x", steps=1)
+        assert not isinstance(refused.value, Unreachable)  # the server said so: no "is it running?" hint
         inflight.join(30)
         drainer.join(30)
         assert drained == [True]
         assert len(outcome) == 1 and outcome[0].images  # the call in flight finished
-        with pytest.raises(errors.Unavailable):
+        with pytest.raises(Unreachable):
             client.health("", timeout=2)
 
 
@@ -114,9 +117,10 @@ def test_every_typed_error_has_its_status(kind, code):
     assert mapped == code
     assert message == str(error)
     if kind is errors.ResourceExhausted:
-        assert dict(trailers) == {"grpc-retry-pushback-ms": "2000", "retry-after-s": "2"}
+        expected = {"grpc-retry-pushback-ms": "2000", "retry-after-s": "2", ANSWERED_KEY: "1"}
+        assert dict(trailers) == expected
     else:
-        assert trailers == ()
+        assert dict(trailers) == {ANSWERED_KEY: "1"}  # the server answered (not the transport)
 
 
 @pytest.mark.parametrize(
