@@ -254,9 +254,14 @@ def adapters_delete(
     timeout: Timeout = 30.0,
 ) -> None:
     """Delete one version, or every version of a name."""
-
     if not yes and "@" not in ref:
-        typer.confirm(f"delete every version of {ref!r}?", abort=True)
+        import sys
+
+        if not sys.stdin.isatty():
+            message = f"refusing to delete every version of {ref!r} without a terminal to ask: add --yes"
+            typer.echo(message, err=True)
+            raise typer.Exit(1)
+        typer.confirm(f"delete every version of {ref!r}? (--yes skips this question)", abort=True)
     deleted = _call(server, timeout, lambda client: client.delete_adapter(ref))
     typer.echo("deleted " + ", ".join(item.ref for item in deleted))
 

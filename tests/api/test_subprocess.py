@@ -31,6 +31,7 @@ def cli(*args: str, env: dict[str, str], timeout: float = 120) -> subprocess.Com
     return subprocess.run(
         [sys.executable, "-m", "server.cli.main", *args],
         cwd=REPO_ROOT,
+        stdin=subprocess.DEVNULL,
         env=env,
         capture_output=True,
         text=True,
@@ -114,6 +115,9 @@ def test_readme_commands(served, micro_shapes, tmp_path):
     assert "was not resident" in again.stdout
     missing = cli("adapters", "show", "nobody", env=env)
     assert missing.returncode == 1 and "NotFound" in missing.stderr
+    unasked = cli("adapters", "delete", "style", env=env)  # no terminal to confirm on: nothing deleted
+    assert unasked.returncode == 1 and "add --yes" in unasked.stderr
+    assert "style@1" in cli("adapters", "list", env=env).stdout
     deleted = cli("adapters", "delete", "style", "--yes", env=env)
     assert deleted.returncode == 0 and "style@1" in deleted.stdout
 
