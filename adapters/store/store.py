@@ -587,7 +587,9 @@ class AdapterStore:
             query = query.with_for_update()
         adapter_id = conn.execute(query).scalar()
         if adapter_id is None:
-            raise NotFound(f"no adapter named {name!r} in the store; list the store to see what is there")
+            raise NotFound(
+                f"no adapter named {name!r} in the store; `loraloom adapters list` (ListAdapters) shows them"
+            )
         return int(adapter_id)
 
     def _not_found(self, conn: Connection, adapter_id: int, ref: AdapterRef) -> NotFound:
@@ -599,7 +601,7 @@ class AdapterStore:
             ).scalars()
         )
         if not numbers:
-            return NotFound(f"adapter {ref.name!r} has no versions left; register one first")
+            return NotFound(f"adapter {ref.name!r} has no versions left; upload or train one first")
         have = _first_few(numbers)
         if ref.version is not None:
             return NotFound(f"adapter {ref.name!r} has no version {ref.version} (it has versions {have})")
@@ -613,7 +615,8 @@ class AdapterStore:
             )
             known = f"its aliases are {_first_few(names)}" if names else "it has no aliases"
             return NotFound(
-                f"adapter {ref.name!r} has no alias {ref.alias!r} ({known}); set one with set_alias"
+                f"adapter {ref.name!r} has no alias {ref.alias!r} ({known}); set one with "
+                f"`loraloom adapters alias {ref.name} {ref.alias} VERSION` (SetAlias)"
             )
         return NotFound(f"adapter {ref.name!r} not found")
 

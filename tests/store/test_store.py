@@ -95,7 +95,7 @@ def test_not_found_messages_say_what_exists(store, lora):
         store.get("dog")
     with pytest.raises(NotFound, match=r"no version 7 \(it has versions 1\)"):
         store.get("cat@7")
-    with pytest.raises(NotFound, match="no alias 'stable'.*set_alias"):
+    with pytest.raises(NotFound, match="no alias 'stable'.*loraloom adapters alias"):
         store.get("cat@stable")
     with pytest.raises(NotFound, match="no version 9"):
         store.set_alias("cat", "stable", 9)
