@@ -180,7 +180,7 @@ def adapters_list(
     elif not found:
         typer.echo("no adapters (add one with: loraloom adapters upload FILE --name NAME)")
     else:
-        output.console.print(output.adapter_table(found))
+        output.console.print(output.adapter_table(found, output.console.width))
 
 
 @adapters_app.command("show")

@@ -7,6 +7,7 @@ import json
 from datetime import UTC, datetime
 
 import typer
+from rich import box
 from rich.console import Console
 from rich.table import Table
 
@@ -53,19 +54,23 @@ def when(seconds: float) -> str:
     return datetime.fromtimestamp(seconds, UTC).strftime("%Y-%m-%d %H:%M")
 
 
-def adapter_table(adapters) -> Table:
-    table = Table(show_edge=False)
-    for column in ("ref", "aliases", "arch", "rank", "format", "size", "sha256", "created (UTC)"):
-        table.add_column(column)
+WIDE_TABLE = 120  # columns from which `adapters list` also shows format and sha256
+
+
+def adapter_table(adapters, width: int = WIDE_TABLE) -> Table:
+    """One row per version; narrower than :data:`WIDE_TABLE`, format, sha256 and date are left to `show`."""
+    adapters = list(adapters)
+    wide = width >= WIDE_TABLE
+    table = Table(show_edge=False, box=box.SIMPLE_HEAD, pad_edge=False)
+    table.add_column("ref", no_wrap=True, min_width=max((len(item.ref) for item in adapters), default=3))
+    columns = ["aliases", "arch", "rank", *(["format"] if wide else []), "size"]
+    columns += ["sha256", "created (UTC)"] if wide else []
+    for column in columns:
+        table.add_column(column, overflow="fold")
     for item in adapters:
-        table.add_row(
-            item.ref,
-            ",".join(item.aliases),
-            item.architecture,
-            str(item.rank),
-            item.format,
-            size(item.size_bytes),
-            item.sha256[:12],
-            when(item.created_at),
-        )
+        cells = [",".join(item.aliases), item.architecture, str(item.rank)]
+        cells += [item.format] if wide else []
+        cells.append(size(item.size_bytes))
+        cells += [item.sha256[:12], when(item.created_at)] if wide else []
+        table.add_row(item.ref, *cells)
     return table

@@ -90,3 +90,32 @@ def test_train_hands_over_to_the_trainer_or_says_it_is_missing():
         assert result.exit_code == 2 and "trainer" in result.output
     else:
         assert result.exit_code == 0 and "Usage" in result.output
+
+
+def test_adapters_list_table_keeps_refs_whole_at_80_columns():
+    from types import SimpleNamespace
+
+    from rich.console import Console
+
+    from server.cli.output import adapter_table
+
+    rows = [
+        SimpleNamespace(
+            ref=f"{name}@{version}",
+            aliases=("prod", "stable"),
+            architecture="loraloom:toy",
+            rank=8,
+            format="kohya",
+            size_bytes=334_420,
+            sha256="ab" * 32,
+            created_at=1.79e9,
+        )
+        for name, version in (("watercolor-portrait-v2", 13), ("striped", 2))
+    ]
+    for width in (80, 140):
+        console = Console(width=width, record=True)
+        console.print(adapter_table(rows, width))
+        text = console.export_text()
+        assert "watercolor-portrait-v2@13" in text and "prod,stable" in text and "…" not in text
+        assert max(len(line) for line in text.splitlines()) <= width
+        assert ("abababababab" in text) is (width >= 120)  # the sha256 column only when it fits
