@@ -1,4 +1,4 @@
-"""Structured logs: a JSON formatter and one record per finished generation.
+"""Structured logs: JSON or key=value text formatters and one record per finished generation.
 
 Each generation record carries the request id, the blend signature, the seed, the
 adapters and the timings; the prompt is logged as its sha256 unless ``log_prompts`` is
@@ -17,6 +17,35 @@ REQUEST_LOG = logging.getLogger("loraloom.requests")
 _STANDARD = set(vars(logging.makeLogRecord({}))) | {"message", "asctime"}
 
 
+def extra_fields(record: logging.LogRecord) -> dict[str, Any]:
+    """The ``extra=`` fields of ``record`` (what a plain format string would drop)."""
+    fields = vars(record).items()
+    return {key: value for key, value in fields if key not in _STANDARD and not key.startswith("_")}
+
+
+class TextFormatter(logging.Formatter):
+    """``time level logger: message key=value ...``: the ``extra=`` fields after the message."""
+
+    def __init__(self) -> None:
+        super().__init__("%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    def format(self, record: logging.LogRecord) -> str:
+        line = super().format(record)
+        fields = extra_fields(record)
+        if not fields:
+            return line
+        head, newline, rest = line.partition("\n")  # keep a traceback below the fields
+        pairs = " ".join(f"{key}={_plain(value)}" for key, value in fields.items())
+        return f"{head} {pairs}{newline}{rest}"
+
+
+def _plain(value: Any) -> str:
+    if isinstance(value, list | tuple):
+        return ",".join(map(str, value)) or "-"
+    text = str(value)
+    return json.dumps(text) if not text or " " in text else text
+
+
 class JsonFormatter(logging.Formatter):
     """One JSON object per line: time, level, logger, message, and every ``extra=`` field."""
 
@@ -28,9 +57,7 @@ class JsonFormatter(logging.Formatter):
             "logger": record.name,
             "message": record.getMessage(),
         }
-        for key, value in vars(record).items():
-            if key not in _STANDARD and not key.startswith("_"):
-                entry[key] = value
+        entry.update(extra_fields(record))
         if record.exc_info:
             entry["exception"] = self.formatException(record.exc_info)
         return json.dumps(entry, default=str)
@@ -42,7 +69,7 @@ def configure(level: str, fmt: str = "text") -> None:
     if fmt == "json":
         handler.setFormatter(JsonFormatter())
     else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        handler.setFormatter(TextFormatter())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(getattr(logging, level.upper(), logging.INFO))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Annotated
 
@@ -66,6 +67,9 @@ def register(app: typer.Typer) -> None:
 
         overrides = {key: value for key, value in locals().items() if key != "from_env"}
         config = from_env(**overrides)
+        # The server never forks a child that uses gRPC, but model conversion runs subprocesses;
+        # with fork support on, gRPC logs a warning for each (dozens on a first start).
+        os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
         from server.api.app import run
 
         raise typer.Exit(run(config))

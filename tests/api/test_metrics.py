@@ -12,7 +12,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from adapters import errors
-from server.api.logging import JsonFormatter, prompt_digest
+from server.api.logging import JsonFormatter, TextFormatter, prompt_digest
 from server.client import Client
 from server.client.errors import ServerError
 from tests.api.helpers import adapter_bytes, micro_config
@@ -98,3 +98,6 @@ def test_metrics_move_with_real_requests(metered, micro_shapes, caplog):
     assert line["request_id"] == "req-big-a" and line["seed"] == 5 and line["blend_signature"]
     assert line["prompt_sha256"] == prompt_digest(PROMPT) and line["message"] == "generated"
     assert all(PROMPT not in JsonFormatter().format(record) for record in records)
+    text = TextFormatter().format(records[0])  # the default format carries the same fields
+    assert "generated request_id=req-big-a" in text and "seed=5" in text and "status=OK" in text
+    assert all(PROMPT not in TextFormatter().format(record) for record in records)
