@@ -73,13 +73,26 @@ def generate(
         Path, typer.Option("--output", "-o", help="PNG file to write (several: out-0.png, ...).")
     ] = Path("out.png"),
     negative: Annotated[str, typer.Option("--negative", help="Negative prompt.")] = "",
-    steps: Annotated[int, typer.Option(help="Denoising steps (0: the server's default).")] = 0,
+    steps: Annotated[
+        int, typer.Option(help="Denoising steps (0: the server's default).", show_default=False)
+    ] = 0,
     seed: Annotated[int | None, typer.Option(help="Seed (default: random; printed).")] = None,
     guidance: Annotated[float | None, typer.Option(help="Guidance scale (default: the server's).")] = None,
-    width: Annotated[int, typer.Option(help="Width in pixels (0: the model's resolution).")] = 0,
-    height: Annotated[int, typer.Option(help="Height in pixels (0: the model's resolution).")] = 0,
+    width: Annotated[
+        int, typer.Option(help="Width in pixels (0: the model's resolution).", show_default=False)
+    ] = 0,
+    height: Annotated[
+        int, typer.Option(help="Height in pixels (0: the model's resolution).", show_default=False)
+    ] = 0,
     num_images: Annotated[int, typer.Option("--num-images", "-n", help="How many images.")] = 1,
-    sampler: Annotated[str, typer.Option(help="Sampler, e.g. euler_a (default: the model's).")] = "",
+    sampler: Annotated[
+        str,
+        typer.Option(
+            help="Sampler: default (the model's own), dpmpp_2m, dpmpp_2m_karras, euler, euler_a, ddim, "
+            "pndm, lms, heun or unipc.",
+            show_default=False,
+        ),
+    ] = "",
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
     server: Server = DEFAULT_SERVER,
     timeout: Timeout = 600.0,

@@ -119,3 +119,11 @@ def test_adapters_list_table_keeps_refs_whole_at_80_columns():
         assert "watercolor-portrait-v2@13" in text and "prod,stable" in text and "…" not in text
         assert max(len(line) for line in text.splitlines()) <= width
         assert ("abababababab" in text) is (width >= 120)  # the sha256 column only when it fits
+
+
+def test_generate_help_names_every_sampler():
+    from server.engine.samplers import sampler_names
+
+    text = " ".join(CliRunner().invoke(app, ["generate", "--help"], env={"COLUMNS": "300"}).output.split())
+    assert all(name in text for name in sampler_names()), text
+    assert "[default: 0]" not in text
