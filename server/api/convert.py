@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import uuid
+from typing import Any
 
 from server.api.pb.loraloom.v1 import adapters_pb2, generate_pb2, server_pb2
 from server.engine.types import (
@@ -11,6 +13,7 @@ from server.engine.types import (
     DEFAULT_STEPS,
     EngineStats,
     GenerateRequest,
+    GenerateResult,
     GenerationParameters,
     Timings,
 )
@@ -42,7 +45,7 @@ def generate_request(
         adapters=[(spec.ref, spec.weight if spec.HasField("weight") else 1.0) for spec in message.adapters],
         preview_every=message.preview_every,
         deadline=deadline,
-        request_id=message.request_id,
+        request_id=message.request_id or uuid.uuid4().hex[:16],
         scheduler=message.sampler or DEFAULT_SCHEDULER,
     )
 
@@ -178,6 +181,16 @@ def server_info(info: ServerInfo) -> server_pb2.ServerInfo:
         ),
         ready=info.ready,
     )
+
+
+def outcome(result: GenerateResult, request_id: str) -> dict[str, Any]:
+    """The fields GenerateResponse and DoneEvent share: timing, blend, parameters and request id."""
+    return {
+        "timing": timing(result.timings),
+        "blend_signature": result.blend_signature,
+        "parameters": parameters(result.parameters),
+        "request_id": request_id,
+    }
 
 
 def parameters(params: GenerationParameters) -> generate_pb2.GenerationParameters:

@@ -47,7 +47,8 @@ class LoraloomServicer(service_pb2_grpc.LoraloomServicer):
 
     async def Generate(self, request, context):
         cancel = threading.Event()
-        future = self.service.submit(self._request(request, context), cancel=cancel)
+        asked = self._request(request, context)
+        future = self.service.submit(asked, cancel=cancel)
         result = await self._run(future, cancel)
         images = await asyncio.to_thread(self.service.encode, result, convert.image_format(request))
         size = sum(len(item.data) for item in images)
@@ -57,10 +58,7 @@ class LoraloomServicer(service_pb2_grpc.LoraloomServicer):
                 f"({self.config.max_message_bytes} bytes); use GenerateStream, which sends them in chunks"
             )
         return generate_pb2.GenerateResponse(
-            images=[convert.image(item) for item in images],
-            timing=convert.timing(result.timings),
-            blend_signature=result.blend_signature,
-            parameters=convert.parameters(result.parameters),
+            images=[convert.image(item) for item in images], **convert.outcome(result, asked.request_id)
         )
 
     async def GenerateStream(self, request, context):
@@ -71,7 +69,8 @@ class LoraloomServicer(service_pb2_grpc.LoraloomServicer):
         def on_progress(progress: Progress) -> None:  # on the scheduler's worker thread
             loop.call_soon_threadsafe(events.put_nowait, _progress_message(progress))
 
-        future = self.service.submit(self._request(request, context), on_progress=on_progress, cancel=cancel)
+        asked = self._request(request, context)
+        future = self.service.submit(asked, on_progress=on_progress, cancel=cancel)
         waiter = asyncio.ensure_future(self._run(future, cancel))
         waiter.add_done_callback(lambda _: events.put_nowait(None))
         try:
@@ -91,11 +90,7 @@ class LoraloomServicer(service_pb2_grpc.LoraloomServicer):
             for message in convert.image_chunks(index, encoded, self.config.chunk_bytes):
                 yield message
         yield generate_pb2.GenerateStreamResponse(
-            done=generate_pb2.DoneEvent(
-                timing=convert.timing(result.timings),
-                blend_signature=result.blend_signature,
-                parameters=convert.parameters(result.parameters),
-            )
+            done=generate_pb2.DoneEvent(**convert.outcome(result, asked.request_id))
         )
 
     async def ListAdapters(self, request, context):

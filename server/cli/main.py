@@ -134,7 +134,8 @@ def generate(
         typer.echo(f"wrote {path} ({image.width}x{image.height}, seed {image.seed})")
     params = result.parameters
     blend = " ".join(f"--adapter {item.spec}" for item in params.adapters)
-    typer.echo(f"{result.timing.total_ms:.0f} ms (queue {result.timing.queue_ms:.0f} ms); reproduce with:")
+    took = f"{result.timing.total_ms:.0f} ms (queue {result.timing.queue_ms:.0f} ms)"
+    typer.echo(f"{took}, request {result.request_id}; reproduce with:")
     typer.echo(f"  --seed {params.seed} --steps {params.steps} --sampler {params.sampler} {blend}".rstrip())
 
 

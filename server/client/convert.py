@@ -110,6 +110,7 @@ def generate_result(message: generate_pb2.GenerateResponse) -> types.GenerateRes
         timing=timing(message.timing),
         blend_signature=message.blend_signature,
         parameters=parameters(message.parameters),
+        request_id=message.request_id,
     )
 
 
@@ -144,6 +145,7 @@ class StreamAssembler:
                 timing=timing(message.done.timing),
                 blend_signature=message.done.blend_signature,
                 parameters=parameters(message.done.parameters),
+                request_id=message.done.request_id,
             )
             return types.Done(result=result)
         return None

@@ -97,6 +97,7 @@ class GenerateResult:
     timing: Timing
     blend_signature: str = ""
     parameters: Parameters = field(default_factory=Parameters)
+    request_id: str = ""  # the caller's, or the one the server assigned (in its log lines)
 
 
 @dataclass(frozen=True)

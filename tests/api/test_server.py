@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import re
 import threading
 import time
 
@@ -47,6 +48,9 @@ def test_generate_returns_a_png_and_is_reproducible(client):
     assert decode(image.data).size == (32, 32)
     assert again.images[0].data == image.data
     assert first.timing.total_ms > 0 and first.blend_signature == ""
+    # No id given: the server assigns one per request (it is in its log lines).
+    assert re.fullmatch(r"[0-9a-f]{16}", first.request_id) and again.request_id != first.request_id
+    assert client.generate("a red circle", steps=1, request_id="trace-7").request_id == "trace-7"
     jpeg = client.generate("a red circle", steps=2, seed=11, image_format="jpeg", num_images=2)
     assert [item.seed for item in jpeg.images] == [11, 12]
     assert all(decode(item.data).format == "JPEG" for item in jpeg.images)
@@ -68,6 +72,7 @@ def test_stream_order_previews_and_chunked_images(client):
     assert [event.preview is not None for event in events[1:4]] == [False, True, True]
     unary = client.generate("a red circle", steps=3, seed=11, num_images=2)
     streamed = events[-1].result.images
+    assert events[-1].result.request_id and events[-1].result.request_id != unary.request_id
     assert [item.data for item in streamed] == [item.data for item in unary.images]
     assert len(streamed[0].data) > 700  # the server's chunk size: the image came in pieces
 

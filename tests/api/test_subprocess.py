@@ -96,6 +96,7 @@ def test_readme_commands(served, micro_shapes, tmp_path):
     made = cli("generate", "a red circle", "--adapter", "style:0.8", "-o", str(out), "--seed", "3", env=env)
     assert made.returncode == 0, made.stderr
     assert "--seed 3 --steps 2" in made.stdout and "--adapter style@1:0.8" in made.stdout
+    assert re.search(r", request [0-9a-f]{16}; reproduce with", made.stdout), made.stdout
     assert PILImage.open(io.BytesIO(out.read_bytes())).size == (32, 32)
     listed = cli("adapters", "list", env=env)
     assert listed.returncode == 0 and "style@1" in listed.stdout

@@ -117,16 +117,18 @@ class GenerationParameters(_message.Message):
     def __init__(self, prompt: _Optional[str] = ..., negative_prompt: _Optional[str] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., steps: _Optional[int] = ..., guidance_scale: _Optional[float] = ..., seed: _Optional[int] = ..., sampler: _Optional[str] = ..., num_images: _Optional[int] = ..., adapters: _Optional[_Iterable[_Union[AppliedAdapter, _Mapping]]] = ...) -> None: ...
 
 class GenerateResponse(_message.Message):
-    __slots__ = ("images", "timing", "blend_signature", "parameters")
+    __slots__ = ("images", "timing", "blend_signature", "parameters", "request_id")
     IMAGES_FIELD_NUMBER: _ClassVar[int]
     TIMING_FIELD_NUMBER: _ClassVar[int]
     BLEND_SIGNATURE_FIELD_NUMBER: _ClassVar[int]
     PARAMETERS_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     images: _containers.RepeatedCompositeFieldContainer[Image]
     timing: Timing
     blend_signature: str
     parameters: GenerationParameters
-    def __init__(self, images: _Optional[_Iterable[_Union[Image, _Mapping]]] = ..., timing: _Optional[_Union[Timing, _Mapping]] = ..., blend_signature: _Optional[str] = ..., parameters: _Optional[_Union[GenerationParameters, _Mapping]] = ...) -> None: ...
+    request_id: str
+    def __init__(self, images: _Optional[_Iterable[_Union[Image, _Mapping]]] = ..., timing: _Optional[_Union[Timing, _Mapping]] = ..., blend_signature: _Optional[str] = ..., parameters: _Optional[_Union[GenerationParameters, _Mapping]] = ..., request_id: _Optional[str] = ...) -> None: ...
 
 class QueuedEvent(_message.Message):
     __slots__ = ("position",)
@@ -167,14 +169,16 @@ class ImageChunk(_message.Message):
     def __init__(self, index: _Optional[int] = ..., offset: _Optional[int] = ..., data: _Optional[bytes] = ..., total_size: _Optional[int] = ..., last: _Optional[bool] = ..., mime_type: _Optional[str] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., seed: _Optional[int] = ...) -> None: ...
 
 class DoneEvent(_message.Message):
-    __slots__ = ("timing", "blend_signature", "parameters")
+    __slots__ = ("timing", "blend_signature", "parameters", "request_id")
     TIMING_FIELD_NUMBER: _ClassVar[int]
     BLEND_SIGNATURE_FIELD_NUMBER: _ClassVar[int]
     PARAMETERS_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     timing: Timing
     blend_signature: str
     parameters: GenerationParameters
-    def __init__(self, timing: _Optional[_Union[Timing, _Mapping]] = ..., blend_signature: _Optional[str] = ..., parameters: _Optional[_Union[GenerationParameters, _Mapping]] = ...) -> None: ...
+    request_id: str
+    def __init__(self, timing: _Optional[_Union[Timing, _Mapping]] = ..., blend_signature: _Optional[str] = ..., parameters: _Optional[_Union[GenerationParameters, _Mapping]] = ..., request_id: _Optional[str] = ...) -> None: ...
 
 class GenerateStreamResponse(_message.Message):
     __slots__ = ("queued", "progress", "image_chunk", "done")
