@@ -33,6 +33,8 @@ class AdapterSpec:
             ref = head
         if not ref:
             raise InvalidArgument(f"empty adapter reference in {text!r}: use name[@version][:weight]")
+        if ":" in ref:
+            raise InvalidArgument(f"{text!r} has more than one ':weight': use name[@version][:weight]")
         return cls(ref=ref, weight=weight)
 
 

@@ -219,7 +219,7 @@ def test_adapter_spec_parse(text, ref, weight):
     assert AdapterSpec.parse(text) == AdapterSpec(ref, weight)
 
 
-@pytest.mark.parametrize("text", ["style:heavy", ":0.5", ""])
+@pytest.mark.parametrize("text", ["style:heavy", ":0.5", "", "style:0.5:0.3"])
 def test_adapter_spec_parse_rejects_nonsense(text):
     with pytest.raises(errors.InvalidArgument):
         AdapterSpec.parse(text)
