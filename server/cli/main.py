@@ -226,9 +226,20 @@ def _describe(item) -> str:
         ("tags", ", ".join(item.tags)),
         ("trigger words", ", ".join(item.trigger_words)),
         ("description", item.description),
+        ("trained", _training(item.training_metadata)),
         ("created (UTC)", output.when(item.created_at)),
     ]
     return "\n".join(f"{key:<14}{value}" for key, value in rows if value)
+
+
+def _training(metadata: dict) -> str:
+    """A line about how `loraloom train` made it (the full record is in `show --json`)."""
+    parts = [f"{metadata[key]} {key}" for key in ("steps", "images") if metadata.get(key)]
+    if metadata.get("seconds"):
+        parts.append(f"{float(metadata['seconds']):.0f} s")
+    if metadata.get("base_model"):
+        parts.append(f"on {metadata['base_model']}")
+    return ", ".join(parts)
 
 
 @adapters_app.command("upload")

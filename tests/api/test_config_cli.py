@@ -127,3 +127,28 @@ def test_generate_help_names_every_sampler():
     text = " ".join(CliRunner().invoke(app, ["generate", "--help"], env={"COLUMNS": "300"}).output.split())
     assert all(name in text for name in sampler_names()), text
     assert "[default: 0]" not in text
+
+
+def test_adapters_show_says_how_an_adapter_was_trained():
+    from types import SimpleNamespace
+
+    from server.cli.main import _describe
+
+    item = SimpleNamespace(
+        ref="mystripes@1",
+        sha256="ab" * 32,
+        size_bytes=334_420,
+        architecture="loraloom:toy",
+        base_fingerprint="9cf3cd70a29746d2",
+        rank=8,
+        format="canonical",
+        components=("unet",),
+        aliases=(),
+        tags=(),
+        trigger_words=(),
+        description="",
+        created_at=1.79e9,
+        training_metadata={"steps": "360", "images": "512", "seconds": "104.2", "base_model": "toy"},
+    )
+    assert "trained       360 steps, 512 images, 104 s, on toy" in _describe(item)
+    assert "trained" not in _describe(SimpleNamespace(**{**vars(item), "training_metadata": {}}))
