@@ -184,8 +184,18 @@ async def serve(config: ServerConfig, service_factory: ServiceFactory | None = N
 def run(config: ServerConfig) -> int:
     """The body of ``loraloom serve``."""
     configure(config.log_level, config.log_format)
+    _quiet_progress_bars()
     log.info("configuration: %s", config.summary())
     return asyncio.run(serve(config))
+
+
+def _quiet_progress_bars() -> None:
+    """A server's output is a log: no "Loading weights" bars from transformers or diffusers in it."""
+    import diffusers.utils.logging
+    import transformers.utils.logging
+
+    transformers.utils.logging.disable_progress_bar()
+    diffusers.utils.logging.disable_progress_bar()
 
 
 class ServerThread:
