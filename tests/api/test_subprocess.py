@@ -86,7 +86,7 @@ def test_configuration_is_logged_at_start(served):
 
 
 def test_readme_commands(served, micro_shapes, tmp_path):
-    _, _, env, _ = served
+    _, _, env, log = served
     path = tmp_path / "style.safetensors"
     path.write_bytes(adapter_bytes(micro_shapes, seed=2))
     uploaded = cli("adapters", "upload", str(path), "--name", "style", env=env)
@@ -96,7 +96,12 @@ def test_readme_commands(served, micro_shapes, tmp_path):
     made = cli("generate", "a red circle", "--adapter", "style:0.8", "-o", str(out), "--seed", "3", env=env)
     assert made.returncode == 0, made.stderr
     assert "--seed 3 --steps 2" in made.stdout and "--adapter style@1:0.8" in made.stdout
-    assert re.search(r", request [0-9a-f]{16}; reproduce with", made.stdout), made.stdout
+    request_id = re.search(r", request ([0-9a-f]{16}); reproduce with", made.stdout).group(1)
+    deadline = time.monotonic() + 10  # the server's stderr is read by another thread
+    while not any(f"request_id={request_id}" in line for line in log) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    logged = [line for line in log if "loraloom.requests: generated" in line]
+    assert any(f"request_id={request_id}" in line and "seed=3" in line for line in logged), logged
     assert PILImage.open(io.BytesIO(out.read_bytes())).size == (32, 32)
     listed = cli("adapters", "list", env=env)
     assert listed.returncode == 0 and "style@1" in listed.stdout
