@@ -20,7 +20,10 @@ and without the adapter (style adapters have no trigger word):
 - ``style_<s>_color_acc``: color accuracy with the adapter (peer: without);
 - ``blend_<a>+<b>_<s>``: a 50/50 blend (0.5 + 0.5) of the first two adapters,
   its metric of style ``s`` (loraloom) against the midpoint of the two parents'
-  (peer); the note gives both parents and says whether the blend lies between.
+  (peer); the note gives both parents and says whether the blend lies between;
+- ``blend_0.75<a>+0.25<b>_<s>`` and ``blend_0.25<a>+0.75<b>_<s>``: the same at
+  other weights against the parents' weighted mean; the note gives the metric
+  as ``a``'s weight goes 1 -> 0 and says whether it follows the weights.
 
 The full run scores 200 images per side for the base model and 48 per style
 setting; ``--quick`` 24 and 8.
@@ -31,6 +34,7 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
+from itertools import pairwise
 from pathlib import Path
 
 from PIL import Image
@@ -162,33 +166,66 @@ def style_metrics(count: int) -> list[Metric]:
             Metric(f"style_{style}_color_acc", tuned.color * 100, base.color * 100, "%", "higher", note)
         )
     if len(styles) >= 2:
-        a, b = styles[:2]
-        mixed = run(((a, 0.5), (b, 0.5)))
-        for style in (a, b):
-            ends = (with_adapter[a].metrics[style], with_adapter[b].metrics[style])
-            value = mixed.metrics[style]
-            between = min(ends) < value < max(ends)
-            metrics.append(
-                Metric(
-                    f"blend_{a}+{b}_{style}",
-                    value,
-                    sum(ends) / 2,
-                    "score",
-                    "higher",
-                    f"0.5 {a} + 0.5 {b}; parents {ends[0]:.3f} ({a}) / {ends[1]:.3f} ({b}); "
-                    f"between: {'yes' if between else 'NO'}; peer: the parents' midpoint",
-                )
-            )
+        metrics += blend_metrics(styles[0], styles[1], with_adapter, run)
+    return metrics
+
+
+BLEND_SWEEP = ((0.75, 0.25), (0.25, 0.75))  # besides 50/50: does the mix follow the weights?
+
+
+def blend_metrics(a: str, b: str, alone: dict[str, StyleScore], run) -> list[Metric]:
+    """The 50/50 blend of ``a`` and ``b`` against its parents, and the sweep of :data:`BLEND_SWEEP`."""
+    metrics: list[Metric] = []
+    mixed = run(((a, 0.5), (b, 0.5)))
+    for style in (a, b):
+        ends = (alone[a].metrics[style], alone[b].metrics[style])
+        value = mixed.metrics[style]
+        between = min(ends) < value < max(ends)
         metrics.append(
             Metric(
-                f"blend_{a}+{b}_color_acc",
-                mixed.color * 100,
-                (with_adapter[a].color + with_adapter[b].color) * 50,
-                "%",
+                f"blend_{a}+{b}_{style}",
+                value,
+                sum(ends) / 2,
+                "score",
                 "higher",
-                "peer: the parents' mean",
+                f"0.5 {a} + 0.5 {b}; parents {ends[0]:.3f} ({a}) / {ends[1]:.3f} ({b}); "
+                f"between: {'yes' if between else 'NO'}; peer: the parents' midpoint",
             )
         )
+    metrics.append(
+        Metric(
+            f"blend_{a}+{b}_color_acc",
+            mixed.color * 100,
+            (alone[a].color + alone[b].color) * 50,
+            "%",
+            "higher",
+            "peer: the parents' mean",
+        )
+    )
+    # a's weight from 1 down to 0: each style's metric should follow its own adapter's weight.
+    ladder = {1.0: alone[a], 0.5: mixed, 0.0: alone[b]}
+    for weight_a, weight_b in BLEND_SWEEP:
+        ladder[weight_a] = run(((a, weight_a), (b, weight_b)))
+    weights = sorted(ladder, reverse=True)
+    for style in (a, b):
+        values = [ladder[w].metrics[style] for w in weights]
+        falling = all(x > y for x, y in pairwise(values))
+        rising = all(x < y for x, y in pairwise(values))
+        follows = falling if style == a else rising
+        path = " -> ".join(f"{v:.3f}" for v in values)
+        for weight_a, weight_b in BLEND_SWEEP:
+            linear = weight_a * alone[a].metrics[style] + weight_b * alone[b].metrics[style]
+            metrics.append(
+                Metric(
+                    f"blend_{weight_a:g}{a}+{weight_b:g}{b}_{style}",
+                    ladder[weight_a].metrics[style],
+                    linear,
+                    "score",
+                    "higher",
+                    f"{a} weight 1 -> 0: {path}; follows the weights: {'yes' if follows else 'NO'}; "
+                    "peer: the parents' weighted mean",
+                )
+            )
     return metrics
 
 
