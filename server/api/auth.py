@@ -20,7 +20,7 @@ from pathlib import Path
 import grpc
 
 from adapters.errors import InvalidArgument
-from server.api.errors import ServiceInterceptor
+from server.api.errors import ANSWERED, ServiceInterceptor
 
 GENERATE = "generate"
 MANAGE = "manage"
@@ -144,10 +144,10 @@ def _refusing(handler: grpc.RpcMethodHandler, code: grpc.StatusCode, message: st
     }
 
     async def refuse(request, context):
-        await context.abort(code, message)
+        await context.abort(code, message, trailing_metadata=ANSWERED)
 
     async def refuse_stream(request, context):
-        await context.abort(code, message)
+        await context.abort(code, message, trailing_metadata=ANSWERED)
         yield  # pragma: no cover - makes this an async generator
 
     if handler.unary_unary is not None:

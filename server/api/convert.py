@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+import re
 import uuid
 from typing import Any
 
+from adapters.errors import InvalidArgument
 from server.api.pb.loraloom.v1 import adapters_pb2, generate_pb2, server_pb2
 from server.engine.types import (
     DEFAULT_GUIDANCE,
@@ -45,9 +47,23 @@ def generate_request(
         adapters=[(spec.ref, spec.weight if spec.HasField("weight") else 1.0) for spec in message.adapters],
         preview_every=message.preview_every,
         deadline=deadline,
-        request_id=message.request_id or uuid.uuid4().hex[:16],
+        request_id=request_id(message.request_id),
         scheduler=message.sampler or DEFAULT_SCHEDULER,
     )
+
+
+REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+
+
+def request_id(asked: str) -> str:
+    """The caller's request id (checked: it goes into log lines), else a new random one."""
+    if not asked:
+        return uuid.uuid4().hex[:16]
+    if not REQUEST_ID.fullmatch(asked):
+        raise InvalidArgument(
+            f"request_id {asked[:40]!r} must be 1 to 128 letters, digits or . _ : - (it is logged as is)"
+        )
+    return asked
 
 
 def image_format(message: generate_pb2.GenerateRequest) -> str:

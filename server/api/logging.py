@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import re
 import time
 from typing import Any
 
@@ -39,11 +40,13 @@ class TextFormatter(logging.Formatter):
         return f"{head} {pairs}{newline}{rest}"
 
 
+_BARE = re.compile(r"[\w.:@/+,-]+")
+
+
 def _plain(value: Any) -> str:
-    if isinstance(value, list | tuple):
-        return ",".join(map(str, value)) or "-"
-    text = str(value)
-    return json.dumps(text) if not text or " " in text else text
+    """``value`` as one key=value token: bare when that is safe, else JSON-quoted (no forged lines)."""
+    text = ",".join(map(str, value)) if isinstance(value, list | tuple) else str(value)
+    return text if _BARE.fullmatch(text) else json.dumps(text)
 
 
 class JsonFormatter(logging.Formatter):

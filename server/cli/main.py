@@ -98,9 +98,12 @@ def generate(
     timeout: Timeout = 600.0,
 ) -> None:
     """Generate images with an optional blend of adapters and write them as PNG files."""
+    import uuid
+
     from server.cli.progress import GenerateProgress
     from server.client import AdapterSpec
 
+    request_id = uuid.uuid4().hex[:16]  # ours, so a failed request can be found in the server's log too
     try:
         specs = [AdapterSpec.parse(text) for text in adapter or ()]
         with _client(server, timeout) as client, GenerateProgress(enabled=progress) as bar:
@@ -115,12 +118,13 @@ def generate(
                 height=height,
                 num_images=num_images,
                 sampler=sampler,
+                request_id=request_id,
                 on_event=bar.update,
             )
     except LoraloomError as error:
         from server.cli.output import fail
 
-        raise fail(error, server) from None
+        raise fail(error, server, request_id=request_id) from None
     paths = (
         [output]
         if len(result.images) == 1

@@ -31,11 +31,14 @@ def as_json(value) -> str:
     return json.dumps(value, default=default, indent=2, sort_keys=True)
 
 
-def fail(error: LoraloomError, target: str | None = None) -> typer.Exit:
+def fail(error: LoraloomError, target: str | None = None, *, request_id: str = "") -> typer.Exit:
     """Print ``error`` for a person and return the exit to raise (code 1)."""
     errors.print(f"[red]error[/red] ({type(error).__name__}): {error}", highlight=False, markup=True)
-    if isinstance(error, Unreachable) and target:
-        errors.print(f"is `loraloom serve` running at {target}? (set --server or LORALOOM_SERVER)")
+    if isinstance(error, Unreachable):
+        if target:
+            errors.print(f"is `loraloom serve` running at {target}? (set --server or LORALOOM_SERVER)")
+    elif request_id:
+        errors.print(f"request {request_id} (in the server's log lines of this request)", highlight=False)
     return typer.Exit(1)
 
 

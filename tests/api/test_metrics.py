@@ -101,3 +101,6 @@ def test_metrics_move_with_real_requests(metered, micro_shapes, caplog):
     text = TextFormatter().format(records[0])  # the default format carries the same fields
     assert "generated request_id=req-big-a" in text and "seed=5" in text and "status=OK" in text
     assert all(PROMPT not in TextFormatter().format(record) for record in records)
+    forged = logging.makeLogRecord({"msg": "generated", "prompt": 'a cat\nERROR x=1 "y"', "adapters": []})
+    (line,) = TextFormatter().format(forged).splitlines()  # quoted: no second line, no bare x=1
+    assert 'prompt="a cat\\nERROR x=1 \\"y\\""' in line and 'adapters=""' in line

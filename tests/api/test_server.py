@@ -51,6 +51,9 @@ def test_generate_returns_a_png_and_is_reproducible(client):
     # No id given: the server assigns one per request (it is in its log lines).
     assert re.fullmatch(r"[0-9a-f]{16}", first.request_id) and again.request_id != first.request_id
     assert client.generate("a red circle", steps=1, request_id="trace-7").request_id == "trace-7"
+    for forged in ("abc\nlevel=ERROR", "x" * 129, "has space"):  # request ids go into log lines
+        with pytest.raises(errors.InvalidArgument, match="request_id"):
+            client.generate("a red circle", steps=1, request_id=forged)
     jpeg = client.generate("a red circle", steps=2, seed=11, image_format="jpeg", num_images=2)
     assert [item.seed for item in jpeg.images] == [11, 12]
     assert all(decode(item.data).format == "JPEG" for item in jpeg.images)

@@ -119,6 +119,13 @@ def test_readme_commands(served, micro_shapes, tmp_path):
     assert unloaded.returncode == 0 and "unloaded style@1" in unloaded.stdout
     again = cli("adapters", "unload", "style@1", env=env)
     assert "was not resident" in again.stdout
+    failed = cli("generate", "a red circle", "--adapter", "nobody", env=env)
+    assert failed.returncode == 1 and "NotFound" in failed.stderr
+    failed_id = re.search(r"request ([0-9a-f]{16})", failed.stderr).group(1)  # the CLI's own id
+    deadline = time.monotonic() + 10
+    while not any(f"request_id={failed_id}" in line for line in log) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert any(f"request_id={failed_id}" in line and "generation failed" in line for line in log)
     missing = cli("adapters", "show", "nobody", env=env)
     assert missing.returncode == 1 and "NotFound" in missing.stderr
     unasked = cli("adapters", "delete", "style", env=env)  # no terminal to confirm on: nothing deleted
