@@ -181,7 +181,7 @@ def adapters_list(
     timeout: Timeout = 30.0,
     json: Json = False,
 ) -> None:
-    """List the adapters in the store (the newest version of each name unless --all)."""
+    """List the adapters in the store (newest version of each name unless --all; --json: every field)."""
     from server.cli import output
 
     found = _call(
@@ -237,13 +237,25 @@ def _describe(item) -> str:
 
 
 def _training(metadata: dict) -> str:
-    """A line about how `loraloom train` made it (the full record is in `show --json`)."""
-    parts = [f"{metadata[key]} {key}" for key in ("steps", "images") if metadata.get(key)]
-    if metadata.get("seconds"):
-        parts.append(f"{float(metadata['seconds']):.0f} s")
-    if metadata.get("base_model"):
+    """A line about how `loraloom train` made it (the full record is in `show --json`).
+
+    Uploads may carry any metadata, so only sensible values are shown.
+    """
+    parts = [f"{int(value)} {key}" for key in ("steps", "images") if (value := _number(metadata.get(key)))]
+    if seconds := _number(metadata.get("seconds")):
+        parts.append(f"{seconds:.0f} s")
+    if parts and metadata.get("base_model"):
         parts.append(f"on {metadata['base_model']}")
     return ", ".join(parts)
+
+
+def _number(value: object) -> float | None:
+    """A positive number from metadata (strings over gRPC), else None."""
+    try:
+        number = float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return None
+    return number if number > 0 else None
 
 
 @adapters_app.command("upload")

@@ -223,13 +223,44 @@ def _shape_mask(c: np.ndarray) -> np.ndarray:
 
 
 def _close_vertically(mask: np.ndarray, length: int) -> np.ndarray:
-    """Morphological closing of a boolean (H, W) mask along y only: gaps shorter than ``length`` rows fill."""
-    pad = length // 2
-    rows = mask.shape[0]
-    grown = np.pad(mask, ((pad, pad), (0, 0)), constant_values=False)
-    grown = np.max([grown[i : i + rows] for i in range(length)], axis=0)
-    padded = np.pad(grown, ((pad, pad), (0, 0)), constant_values=True)
-    return np.min([padded[i : i + rows] for i in range(length)], axis=0)
+    """Morphological closing of a boolean (H, W) mask along y only: gaps shorter than ``length`` rows fill.
+
+    ``length`` is odd (a centered window); rows beyond the image count as background.
+    """
+    if length < 1 or length % 2 == 0:
+        raise ValueError(f"closing length must be odd and positive, not {length}")
+    reach = length // 2
+    rows = mask.shape[0] + 2 * length
+    framed = np.pad(mask, ((length, length), (0, 0)))
+
+    def slide(values: np.ndarray, reduce) -> np.ndarray:
+        padded = np.pad(values, ((reach, reach), (0, 0)))
+        return reduce([padded[i : i + rows] for i in range(length)], axis=0)
+
+    return slide(slide(framed, np.max), np.min)[length:-length]
+
+
+def _without_specks(mask: np.ndarray, smallest: int = MIN_SHAPE_PIXELS) -> np.ndarray:
+    """``mask`` without its 8-connected pieces of fewer than ``smallest`` pixels (stray colored noise)."""
+    kept = mask.copy()
+    seen = np.zeros_like(mask)
+    height, width = mask.shape
+    for start in zip(*np.nonzero(mask), strict=True):
+        if seen[start]:
+            continue
+        seen[start] = True
+        piece, stack = [], [start]
+        while stack:
+            y, x = stack.pop()
+            piece.append((y, x))
+            for ny in range(max(y - 1, 0), min(y + 2, height)):
+                for nx in range(max(x - 1, 0), min(x + 2, width)):
+                    if mask[ny, nx] and not seen[ny, nx]:
+                        seen[ny, nx] = True
+                        stack.append((ny, nx))
+        if len(piece) < smallest:
+            kept[tuple(np.array(piece).T)] = False
+    return kept
 
 
 def hollowness(image: Image.Image | np.ndarray) -> float:
@@ -241,9 +272,11 @@ def hollowness(image: Image.Image | np.ndarray) -> float:
     stripes (which drop whole rows, or with generated soft and wavy stripes,
     parts of rows) read as solid; an outline's inside is taller than that for
     every size of shape. Unlike a flood fill it needs no closed outline:
-    generated outlines often have breaks.
+    generated outlines often have breaks. After the closing, specks (pieces of
+    fewer than :data:`MIN_SHAPE_PIXELS` pixels) are dropped: one stray colored
+    pixel far from the shape would otherwise stretch its row's span.
     """
-    mask = _close_vertically(_shape_mask(chroma(image)), STRIPE_GAP + 1)
+    mask = _without_specks(_close_vertically(_shape_mask(chroma(image)), STRIPE_GAP + 1))
     colored = span = 0
     for row in mask:
         columns = np.flatnonzero(row)
