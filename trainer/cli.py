@@ -36,8 +36,8 @@ def _help(name: str) -> str:
         shown = ",".join(map(str, default)) if isinstance(default, list) else default
     else:
         shown = field.default
-    if shown in (None, "", [], MISSING) or "default" in text:
-        return text
+    if shown in (None, "", [], MISSING) or isinstance(shown, bool) or "default" in text:
+        return text  # a bool's default shows in its --x/--no-x pair
     return f"{text} (default: {shown})"
 
 
@@ -54,7 +54,7 @@ def train_command(
     base: Annotated[str | None, typer.Option(help=_help("base"))] = None,
     rank: Annotated[int | None, typer.Option(help=_help("rank"))] = None,
     alpha: Annotated[float | None, typer.Option(help=_help("alpha"))] = None,
-    targets: Annotated[str | None, typer.Option(help=_help("targets") + "; comma-separated")] = None,
+    targets: Annotated[str | None, typer.Option(help="comma-separated " + _help("targets"))] = None,
     train_text_encoder: Annotated[
         bool | None,
         typer.Option("--train-text-encoder/--no-train-text-encoder", help=_help("train_text_encoder")),

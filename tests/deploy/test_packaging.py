@@ -17,13 +17,20 @@ PROJECT_FILES = ("pyproject.toml", "README.md", "constraints.txt")
 
 
 def runtime_data_files() -> set[str]:
-    """Non-Python files inside the packages (weights, tokenizer data, type stubs), repo-relative."""
-    found = set()
-    for package in PACKAGES:
-        for path in (ROOT / package).rglob("*"):
-            if path.is_file() and path.suffix not in {".py", ".pyc"} and "__pycache__" not in path.parts:
-                found.add(path.relative_to(ROOT).as_posix())
-    return found
+    """Non-Python files git tracks inside the packages (weights, tokenizer data, type stubs)."""
+    listed = subprocess.run(
+        ["git", "ls-files", *PACKAGES], cwd=ROOT, capture_output=True, text=True, check=False
+    )
+    if listed.returncode == 0 and listed.stdout.strip():
+        tracked = listed.stdout.split()
+    else:  # not a git checkout (an sdist): every file below the packages
+        tracked = [
+            path.relative_to(ROOT).as_posix()
+            for package in PACKAGES
+            for path in (ROOT / package).rglob("*")
+            if path.is_file() and "__pycache__" not in path.parts
+        ]
+    return {name for name in tracked if not name.endswith((".py", ".pyc"))}
 
 
 @pytest.fixture(scope="module")
