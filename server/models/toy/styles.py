@@ -93,9 +93,9 @@ class TrainSettings:
 
 # Per-style changes to the settings. Stripes need more steps than the default to survive a 0.5 weight;
 # outlines need min-SNR weighting (gamma 5), which puts the loss on the noisy steps that draw a shape's
-# layout (with it a 50/50 blend with striped still reads as outlined: hollowness 0.117 against 0.067
-# for striped alone and 0.233 for outlined, 48 images; 360 steps without it: 0.085 / 0.067 / 0.181); pastel
-# learns slowly.
+# layout (with it a 50/50 blend with striped still reads as outlined: hollowness 0.090 against 0.041
+# for striped alone and 0.193 for outlined, 48 images; 360 steps without it: 0.069 / 0.041 / 0.155,
+# within noise of striped alone); pastel learns slowly.
 STYLE_SETTINGS: dict[str, dict[str, float | int]] = {
     "striped": {"steps": 360},
     "outlined": {"steps": 600, "min_snr_gamma": 5.0},
