@@ -5,7 +5,6 @@ from __future__ import annotations
 import copy
 
 import pytest
-import torch
 
 from adapters.canonical import LoraAdapter
 from server.engine.synthetic import random_adapter
@@ -36,9 +35,6 @@ def unet_adapters(pipeline) -> dict[str, LoraAdapter]:
     return {"a": first, "b": LoraAdapter(modules={**second.modules, **extra.modules})}
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+@pytest.fixture(autouse=True, scope="module")
+def _on_one_thread(one_thread):
+    """Every test here runs torch on one thread (the shared ``one_thread`` fixture)."""

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
 
 pytest.importorskip("openvino_genai")
 
@@ -23,12 +22,7 @@ from server.models.loader import load_base_model
 SETTINGS = Settings("a red square on a blue field", size=64, steps=4, guidance_scale=7.5, seed=0)
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _max_diff(first: np.ndarray, second: np.ndarray) -> float:

@@ -60,13 +60,9 @@ def make_engine(pipeline, name: str, adapters: dict[str, LoraAdapter], **kwargs)
     return Engine(base, resolver=resolver, **kwargs)
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """The micro models are far faster on one thread, above all on a busy 2-core machine."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+@pytest.fixture(autouse=True, scope="module")
+def _on_one_thread(one_thread):
+    """Every test here runs torch on one thread (the shared ``one_thread`` fixture)."""
 
 
 @pytest.fixture(scope="session")
