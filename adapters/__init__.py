@@ -8,6 +8,7 @@ and ``adapters.errors`` stay light for the CLI):
 - ``adapters.formats``: ``load_adapter``, ``detect_format``, ``save_canonical``, ``to_kohya``,
   ``to_diffusers``
 - ``adapters.validation``: ``validate_against_base``
-- ``adapters.blend``: ``Blend``, linear / stacked blends, ``ties_merge``, ``dare_merge``
+- ``adapters.blend``: ``Blend`` and ``Merge`` (linear, TIES, DARE: what a request asks for), the
+  blend updates the engine and backends write (``LowRank``, ``Dense``, ``add_update``)
 - ``adapters.store``: the versioned adapter store
 """

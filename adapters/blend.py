@@ -10,6 +10,12 @@ equivalent exact forms of the weighted linear blend
   ``B = cat_i w_i * scale_i * B_i`` (columns), with ``alpha = rank`` (scale 1).
   Nothing dense is ever built; ``B @ A`` equals the blend.
 
+The engine and the runtime backends write blends through this module too: a
+blend's per-module ``Update`` (a stacked ``LowRank`` pair, or a ``Dense`` delta
+for merges that are not linear) and ``add_update``, which computes
+``W0 + update`` from the pristine weight into a buffer (half-precision weights in
+float32, rounded once).
+
 TIES and DARE merges work on the dense per-module deltas (the "task tensors"),
 with the semantics of ``peft.utils.merge_utils`` (``ties``, ``dare_linear``,
 ``dare_ties``), which LoRAX's merge strategies also use. DARE is random; it takes
@@ -45,11 +51,57 @@ class BlendEntry:
             raise InvalidArgument(f"blend weight of {self.key!r} must be finite, is {self.weight}")
 
 
+MERGE_METHODS = ("linear", "ties", "dare_linear", "dare_ties")
+MERGE_KEY_PREFIX = "merge:"
+
+
+@dataclass(frozen=True)
+class Merge:
+    """How a blend's adapters combine: ``linear`` (the weighted sum), or ``ties``, ``dare_linear``,
+    ``dare_ties`` on dense per-module deltas (PEFT's ``merge_utils`` semantics), keeping
+    ``density`` of each delta. DARE's random masks come from ``seed``."""
+
+    method: str = "linear"
+    density: float = 0.5
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.method not in MERGE_METHODS:
+            raise InvalidArgument(f"unknown merge {self.method!r}: use one of {', '.join(MERGE_METHODS)}")
+        if not math.isfinite(self.density) or not 0.0 < self.density <= 1.0:
+            raise InvalidArgument(f"merge density must be in (0, 1], is {self.density}")
+
+    @classmethod
+    def asked(cls, method: str = "", density: float = 0.0, seed: int | None = None) -> Merge:
+        """The merge a request asks for, with the wire's defaults: ``""`` is linear (which ignores
+        density and seed), density 0 is 0.5, the seed counts for DARE only."""
+        method = method or "linear"
+        if method == "linear":
+            return LINEAR
+        if not math.isfinite(density) or density < 0.0:
+            raise InvalidArgument(f"merge density must be in (0, 1], is {density}")
+        seed = int(seed or 0) if method.startswith("dare") else 0
+        return cls(method, float(density) or 0.5, seed)
+
+    @property
+    def is_linear(self) -> bool:
+        return self.method == "linear"
+
+    @property
+    def key(self) -> tuple[str, float]:
+        """This merge as one signature entry (a key no sha256 can collide with)."""
+        return (f"{MERGE_KEY_PREFIX}{self.method}:{self.seed}", float(self.density))
+
+
+LINEAR = Merge()
+
+
 @dataclass(frozen=True)
 class Blend:
-    """A set of weighted adapters. Equal signatures mean equal weights."""
+    """A set of weighted adapters and how they merge. Equal signatures mean equal weights."""
 
     entries: tuple[BlendEntry, ...] = ()
+    merge: Merge = LINEAR
 
     def __post_init__(self) -> None:
         keys = [entry.key for entry in self.entries]
@@ -58,18 +110,21 @@ class Blend:
             raise InvalidArgument(f"a blend lists the same adapter more than once: {', '.join(duplicates)}")
 
     @classmethod
-    def of(cls, pairs: Iterable[tuple[str, float]]) -> Blend:
+    def of(cls, pairs: Iterable[tuple[str, float]], merge: Merge = LINEAR) -> Blend:
         """A blend from (key, weight) pairs; a key listed twice (two names for one blob) has its
-        weights summed, which is the same update."""
+        weights summed, which is the same update; a zero total weight drops the key."""
         merged: dict[str, float] = {}
         for key, weight in pairs:
             merged[key] = merged.get(key, 0.0) + float(weight)
-        return cls(tuple(BlendEntry(key, weight) for key, weight in merged.items()))
+        entries = tuple(BlendEntry(key, weight) for key, weight in merged.items() if weight != 0.0)
+        return cls(entries, merge if entries else LINEAR)
 
     @property
     def signature(self) -> tuple[tuple[str, float], ...]:
-        """The sorted tuple of (key, weight): the identity of the blend's resulting weights."""
-        return tuple(sorted((entry.key, float(entry.weight)) for entry in self.entries))
+        """The sorted (key, weight) pairs, plus the merge when it is not linear: the identity of
+        the blend's resulting weights (``()``: the base model alone)."""
+        pairs = tuple(sorted((entry.key, float(entry.weight)) for entry in self.entries))
+        return pairs if self.merge.is_linear or not pairs else (*pairs, self.merge.key)
 
     @property
     def is_empty(self) -> bool:
@@ -77,6 +132,91 @@ class Blend:
 
     def __len__(self) -> int:
         return len(self.entries)
+
+
+@dataclass(frozen=True)
+class LowRank:
+    """``B @ A`` with the weights folded into ``B``: ``down`` (r, in*k*k), ``up`` (out, r)."""
+
+    down: torch.Tensor
+    up: torch.Tensor
+
+    @property
+    def nbytes(self) -> int:
+        return _nbytes(self.down) + _nbytes(self.up)
+
+
+@dataclass(frozen=True)
+class Dense:
+    """A whole delta as a matrix (out, in*k*k): merges that are not linear, non-low-rank formats."""
+
+    delta: torch.Tensor
+
+    @property
+    def nbytes(self) -> int:
+        return _nbytes(self.delta)
+
+
+Update = LowRank | Dense
+
+
+def stack_low_rank(parts: Sequence[tuple[torch.Tensor, torch.Tensor, float]]) -> LowRank:
+    """One low-rank pair for several weighted ``(down, up, weight)`` pairs of one module.
+
+    ``A`` rows are stacked and ``B`` columns carry the weights, so ``B @ A`` is the
+    weighted sum of the members' ``B_i @ A_i`` (nothing dense is built).
+    """
+    down = torch.cat([d for d, _, _ in parts], dim=0)
+    up = torch.cat([u * w for _, u, w in parts], dim=1)
+    return LowRank(down, up)
+
+
+def add_update(base: torch.Tensor, update: Update, out: torch.Tensor | None = None) -> torch.Tensor:
+    """``W0 + update`` for one weight (viewed as a matrix), into ``out`` or a new tensor.
+
+    ``base`` is never written. Weights in a half precision are computed in float32 and
+    rounded once (within 1 ulp of the exact blend); ``out`` may have another dtype
+    than ``base`` (a bf16 runtime buffer over float32 weights).
+    """
+    rows = base.shape[0]
+    base = base if base.is_contiguous() else base.contiguous()
+    if out is None:
+        out = torch.empty_like(base, memory_format=torch.contiguous_format)
+    matrix, target = base.view(rows, -1), out.view(rows, -1)
+    if isinstance(update, LowRank):
+        up, down = update.up, update.down
+        if up.dtype == base.dtype == out.dtype:
+            torch.addmm(matrix, up, down, out=target)
+        else:
+            target.copy_(torch.addmm(matrix.to(torch.float32), up.float(), down.float()))
+        return out
+    delta = update.delta.reshape(rows, -1)
+    if delta.dtype == base.dtype == out.dtype:
+        torch.add(matrix, delta, out=target)
+    else:
+        target.copy_(matrix.to(torch.float32) + delta.float())
+    return out
+
+
+def merge_tasks(
+    tasks: torch.Tensor, weights: torch.Tensor, merge: Merge, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """One module's merged delta from its stacked per-adapter deltas (``tasks``) and weights."""
+    if merge.is_linear:
+        return (tasks * weights.view(-1, *([1] * (tasks.dim() - 1)))).sum(dim=0)
+    if merge.method == "ties":
+        pruned = torch.stack([_magnitude_prune(t, merge.density) for t in tasks])
+        return _disjoint_merge(pruned, weights, "total")
+    if generator is None:
+        generator = torch.Generator().manual_seed(merge.seed)
+    pruned = torch.stack([_random_prune(t, merge.density, generator) for t in tasks])
+    if merge.method == "dare_ties":
+        return _disjoint_merge(pruned, weights, "total")
+    return (pruned * weights.view(-1, *([1] * (pruned.dim() - 1)))).sum(dim=0)
+
+
+def _nbytes(tensor: torch.Tensor) -> int:
+    return tensor.numel() * tensor.element_size()
 
 
 def module_keys(adapters: Weighted) -> list[str]:
@@ -140,10 +280,10 @@ def stack_factors(adapters: Weighted, dtype: torch.dtype | None = None) -> dict[
     for key in module_keys(adapters):
         members = _members(adapters, key)
         target = dtype or _widest([m.down.dtype for m, _ in members] + [m.up.dtype for m, _ in members])
-        downs = [module.down.to(target) for module, _ in members]
-        ups = [module.up.to(target) * (weight * module.scale) for module, weight in members]
-        down, up = torch.cat(downs, dim=0), torch.cat(ups, dim=1)
-        stacked[key] = LoraModule(down=down, up=up, alpha=float(down.shape[0]))
+        pair = stack_low_rank(
+            [(m.down.to(target), m.up.to(target), weight * m.scale) for m, weight in members]
+        )
+        stacked[key] = LoraModule(down=pair.down, up=pair.up, alpha=float(pair.down.shape[0]))
     return stacked
 
 

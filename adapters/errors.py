@@ -1,19 +1,26 @@
 """Typed errors shared by the store, the engine, the trainer and the API.
 
-The core raises these; one gRPC interceptor maps each class to a status code
-(see ``server.api``). Messages are meant for the person who sent the request:
-say what is wrong and what to do about it.
+The core raises these. Each class carries its gRPC status code by name in ``code``
+(this package never imports grpc): the server maps an error to ``grpc.StatusCode[code]``
+and the client maps a status back to the most general class carrying it (see
+``server.api.errors`` and ``server.client.errors``). Subclasses inherit their parent's
+code. Messages are meant for the person who sent the request: say what is wrong and
+what to do about it.
 """
 
 from __future__ import annotations
 
 
 class LoraloomError(Exception):
-    """Base of every error loraloom raises on purpose."""
+    """Base of every error loraloom raises on purpose; on its own, a server fault (INTERNAL)."""
+
+    code: str = "INTERNAL"  # a grpc.StatusCode name; subclasses inherit or override it
 
 
 class InvalidArgument(LoraloomError):
     """The request or the adapter file is malformed (gRPC INVALID_ARGUMENT)."""
+
+    code = "INVALID_ARGUMENT"
 
 
 class AdapterInvalid(InvalidArgument):
@@ -23,13 +30,19 @@ class AdapterInvalid(InvalidArgument):
 class NotFound(LoraloomError):
     """An adapter, version or alias does not exist (gRPC NOT_FOUND)."""
 
+    code = "NOT_FOUND"
+
 
 class AlreadyExists(LoraloomError):
     """Something that must be unique already exists (gRPC ALREADY_EXISTS)."""
 
+    code = "ALREADY_EXISTS"
+
 
 class FailedPrecondition(LoraloomError):
     """The request is well formed but does not fit the current state (gRPC FAILED_PRECONDITION)."""
+
+    code = "FAILED_PRECONDITION"
 
 
 class AdapterIncompatible(FailedPrecondition):
@@ -39,6 +52,8 @@ class AdapterIncompatible(FailedPrecondition):
 class ResourceExhausted(LoraloomError):
     """A queue or a cache is full (gRPC RESOURCE_EXHAUSTED); retry after ``retry_after_s``."""
 
+    code = "RESOURCE_EXHAUSTED"
+
     def __init__(self, message: str, retry_after_s: float = 1.0) -> None:
         super().__init__(message)
         self.retry_after_s = retry_after_s
@@ -47,10 +62,26 @@ class ResourceExhausted(LoraloomError):
 class Unavailable(LoraloomError):
     """The server is draining or not ready yet (gRPC UNAVAILABLE)."""
 
+    code = "UNAVAILABLE"
+
 
 class DeadlineExceeded(LoraloomError):
     """The request ran past its deadline (gRPC DEADLINE_EXCEEDED)."""
 
+    code = "DEADLINE_EXCEEDED"
+
 
 class Cancelled(LoraloomError):
     """The client cancelled the request (gRPC CANCELLED)."""
+
+    code = "CANCELLED"
+
+
+class DataLoss(LoraloomError):
+    """Stored bytes are damaged: a blob failed its sha256 check (gRPC DATA_LOSS).
+
+    The server's damage, not the caller's: say which blob and to run the store's verify
+    (or re-upload the adapter).
+    """
+
+    code = "DATA_LOSS"

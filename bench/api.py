@@ -35,13 +35,13 @@ SEED = 7
 
 def run(quick: bool = False) -> list[Metric]:
     from server.api.app import ServerThread
-    from server.api.config import ServerConfig
     from server.client import Client
     from server.engine import GenerateRequest
+    from server.settings import Settings
 
     rounds = 3 if quick else 9
     with tempfile.TemporaryDirectory() as home:
-        config = ServerConfig(port=0, model="tiny", home=Path(home), log_level="WARNING")
+        config = Settings.of(port=0, model="tiny", home=Path(home), log_level="WARNING")
         with ServerThread(config) as running, Client(running.address, timeout=600) as client:
             engine = running.server.service.engine
             request = GenerateRequest(prompt=PROMPT, steps=STEPS, seed=SEED)

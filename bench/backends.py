@@ -91,10 +91,11 @@ def _unet_flops(unet, inputs) -> float:
 
 
 def _image(pipeline, steps: int) -> np.ndarray:
-    from server.engine.denoise import DenoiseJob, denoise
+    from server.engine.denoise import denoise
+    from server.engine.types import GenerationSettings
 
     size = pipeline.unet.config.sample_size * pipeline.vae_scale_factor
-    job = DenoiseJob("a red square", "", size, size, steps, 5.0, [3], "euler")
+    job = GenerationSettings("a red square", "", size, size, steps, 5.0, 3, "euler", 1)
     return np.asarray(denoise(pipeline, job).images[0], dtype=np.float32)
 
 

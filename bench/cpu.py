@@ -5,7 +5,7 @@ files: ``tiny`` (64 px, 20 steps) and ``small`` (256 px, 5 steps), Euler, seed 0
 CFG 7.5, one prompt. GenAI loads the project's own export of each model
 (``bench.genai.export``) and two random rank-8 adapters (UNet and text-encoder
 attention) as kohya files with float32 alphas. loraloom runs
-``Engine(base, backend="openvino", precision="bf16")``; where that backend is
+an engine on ``build_backend("openvino", base, "bf16")``; where that backend is
 missing it falls back to ``backend="torch"`` (fp32) and every note says so.
 The peer runs in its default precision (bf16 on a CPU with AVX512-BF16 or AMX).
 
@@ -54,6 +54,7 @@ from adapters.errors import LoraloomError
 from adapters.formats import to_kohya
 from bench.genai.peer import GenaiPeer, Settings, default_precision, genai_missing
 from bench.report import Metric, cpu_timed, median_ms, timed
+from server.backends.select import build_backend
 from server.engine import Engine, GenerateRequest, MemoryResolver
 from server.engine.synthetic import random_adapter
 from server.models.loader import BaseModel, load_base_model
@@ -113,7 +114,7 @@ class Model:
             steps=s.steps,
             guidance_scale=s.guidance_scale,
             seed=s.seed,
-            scheduler=SAMPLER,
+            sampler=SAMPLER,
             adapters=blend,
         )
 
@@ -127,7 +128,7 @@ class Model:
         if backend == "torch":
             return Engine(base, resolver=resolver), "torch fp32"
         try:
-            engine = Engine(base, resolver=resolver, backend=backend, precision=precision)
+            engine = Engine(base, resolver=resolver, backend=build_backend(backend, base, precision))
         except (TypeError, ImportError, LoraloomError) as error:
             base.pipeline = copy.deepcopy(self.pristine)
             _say(f"{self.size}: {backend} {precision} unavailable ({error}); using torch fp32")

@@ -217,7 +217,9 @@ def mixed_rps(side: Side, count: int, steps: int, chunks: int, max_batch: int = 
 
     def ours(indices: range) -> None:
         futures = [
-            scheduler.submit(GenerateRequest(PROMPT, steps=steps, seed=index, adapters=blends[index]))
+            scheduler.submit(
+                scheduler.engine.job(GenerateRequest(PROMPT, steps=steps, seed=index, adapters=blends[index]))
+            )
             for index in indices
         ]
         for future in futures:

@@ -83,7 +83,7 @@ def generate_with_blend(
     for start in range(0, len(texts), batch):
         entries = [
             BatchEntry(
-                engine.normalize(
+                engine.job(
                     GenerateRequest(
                         text, steps=steps, guidance_scale=guidance, seed=int(seed), adapters=list(blend)
                     )

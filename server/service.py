@@ -1,7 +1,8 @@
 """The data plane: base model + engine/scheduler + adapter store behind plain Python calls.
 
 ``server.api.servicer`` converts protobuf to and from these calls and adds nothing
-else; everything here can be used and tested without gRPC. Blocking calls (store,
+else; everything here can be used and tested without gRPC. ``server.bootstrap``
+builds the parts and hands them in. Blocking calls (store, resolving a blend,
 engine) are meant to run off the event loop: the servicer hands them to threads,
 and generation runs on the scheduler's worker thread.
 """
@@ -22,16 +23,16 @@ from adapters.errors import Cancelled, InvalidArgument, ResourceExhausted
 from adapters.store import AdapterStore
 from adapters.store.models import AdapterPage, AdapterVersion
 from adapters.store.names import parse_ref
-from adapters.store.validation import make_validator
-from server.api.config import ServerConfig
 from server.engine.types import (
     EngineStats,
     GenerateRequest,
     GenerateResult,
     Limits,
     Progress,
+    QueueStats,
     ResidentAdapter,
 )
+from server.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -61,16 +62,6 @@ def encode_image(image, image_format: str = "png", seed: int = 0) -> EncodedImag
     else:
         raise InvalidArgument(f"unknown image format {image_format!r}; use png or jpeg")
     return EncodedImage(buffer.getvalue(), MIME_TYPES[image_format], image.width, image.height, seed)
-
-
-@dataclass(frozen=True)
-class QueueStats:
-    queued: int = 0
-    running: int = 0
-    completed: int = 0
-    failed: int = 0
-    cancelled: int = 0
-    rejected: int = 0
 
 
 @dataclass(frozen=True)
@@ -189,8 +180,8 @@ class UploadSession:
 class LoraloomService:
     """Generation and adapter management for one resident base model."""
 
-    def __init__(self, config: ServerConfig, base, store: AdapterStore, engine, scheduler) -> None:
-        self.config = config
+    def __init__(self, settings: Settings, base, store: AdapterStore, engine, scheduler) -> None:
+        self.settings = settings
         self.base = base
         self.store = store
         self.engine = engine
@@ -202,58 +193,11 @@ class LoraloomService:
 
     # ------------------------------------------------------------------ lifecycle
 
-    @classmethod
-    def create(cls, config: ServerConfig, *, before_step=None) -> LoraloomService:
-        """Load the base model, open the store (validating uploads against it), start the engine.
-
-        ``before_step(index, total)`` is the engine's seam called before every denoising step
-        (tests use it to slow steps down or inject failures).
-        """
-        import torch
-
-        from server.backends.select import choose_backend
-        from server.engine import Engine, StoreResolver
-        from server.engine.scheduler import Scheduler
-        from server.models.loader import load_base_model
-
-        dtype = getattr(torch, config.dtype)
-        base = load_base_model(config.model, device=config.device, dtype=dtype)
-        validator = make_validator(base.module_shapes, base.base_ref)
-        store = AdapterStore.open(
-            config.home,
-            config.store_db_url,
-            blob_storage=_blob_storage(config),
-            validator=validator,
-            max_blob_bytes=config.max_upload_bytes,
-        )
-        backend, precision = choose_backend(
-            config.backend, config.precision, base.device.type, config.dtype, compile=config.compile
-        )
-        asked = f"{config.backend}/{config.precision}"
-        log.info("backend %s, precision %s (configured %s)", backend, precision, asked)
-        engine = Engine(
-            base,
-            resolver=StoreResolver(store),
-            cache_bytes=config.cache_mb << 20,
-            limits=_limits(config),
-            before_step=before_step,
-            backend=backend,
-            precision=precision,
-            compile=config.compile,
-        )
-        scheduler = Scheduler(
-            engine,
-            max_queue=config.max_queue,
-            max_group_skips=config.max_group_skips,
-            max_batch=config.max_batch,
-        )
-        return cls(config, base, store, engine, scheduler)
-
     def warmup(self) -> None:
         """One short generation so the first real request does not pay for lazy initialisation."""
-        if self.config.warmup:
+        if self.settings.engine.warmup:
             started = time.perf_counter()
-            self.scheduler.submit(GenerateRequest(prompt="warmup", steps=2, seed=0)).result()
+            self.scheduler.submit(self.engine.job(GenerateRequest(prompt="warmup", steps=2, seed=0))).result()
             log.info("warmed up in %.2fs", time.perf_counter() - started)
         self.ready = True
 
@@ -270,12 +214,15 @@ class LoraloomService:
         on_progress: Callable[[Progress], None] | None = None,
         cancel: threading.Event | None = None,
     ) -> Future[GenerateResult]:
-        """Queue a request (raises ResourceExhausted when the queue is full).
+        """Normalize and resolve ``request`` (blocking: a store read unless cached), then queue it.
 
-        Each of ``observers`` is called ``(request, result, error)`` when it finishes (metrics, logs).
+        Raises InvalidArgument (bad request), NotFound (unknown adapter) and
+        ResourceExhausted (queue full). Each of ``observers`` is called
+        ``(request, result, error)`` when it finishes (metrics, logs).
         """
         try:
-            future = self.scheduler.submit(request, on_progress=on_progress, cancel=cancel)
+            job = self.engine.job(request)
+            future = self.scheduler.submit(job, on_progress=on_progress, cancel=cancel)
         except BaseException as error:
             self._notify(request, None, error)
             raise
@@ -341,10 +288,11 @@ class LoraloomService:
             raise InvalidArgument("upload metadata needs the file's sha256 (lowercase hex)")
         if size_bytes <= 0:
             raise InvalidArgument("upload metadata needs the file's size_bytes (> 0)")
-        if size_bytes > self.config.max_upload_bytes:
+        limit = self.settings.store.max_upload_bytes
+        if size_bytes > limit:
             raise InvalidArgument(
                 f"adapter of {size_bytes} bytes exceeds this server's upload limit of "
-                f"{self.config.max_upload_bytes} bytes (LORALOOM_MAX_UPLOAD_MB)"
+                f"{limit} bytes (LORALOOM_MAX_UPLOAD_MB)"
             )
         if not self._upload_slots.acquire(blocking=False):
             raise ResourceExhausted(
@@ -364,6 +312,7 @@ class LoraloomService:
             aliases=tuple(aliases),
         )
         result.add_done_callback(lambda _: self._upload_slots.release())
+        result.add_done_callback(lambda _: self.engine.resolver.invalidate(name))
         return UploadSession(name, sha256, size_bytes, reader, result)
 
     def delete_adapter(self, ref: str) -> list[AdapterVersion]:
@@ -373,12 +322,15 @@ class LoraloomService:
         if parsed.version is not None or parsed.alias is not None:
             version = self.store.get(parsed).version
         deleted = list(self.store.delete(parsed.name, version))
+        self.engine.resolver.invalidate(parsed.name)
         for item in deleted:
             self.engine.unload(item.ref)
         return deleted
 
     def set_alias(self, name: str, alias: str, version: int) -> AdapterVersion:
-        return self.store.set_alias(name, alias, version)
+        moved = self.store.set_alias(name, alias, version)
+        self.engine.resolver.invalidate(name)
+        return moved
 
     # ------------------------------------------------------------------ the engine's cache
 
@@ -405,48 +357,14 @@ class LoraloomService:
             backend=getattr(self.engine, "backend_name", "torch"),
             device=str(self.base.device),
             dtype=str(self.base.dtype).removeprefix("torch."),
-            limits=_limits(self.config),
-            max_queue=self.config.max_queue,
-            max_message_bytes=self.config.max_message_bytes,
-            max_upload_bytes=self.config.max_upload_bytes,
+            limits=self.settings.limits,
+            max_queue=self.scheduler.max_queue,
+            max_message_bytes=self.settings.api.max_message_bytes,
+            max_upload_bytes=self.settings.store.max_upload_bytes,
             cache=self.engine.stats(),
-            queue=_queue_stats(self.scheduler),
+            queue=self.scheduler.stats(),
             ready=self.ready,
         )
-
-
-def _blob_storage(config: ServerConfig):
-    """S3 blob storage when ``s3_bucket`` is set; None lets the store pick its local folder."""
-    if not config.s3_bucket:
-        return None
-    from adapters.home import data_home
-    from adapters.store.s3 import S3BlobStorage, S3Settings
-
-    settings = S3Settings(
-        bucket=config.s3_bucket,
-        prefix=config.s3_prefix,
-        endpoint_url=config.s3_endpoint,
-        region=config.s3_region,
-        cache_bytes=config.blob_cache_mb << 20,
-    )
-    home = config.home.expanduser() if config.home is not None else data_home()
-    return S3BlobStorage(settings, home / "store" / "blob-cache")
-
-
-def _limits(config: ServerConfig) -> Limits:
-    return Limits(
-        max_steps=config.max_steps,
-        max_images=config.max_images,
-        max_adapters=config.max_adapters,
-        max_size=config.max_size,
-    )
-
-
-def _queue_stats(scheduler) -> QueueStats:
-    stats = scheduler.stats() if hasattr(scheduler, "stats") else None
-    if stats is None:
-        return QueueStats()
-    return QueueStats(**{key: int(getattr(stats, key, 0)) for key in QueueStats.__dataclass_fields__})
 
 
 def package_version() -> str:

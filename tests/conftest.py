@@ -6,6 +6,12 @@ import pytest
 import torch
 
 
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers", "architecture: the import-linter contracts ([tool.importlinter] in pyproject.toml)"
+    )
+
+
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return

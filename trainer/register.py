@@ -35,14 +35,20 @@ def register_in_store(
     base_model: str = "",
     training_metadata: dict[str, Any] | None = None,
 ) -> Registration:
-    """Register into ``store``: a data folder (its ``store/``), a database URL, or '' for the default."""
-    from adapters.store import AdapterStore
+    """Register into ``store``: a data folder (its ``store/``), a database URL, or '' for the default.
+
+    Like ``loraloom serve``, the store's other settings (``LORALOOM_STORE_DB_URL``,
+    ``LORALOOM_S3_*``, ``LORALOOM_HOME``) come from the environment, so a trained
+    adapter lands in the store the server reads.
+    """
+    from adapters.store.settings import StoreSettings
+    from adapters.store.store import open_store
 
     if "://" in store:
-        opened = AdapterStore.open(db_url=store)
+        settings = StoreSettings.from_env(store_db_url=store)
     else:
-        opened = AdapterStore.open(home=Path(store).expanduser() if store else None)
-    with opened:
+        settings = StoreSettings.from_env(home=Path(store).expanduser() if store else None)
+    with open_store(settings) as opened:
         version = opened.register(
             name,
             data,

@@ -10,14 +10,42 @@ validates uploads against its base model and may share a PostgreSQL database::
     v = store.register("pixel-style", data, tags=["style"], aliases=["stable"])
     store.get("pixel-style@stable"), store.blob_path(v)
 
-``db_url`` defaults to ``$LORALOOM_STORE_DB_URL``, then ``<home>/store/adapters.sqlite3``.
+``db_url`` defaults to ``<home>/store/adapters.sqlite3``. ``open_store(StoreSettings.from_env())``
+opens the store the ``LORALOOM_*`` variables describe (PostgreSQL, S3 blobs).
 """
 
-from adapters.store.blobs import BlobInfo, BlobStorage, LocalBlobStorage
-from adapters.store.models import AdapterFacts, AdapterPage, AdapterVersion, VerifyReport
-from adapters.store.names import NAME_PATTERN, AdapterRef, check_alias, check_name, parse_ref
-from adapters.store.store import AdapterStore
-from adapters.store.validation import Validator, make_validator
+# The names below load on first use, so ``adapters.store.settings`` (read by the CLI at start-up)
+# costs no SQLAlchemy import.
+_HOMES = {
+    "BlobInfo": "adapters.store.blobs",
+    "BlobStorage": "adapters.store.blobs",
+    "LocalBlobStorage": "adapters.store.blobs",
+    "AdapterFacts": "adapters.store.models",
+    "AdapterPage": "adapters.store.models",
+    "AdapterVersion": "adapters.store.models",
+    "ResolvedVersion": "adapters.store.models",
+    "VerifyReport": "adapters.store.models",
+    "NAME_PATTERN": "adapters.store.names",
+    "AdapterRef": "adapters.store.names",
+    "check_alias": "adapters.store.names",
+    "check_name": "adapters.store.names",
+    "parse_ref": "adapters.store.names",
+    "AdapterStore": "adapters.store.store",
+    "StoreSettings": "adapters.store.settings",
+    "open_store": "adapters.store.store",
+    "Validator": "adapters.store.validation",
+    "make_validator": "adapters.store.validation",
+}
+
+
+def __getattr__(name: str):
+    import importlib
+
+    home = _HOMES.get(name)
+    if home is None:
+        raise AttributeError(f"module 'adapters.store' has no attribute {name!r}")
+    return getattr(importlib.import_module(home), name)
+
 
 __all__ = [
     "NAME_PATTERN",
@@ -29,10 +57,13 @@ __all__ = [
     "BlobInfo",
     "BlobStorage",
     "LocalBlobStorage",
+    "ResolvedVersion",
+    "StoreSettings",
     "Validator",
     "VerifyReport",
     "check_alias",
     "check_name",
     "make_validator",
+    "open_store",
     "parse_ref",
 ]

@@ -33,6 +33,8 @@ BUSY_TIMEOUT_S = 60.0
 _SCHEMA_LOCK_KEY = int.from_bytes(b"lorastor", "big") & (2**63 - 1)
 
 READ_ONLY_OPTION = "loraloom_read_only"
+# One SELECT needs no transaction around it (a statement reads one snapshot on both backends).
+SINGLE_READ_OPTION = "loraloom_single_read"
 
 T = TypeVar("T")
 
@@ -90,7 +92,10 @@ def _sqlite_engine(url: str) -> Engine:
     @event.listens_for(engine, "begin")
     def _on_begin(connection: Connection) -> None:
         # Readers never wait for writers in WAL mode; writers take the write lock up front.
-        read_only = connection.get_execution_options().get(READ_ONLY_OPTION, False)
+        options = connection.get_execution_options()
+        if options.get(SINGLE_READ_OPTION, False):
+            return
+        read_only = options.get(READ_ONLY_OPTION, False)
         connection.exec_driver_sql("BEGIN DEFERRED" if read_only else "BEGIN IMMEDIATE")
 
     return engine
@@ -103,6 +108,15 @@ def read_transaction(engine: Engine) -> Iterator[Connection]:
         connection.execution_options(**{READ_ONLY_OPTION: True})
         with connection.begin():
             yield connection
+
+
+@contextlib.contextmanager
+def single_read(engine: Engine) -> Iterator[Connection]:
+    """A connection for exactly one SELECT: no BEGIN/COMMIT around it (one round trip)."""
+    with engine.connect() as connection:
+        connection.execution_options(**{SINGLE_READ_OPTION: True})
+        yield connection
+        connection.rollback()
 
 
 def _use_wal(cursor) -> None:

@@ -49,6 +49,19 @@ class AdapterVersion:
 
 
 @dataclass(frozen=True)
+class ResolvedVersion:
+    """What a reference points at now: the exact version and its blob (what serving needs)."""
+
+    name: str
+    version: int
+    sha256: str
+
+    @property
+    def ref(self) -> str:
+        return f"{self.name}@{self.version}"
+
+
+@dataclass(frozen=True)
 class AdapterPage:
     """One page of ``AdapterStore.list``; pass ``next_page_token`` back for the next (None: last page)."""
 

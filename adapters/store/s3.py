@@ -24,7 +24,7 @@ import secrets
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -33,11 +33,6 @@ from adapters.errors import AdapterInvalid, InvalidArgument, NotFound
 from adapters.store.blobs import BlobInfo, BlobStorage
 from adapters.store.hashing import CHUNK_BYTES, check_sha256, copy_hashed, fsync_dir, stale_files
 
-ENV_BUCKET = "LORALOOM_S3_BUCKET"
-ENV_PREFIX = "LORALOOM_S3_PREFIX"
-ENV_ENDPOINT = "LORALOOM_S3_ENDPOINT"
-ENV_REGION = "LORALOOM_S3_REGION"
-ENV_CACHE_MB = "LORALOOM_BLOB_CACHE_MB"
 DEFAULT_CACHE_BYTES = 2048 << 20
 TEMP_SUFFIX = ".part"
 _KEY = re.compile(r"[0-9a-f]{2}/([0-9a-f]{64})")
@@ -52,22 +47,6 @@ class S3Settings:
     endpoint_url: str | None = None
     region: str | None = None
     cache_bytes: int = DEFAULT_CACHE_BYTES
-
-    @classmethod
-    def from_env(cls, environ: Mapping[str, str] | None = None) -> S3Settings | None:
-        """The settings from ``LORALOOM_S3_*``; None when no bucket is configured."""
-        env = os.environ if environ is None else environ
-        bucket = env.get(ENV_BUCKET, "").strip()
-        if not bucket:
-            return None
-        cache_mb = env.get(ENV_CACHE_MB, "").strip()
-        return cls(
-            bucket=bucket,
-            prefix=env.get(ENV_PREFIX, ""),
-            endpoint_url=env.get(ENV_ENDPOINT) or None,
-            region=env.get(ENV_REGION) or None,
-            cache_bytes=int(cache_mb) << 20 if cache_mb else DEFAULT_CACHE_BYTES,
-        )
 
 
 def _b64(sha256: str) -> str:

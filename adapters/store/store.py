@@ -33,7 +33,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from sqlalchemy import Connection, Engine, and_, delete, func, or_, select
+from sqlalchemy import Connection, Engine, and_, delete, func, literal, or_, select, union_all
 from sqlalchemy.dialects import postgresql, sqlite
 
 from adapters.errors import AdapterIncompatible, AdapterInvalid, InvalidArgument, NotFound
@@ -42,7 +42,7 @@ from adapters.home import data_home
 from adapters.store import db
 from adapters.store.blobs import BlobStorage, LocalBlobStorage
 from adapters.store.hashing import check_sha256, copy_hashed, hash_stream, stale_files
-from adapters.store.models import AdapterFacts, AdapterPage, AdapterVersion, VerifyReport
+from adapters.store.models import AdapterFacts, AdapterPage, AdapterVersion, ResolvedVersion, VerifyReport
 from adapters.store.names import (
     AdapterRef,
     check_alias,
@@ -52,6 +52,7 @@ from adapters.store.names import (
     parse_ref,
 )
 from adapters.store.schema import adapters, aliases, blobs, version_tags, versions
+from adapters.store.settings import MiB, StoreSettings
 from adapters.store.validation import Validator, make_validator
 
 DEFAULT_MAX_BLOB_BYTES = 4 * 1024**3
@@ -62,7 +63,6 @@ MAX_TAGS = 64
 MAX_TRAINING_METADATA_BYTES = 1 << 20
 MAX_PAGE_SIZE = 1000
 STAGING_SUFFIX = ".part"
-ENV_DB_URL = "LORALOOM_STORE_DB_URL"
 
 StageHook = Callable[[str], None]
 AdapterData = bytes | bytearray | memoryview | BinaryIO | os.PathLike
@@ -137,21 +137,17 @@ class AdapterStore:
     ) -> AdapterStore:
         """The store under ``home / "store"`` (``home`` defaults to ``adapters.home.data_home()``).
 
-        The database is ``db_url``, else ``$LORALOOM_STORE_DB_URL``, else the SQLite file
-        ``<home>/store/adapters.sqlite3``; blobs go to ``<home>/store/blobs`` unless
-        ``blob_storage`` is given or ``$LORALOOM_S3_BUCKET`` selects S3 (``adapters.store.s3``;
-        cache in ``<home>/store/blob-cache``).
+        The database is ``db_url``, else the SQLite file ``<home>/store/adapters.sqlite3``;
+        blobs go to ``<home>/store/blobs`` unless ``blob_storage`` is given. Reads no
+        environment: ``adapters.store.settings.open_store`` builds a store from settings
+        (S3 included).
         """
         root = Path(home).expanduser() if home is not None else data_home()
         store_dir = root / "store"
         store_dir.mkdir(parents=True, exist_ok=True)
-        url = db_url or os.environ.get(ENV_DB_URL) or db.sqlite_url(store_dir / "adapters.sqlite3")
+        url = db_url or db.sqlite_url(store_dir / "adapters.sqlite3")
         if blob_storage is None:
-            from adapters.store.s3 import S3BlobStorage, S3Settings
-
-            s3 = S3Settings.from_env()
-            cache = store_dir / "blob-cache"
-            blob_storage = S3BlobStorage(s3, cache) if s3 else LocalBlobStorage(store_dir / "blobs")
+            blob_storage = LocalBlobStorage(store_dir / "blobs")
         return cls(
             url,
             blob_storage,
@@ -336,6 +332,25 @@ class AdapterStore:
             if row is None:
                 raise self._not_found(conn, adapter_id, parsed)
             return self._to_versions(conn, [row])[0]
+
+    def resolve(self, refs: Sequence[str | AdapterRef]) -> builtins.list[ResolvedVersion]:
+        """The exact version each reference points at now, in one SQL statement for all of them.
+
+        The slim read for serving: no tags, aliases or metadata. A reference that matches
+        nothing raises the same ``NotFound`` as ``get`` (found with a few more reads).
+        """
+        parsed = [parse_ref(ref) if isinstance(ref, str) else ref for ref in refs]
+        if not parsed:
+            return []
+        parts = [_resolve_query(index, ref) for index, ref in enumerate(parsed)]
+        query = parts[0] if len(parts) == 1 else union_all(*parts)
+        with db.single_read(self.engine) as conn:
+            rows = {row.idx: row for row in conn.execute(query)}
+        missing = [ref for index, ref in enumerate(parsed) if index not in rows]
+        if missing:
+            self.get(missing[0])  # raises NotFound with what exists
+            raise NotFound(f"adapter {missing[0]} was removed just now; list adapters and retry")
+        return [ResolvedVersion(rows[i].name, rows[i].version, rows[i].sha256) for i in range(len(parsed))]
 
     def blob_path(self, version: AdapterVersion | str) -> Path:
         """A local file with the version's bytes (read-only; do not modify it)."""
@@ -669,6 +684,24 @@ def _insert(conn: Connection, table):
     return (postgresql.insert if conn.dialect.name == "postgresql" else sqlite.insert)(table)
 
 
+def _resolve_query(index: int, ref: AdapterRef):
+    """The row ``ref`` points at, tagged with ``index`` (one arm of ``resolve``'s UNION ALL)."""
+    query = select(
+        literal(index).label("idx"), adapters.c.name, versions.c.version, versions.c.sha256
+    ).select_from(versions.join(adapters, adapters.c.id == versions.c.adapter_id))
+    query = query.where(adapters.c.name == ref.name)
+    if ref.version is not None:
+        return query.where(versions.c.version == ref.version)
+    if ref.alias is not None:
+        pointed = select(aliases.c.version_id).where(
+            aliases.c.adapter_id == adapters.c.id, aliases.c.alias == ref.alias
+        )
+        return query.where(versions.c.id.in_(pointed))
+    newer = versions.alias("newer")
+    newest = select(func.max(newer.c.version)).where(newer.c.adapter_id == adapters.c.id)
+    return query.where(versions.c.version == newest.scalar_subquery())
+
+
 def _version_query():
     return select(versions, adapters.c.name).join(adapters, adapters.c.id == versions.c.adapter_id)
 
@@ -798,3 +831,29 @@ def _decode_token(token: str) -> tuple[str, int]:
         raise InvalidArgument(
             f"invalid page_token {token[:40]!r}: pass back the next_page_token of the previous page unchanged"
         ) from None
+
+
+def open_store(
+    settings: StoreSettings, *, validator: Validator | None = None, on_stage: StageHook | None = None
+) -> AdapterStore:
+    """The ``AdapterStore`` the settings describe (S3 blobs when ``s3_bucket`` is set)."""
+    blob_storage = None
+    if settings.s3_bucket:
+        from adapters.store.s3 import S3BlobStorage, S3Settings
+
+        s3 = S3Settings(
+            bucket=settings.s3_bucket,
+            prefix=settings.s3_prefix,
+            endpoint_url=settings.s3_endpoint,
+            region=settings.s3_region,
+            cache_bytes=settings.blob_cache_mb * MiB,
+        )
+        blob_storage = S3BlobStorage(s3, settings.root / "store" / "blob-cache")
+    return AdapterStore.open(
+        settings.root,
+        settings.store_db_url,
+        blob_storage=blob_storage,
+        validator=validator,
+        max_blob_bytes=settings.max_upload_bytes,
+        on_stage=on_stage,
+    )

@@ -20,30 +20,30 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from server.api.auth import AuthInterceptor, TokenTable
-from server.api.config import ServerConfig
 from server.api.errors import ErrorInterceptor
 from server.api.lifecycle import GateInterceptor, Lifecycle
 from server.api.logging import RequestLogger, configure
 from server.api.pb.loraloom.v1 import service_pb2, service_pb2_grpc
 from server.api.servicer import LoraloomServicer
 from server.api.tls import server_credentials
+from server.settings import Settings
 
 log = logging.getLogger("loraloom.server")
 
-ServiceFactory = Callable[[ServerConfig], object]
+ServiceFactory = Callable[[Settings], object]
 STOP_GRACE_S = 1.0
 
 
-def _default_factory(config: ServerConfig):
-    from server.service import LoraloomService
+def _default_factory(settings: Settings):
+    from server.bootstrap import build_service
 
-    return LoraloomService.create(config)
+    return build_service(settings)
 
 
 class LoraloomServer:
     """One grpc.aio server around one ``LoraloomService``. Use from a single event loop."""
 
-    def __init__(self, config: ServerConfig, service_factory: ServiceFactory | None = None) -> None:
+    def __init__(self, config: Settings, service_factory: ServiceFactory | None = None) -> None:
         self.config = config
         self.factory = service_factory or _default_factory
         self.lifecycle = Lifecycle()
@@ -52,26 +52,28 @@ class LoraloomServer:
         self.port = 0
         self.health_port: int | None = None
         self._stop = asyncio.Event()
-        self.tokens = TokenTable.load(config.tokens_file, config.tokens)
-        self.credentials = server_credentials(config.tls_cert, config.tls_key, config.tls_client_ca)
+        self.tokens = TokenTable.load(config.api.tokens_file, config.api.tokens)
+        self.credentials = server_credentials(
+            config.api.tls_cert, config.api.tls_key, config.api.tls_client_ca
+        )
         interceptors = [GateInterceptor(self.lifecycle), ErrorInterceptor()]
         if self.tokens:
             interceptors.insert(0, AuthInterceptor(self.tokens))
         self.metrics = None
-        if config.metrics_port is not None:
+        if config.api.metrics_port is not None:
             from server.api.metrics import Metrics
 
             self.metrics = Metrics()
             interceptors.insert(0, self.metrics.interceptor())
         self._health_server = None
-        if config.health_port is not None:
+        if config.api.health_port is not None:
             self._health_server = aio.server(options=[("grpc.so_reuseport", 0)])
             health_pb2_grpc.add_HealthServicer_to_server(self.lifecycle.health, self._health_server)
         self._server = aio.server(
             interceptors=interceptors,
             options=[
-                ("grpc.max_send_message_length", config.max_message_bytes),
-                ("grpc.max_receive_message_length", config.max_message_bytes),
+                ("grpc.max_send_message_length", config.api.max_message_bytes),
+                ("grpc.max_receive_message_length", config.api.max_message_bytes),
                 ("grpc.so_reuseport", 0),
             ],
         )
@@ -86,33 +88,33 @@ class LoraloomServer:
 
     @property
     def address(self) -> str:
-        return f"{self.config.host}:{self.port}"
+        return f"{self.config.api.host}:{self.port}"
 
     async def start(self) -> int:
         """Bind and start serving health and reflection; returns the port. Call ``load`` next."""
         if self.credentials is not None:
-            self.port = self._server.add_secure_port(self.config.address, self.credentials)
+            self.port = self._server.add_secure_port(self.config.api.address, self.credentials)
         else:
-            self.port = self._server.add_insecure_port(self.config.address)
+            self.port = self._server.add_insecure_port(self.config.api.address)
         if not self.port:
-            raise OSError(f"cannot listen on {self.config.address}")
+            raise OSError(f"cannot listen on {self.config.api.address}")
         if self._health_server is not None:
-            health_address = f"{self.config.host}:{self.config.health_port}"
+            health_address = f"{self.config.api.host}:{self.config.api.health_port}"
             self.health_port = self._health_server.add_insecure_port(health_address)
             if not self.health_port:
                 raise OSError(f"cannot listen on {health_address} (health)")
             await self._health_server.start()
         if self.metrics is not None:
-            port = self.metrics.serve(self.config.host, self.config.metrics_port)
-            log.info("metrics on http://%s:%d/metrics", self.config.host, port)
+            port = self.metrics.serve(self.config.api.host, self.config.api.metrics_port)
+            log.info("metrics on http://%s:%d/metrics", self.config.api.host, port)
         await self._server.start()
         await self.lifecycle.start()
         log.info(
             "listening on %s (%s%s%s; readiness NOT_SERVING until the model is warmed up)",
             self.address,
-            "mutual TLS" if self.config.tls_client_ca else "TLS" if self.credentials else "plaintext",
+            "mutual TLS" if self.config.api.tls_client_ca else "TLS" if self.credentials else "plaintext",
             ", bearer tokens" if self.tokens else "",
-            f", health on {self.config.host}:{self.health_port}" if self.health_port else "",
+            f", health on {self.config.api.host}:{self.health_port}" if self.health_port else "",
         )
         return self.port
 
@@ -122,7 +124,7 @@ class LoraloomServer:
         self.servicer.service = self.service
         observers = getattr(self.service, "observers", None)
         if observers is not None:
-            observers.append(RequestLogger(self.config.log_prompts))
+            observers.append(RequestLogger(self.config.api.log_prompts))
         if self.metrics is not None:
             self.metrics.attach(self.service)
         await asyncio.to_thread(self.service.warmup)
@@ -137,7 +139,7 @@ class LoraloomServer:
 
     async def drain(self, grace_s: float | None = None) -> bool:
         """Stop taking calls, let those in flight finish within ``grace_s``, then stop. True: all finished."""
-        grace = self.config.grace_s if grace_s is None else grace_s
+        grace = self.config.api.grace_s if grace_s is None else grace_s
         await self.lifecycle.begin_drain()
         log.info("draining: %d call(s) in flight, up to %.1fs", self.lifecycle.inflight, grace)
         finished = await self.lifecycle.wait_idle(grace)
@@ -158,7 +160,7 @@ class LoraloomServer:
         log.info("stopped")
 
 
-async def serve(config: ServerConfig, service_factory: ServiceFactory | None = None) -> int:
+async def serve(config: Settings, service_factory: ServiceFactory | None = None) -> int:
     """Run until SIGTERM/SIGINT, then drain; the exit status (0 after a drain)."""
     server = LoraloomServer(config, service_factory)
     loop = asyncio.get_running_loop()
@@ -181,9 +183,9 @@ async def serve(config: ServerConfig, service_factory: ServiceFactory | None = N
     return 0
 
 
-def run(config: ServerConfig) -> int:
+def run(config: Settings) -> int:
     """The body of ``loraloom serve``."""
-    configure(config.log_level, config.log_format)
+    configure(config.api.log_level, config.api.log_format)
     _quiet_progress_bars()
     log.info("configuration: %s", config.summary())
     return asyncio.run(serve(config))
@@ -202,10 +204,10 @@ class ServerThread:
     """A server on its own event loop in a background thread (tests, benchmarks, notebooks).
 
     ``with ServerThread(config) as running: Client(running.address)...``; leaving the
-    block drains with ``config.grace_s``.
+    block drains with ``config.api.grace_s``.
     """
 
-    def __init__(self, config: ServerConfig, service_factory: ServiceFactory | None = None) -> None:
+    def __init__(self, config: Settings, service_factory: ServiceFactory | None = None) -> None:
         self.config = config
         self.factory = service_factory
         self.server: LoraloomServer | None = None
@@ -263,4 +265,4 @@ class ServerThread:
 
     def __exit__(self, *exc) -> None:
         if self._thread.is_alive() and self.loop is not None and not self._done.is_set():
-            self.drain(self.config.grace_s)
+            self.drain(self.config.api.grace_s)

@@ -20,7 +20,7 @@ from pathlib import Path
 import grpc
 
 from adapters.errors import InvalidArgument
-from server.api.errors import ANSWERED, ServiceInterceptor
+from server.api.errors import ANSWERED, ServiceInterceptor, rewrap
 
 GENERATE = "generate"
 MANAGE = "manage"
@@ -138,11 +138,6 @@ class AuthInterceptor(ServiceInterceptor):
 
 
 def _refusing(handler: grpc.RpcMethodHandler, code: grpc.StatusCode, message: str) -> grpc.RpcMethodHandler:
-    kwargs = {
-        "request_deserializer": handler.request_deserializer,
-        "response_serializer": handler.response_serializer,
-    }
-
     async def refuse(request, context):
         await context.abort(code, message, trailing_metadata=ANSWERED)
 
@@ -150,10 +145,4 @@ def _refusing(handler: grpc.RpcMethodHandler, code: grpc.StatusCode, message: st
         await context.abort(code, message, trailing_metadata=ANSWERED)
         yield  # pragma: no cover - makes this an async generator
 
-    if handler.unary_unary is not None:
-        return grpc.unary_unary_rpc_method_handler(refuse, **kwargs)
-    if handler.stream_unary is not None:
-        return grpc.stream_unary_rpc_method_handler(refuse, **kwargs)
-    if handler.unary_stream is not None:
-        return grpc.unary_stream_rpc_method_handler(refuse_stream, **kwargs)
-    return grpc.stream_stream_rpc_method_handler(refuse_stream, **kwargs)
+    return rewrap(handler, unary=lambda _behaviour: refuse, stream=lambda _behaviour: refuse_stream)

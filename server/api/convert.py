@@ -7,11 +7,12 @@ import re
 import uuid
 from typing import Any
 
+from adapters.blend import Merge
 from adapters.errors import InvalidArgument
 from server.api.pb.loraloom.v1 import adapters_pb2, generate_pb2, server_pb2
 from server.engine.types import (
     DEFAULT_GUIDANCE,
-    DEFAULT_SCHEDULER,
+    DEFAULT_SAMPLER,
     DEFAULT_STEPS,
     EngineStats,
     GenerateRequest,
@@ -48,8 +49,22 @@ def generate_request(
         preview_every=message.preview_every,
         deadline=deadline,
         request_id=request_id(message.request_id),
-        scheduler=message.sampler or DEFAULT_SCHEDULER,
+        sampler=message.sampler or DEFAULT_SAMPLER,
+        merge=merge(message),
     )
+
+
+def merge(message: generate_pb2.GenerateRequest) -> Merge:
+    asked = message.merge
+    return Merge.asked(asked.method, asked.density, asked.seed if asked.HasField("seed") else None)
+
+
+def blend_merge(merge: Merge) -> generate_pb2.BlendMerge:
+    """What ran: linear with density 0 and no seed; the seed only for DARE."""
+    if merge.is_linear:
+        return generate_pb2.BlendMerge(method="linear")
+    seed = merge.seed if merge.method.startswith("dare") else None
+    return generate_pb2.BlendMerge(method=merge.method, density=merge.density, seed=seed)
 
 
 REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
@@ -218,8 +233,9 @@ def parameters(params: GenerationParameters) -> generate_pb2.GenerationParameter
         steps=params.steps,
         guidance_scale=params.guidance_scale,
         seed=params.seed,
-        sampler=params.scheduler,
+        sampler=params.sampler,
         num_images=params.num_images,
+        merge=blend_merge(params.merge),
         adapters=[
             generate_pb2.AppliedAdapter(
                 name=item.name, version=item.version, sha256=item.sha256, weight=item.weight

@@ -11,43 +11,40 @@ import inspect
 import logging
 import uuid
 from collections.abc import Awaitable, Callable
+from functools import partial
+from typing import Any
 
 import grpc
 from grpc import aio
 
 from adapters import errors
+from server.wire import ANSWERED, RETRY_AFTER_KEY, RETRY_PUSHBACK_KEY
+from server.wire import ANSWERED_KEY as ANSWERED_KEY  # re-exported; the trailer keys live in server.wire
 
 log = logging.getLogger(__name__)
 
 SERVICE_PREFIX = "/loraloom.v1.Loraloom/"
 
-# Trailing metadata keys carrying the retry hint of RESOURCE_EXHAUSTED: gRPC's own
-# retry pushback (honoured by clients with a retry policy) and a plain one in seconds.
-RETRY_PUSHBACK_KEY = "grpc-retry-pushback-ms"
-RETRY_AFTER_KEY = "retry-after-s"
-# Set on every status a loraloom server sends, so a client can tell "the server said UNAVAILABLE
-# (starting, draining)" from "nothing answered at that address" (same code, from the transport).
-ANSWERED_KEY = "loraloom-answered"
-ANSWERED: tuple[tuple[str, str], ...] = ((ANSWERED_KEY, "1"),)
-
-# Subclasses come first where they share a parent; the first match wins.
-STATUS_BY_ERROR: tuple[tuple[type[errors.LoraloomError], grpc.StatusCode], ...] = (
-    (errors.InvalidArgument, grpc.StatusCode.INVALID_ARGUMENT),
-    (errors.NotFound, grpc.StatusCode.NOT_FOUND),
-    (errors.AlreadyExists, grpc.StatusCode.ALREADY_EXISTS),
-    (errors.FailedPrecondition, grpc.StatusCode.FAILED_PRECONDITION),
-    (errors.ResourceExhausted, grpc.StatusCode.RESOURCE_EXHAUSTED),
-    (errors.Unavailable, grpc.StatusCode.UNAVAILABLE),
-    (errors.DeadlineExceeded, grpc.StatusCode.DEADLINE_EXCEEDED),
-    (errors.Cancelled, grpc.StatusCode.CANCELLED),
+Behaviour = Callable[..., Any]  # a handler's (request, context) coroutine or async generator
+Wrapper = Callable[[Behaviour], Behaviour]
+_FACTORIES = (
+    ("unary_unary", grpc.unary_unary_rpc_method_handler),
+    ("stream_unary", grpc.stream_unary_rpc_method_handler),
+    ("unary_stream", grpc.unary_stream_rpc_method_handler),
+    ("stream_stream", grpc.stream_stream_rpc_method_handler),
 )
 
 
 def status_for(error: BaseException) -> tuple[grpc.StatusCode, str, tuple[tuple[str, str], ...]]:
-    """The status code, client-facing message and trailing metadata for ``error``."""
-    for kind, code in STATUS_BY_ERROR:
-        if isinstance(error, kind):
-            return code, str(error) or kind.__name__, _trailers(error)
+    """The status code, client-facing message and trailing metadata for ``error``.
+
+    A ``LoraloomError`` maps to the status its class names in ``code``; only those that are
+    not INTERNAL show their message. Anything else is INTERNAL with a generic message and an id.
+    """
+    if isinstance(error, errors.LoraloomError):
+        code = grpc.StatusCode[type(error).code]
+        if code is not grpc.StatusCode.INTERNAL:
+            return code, str(error) or type(error).__name__, _trailers(error)
     incident = uuid.uuid4().hex[:12]
     message = f"internal error (incident {incident}; details in the server log)"
     return grpc.StatusCode.INTERNAL, message, ANSWERED
@@ -96,17 +93,27 @@ class ErrorInterceptor(ServiceInterceptor):
 
 def wrap_handler(handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
     """``handler`` with every behaviour wrapped so errors become statuses."""
-    kwargs = {
-        "request_deserializer": handler.request_deserializer,
-        "response_serializer": handler.response_serializer,
-    }
-    if handler.unary_unary is not None:
-        return grpc.unary_unary_rpc_method_handler(_wrap_unary(handler.unary_unary, method), **kwargs)
-    if handler.stream_unary is not None:
-        return grpc.stream_unary_rpc_method_handler(_wrap_unary(handler.stream_unary, method), **kwargs)
-    if handler.unary_stream is not None:
-        return grpc.unary_stream_rpc_method_handler(_wrap_stream(handler.unary_stream, method), **kwargs)
-    return grpc.stream_stream_rpc_method_handler(_wrap_stream(handler.stream_stream, method), **kwargs)
+    return rewrap(
+        handler, unary=partial(_wrap_unary, method=method), stream=partial(_wrap_stream, method=method)
+    )
+
+
+def rewrap(handler: grpc.RpcMethodHandler, *, unary: Wrapper, stream: Wrapper) -> grpc.RpcMethodHandler:
+    """``handler`` of the same kind and (de)serializers, its behaviour wrapped (the one four-way split).
+
+    ``stream`` wraps async-generator behaviours (streaming responses); ``unary`` wraps coroutine
+    ones (unary responses, and streaming ones that write with ``context.write()``).
+    """
+    for kind, factory in _FACTORIES:
+        behaviour = getattr(handler, kind)
+        if behaviour is not None:
+            wrap = stream if inspect.isasyncgenfunction(behaviour) else unary
+            return factory(
+                wrap(behaviour),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+    return handler
 
 
 def _wrap_unary(behaviour, method: str):
@@ -122,9 +129,6 @@ def _wrap_unary(behaviour, method: str):
 
 
 def _wrap_stream(behaviour, method: str):
-    if not inspect.isasyncgenfunction(behaviour):
-        return _wrap_unary(behaviour, method)  # a coroutine that writes with context.write()
-
     async def wrapped(request, context):
         try:
             async for response in behaviour(request, context):

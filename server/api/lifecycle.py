@@ -10,13 +10,12 @@ draining, and counts the calls in flight so a drain can wait for them.
 from __future__ import annotations
 
 import asyncio
-import inspect
 
 import grpc
 from grpc_health.v1 import health_pb2
 from grpc_health.v1.health import aio as health_aio
 
-from server.api.errors import ANSWERED, ServiceInterceptor
+from server.api.errors import ANSWERED, ServiceInterceptor, rewrap
 
 SERVICE_NAME = "loraloom.v1.Loraloom"
 LIVENESS = ""
@@ -85,26 +84,21 @@ class GateInterceptor(ServiceInterceptor):
 
 
 def _gated(handler: grpc.RpcMethodHandler, lifecycle: Lifecycle) -> grpc.RpcMethodHandler:
-    kwargs = {
-        "request_deserializer": handler.request_deserializer,
-        "response_serializer": handler.response_serializer,
-    }
-    for kind, factory in (
-        ("unary_unary", grpc.unary_unary_rpc_method_handler),
-        ("stream_unary", grpc.stream_unary_rpc_method_handler),
-        ("unary_stream", grpc.unary_stream_rpc_method_handler),
-        ("stream_stream", grpc.stream_stream_rpc_method_handler),
-    ):
-        behaviour = getattr(handler, kind)
-        if behaviour is not None:
-            return factory(_gate(behaviour, lifecycle), **kwargs)
-    return handler
+    def unary(behaviour):
+        async def wrapped(request, context):
+            reason = lifecycle.refusal()
+            if reason:
+                await context.abort(grpc.StatusCode.UNAVAILABLE, reason, trailing_metadata=ANSWERED)
+            lifecycle.enter()
+            try:
+                return await behaviour(request, context)
+            finally:
+                lifecycle.leave()
 
+        return wrapped
 
-def _gate(behaviour, lifecycle: Lifecycle):
-    if inspect.isasyncgenfunction(behaviour):
-
-        async def streaming(request, context):
+    def streaming(behaviour):
+        async def wrapped(request, context):
             reason = lifecycle.refusal()
             if reason:
                 await context.abort(grpc.StatusCode.UNAVAILABLE, reason, trailing_metadata=ANSWERED)
@@ -115,16 +109,6 @@ def _gate(behaviour, lifecycle: Lifecycle):
             finally:
                 lifecycle.leave()
 
-        return streaming
+        return wrapped
 
-    async def unary(request, context):
-        reason = lifecycle.refusal()
-        if reason:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, reason, trailing_metadata=ANSWERED)
-        lifecycle.enter()
-        try:
-            return await behaviour(request, context)
-        finally:
-            lifecycle.leave()
-
-    return unary
+    return rewrap(handler, unary=unary, stream=streaming)

@@ -12,7 +12,6 @@ Each server has its own registry, so several servers may share a process (tests)
 from __future__ import annotations
 
 import asyncio
-import inspect
 import time
 from collections.abc import Iterator
 
@@ -20,7 +19,7 @@ import grpc
 from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
-from server.api.errors import ServiceInterceptor
+from server.api.errors import ServiceInterceptor, rewrap
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 
@@ -178,11 +177,6 @@ def _code_of(context, error: BaseException | None) -> str:
 
 
 def _measured(handler: grpc.RpcMethodHandler, method: str, metrics: Metrics) -> grpc.RpcMethodHandler:
-    kwargs = {
-        "request_deserializer": handler.request_deserializer,
-        "response_serializer": handler.response_serializer,
-    }
-
     def record(context, started: float, error: BaseException | None) -> None:
         metrics.requests.labels(method=method, code=_code_of(context, error)).inc()
         metrics.latency.labels(method=method).observe(time.perf_counter() - started)
@@ -201,9 +195,6 @@ def _measured(handler: grpc.RpcMethodHandler, method: str, metrics: Metrics) -> 
         return wrapped
 
     def streaming(behaviour):
-        if not inspect.isasyncgenfunction(behaviour):
-            return unary(behaviour)  # a coroutine that writes with context.write()
-
         async def wrapped(request, context):
             started, error = time.perf_counter(), None
             try:
@@ -217,10 +208,4 @@ def _measured(handler: grpc.RpcMethodHandler, method: str, metrics: Metrics) -> 
 
         return wrapped
 
-    if handler.unary_unary is not None:
-        return grpc.unary_unary_rpc_method_handler(unary(handler.unary_unary), **kwargs)
-    if handler.stream_unary is not None:
-        return grpc.stream_unary_rpc_method_handler(unary(handler.stream_unary), **kwargs)
-    if handler.unary_stream is not None:
-        return grpc.unary_stream_rpc_method_handler(streaming(handler.unary_stream), **kwargs)
-    return grpc.stream_stream_rpc_method_handler(streaming(handler.stream_stream), **kwargs)
+    return rewrap(handler, unary=unary, stream=streaming)

@@ -15,10 +15,10 @@ from grpc import aio
 
 from adapters.errors import FailedPrecondition, InvalidArgument
 from server.api import convert
-from server.api.config import ServerConfig
 from server.api.pb.loraloom.v1 import adapters_pb2, generate_pb2, server_pb2, service_pb2_grpc
 from server.engine.types import Progress
 from server.service import LoraloomService, encode_image
+from server.settings import Settings
 
 MESSAGE_OVERHEAD_BYTES = 64 * 1024
 
@@ -28,14 +28,16 @@ class LoraloomServicer(service_pb2_grpc.LoraloomServicer):
     ``GateInterceptor`` refuses calls until the server is ready, so none arrive before.
     """
 
-    def __init__(self, config: ServerConfig, service: LoraloomService | None = None) -> None:
+    def __init__(self, config: Settings, service: LoraloomService | None = None) -> None:
         self.config = config
         self.service = service
 
     def _request(self, request: generate_pb2.GenerateRequest, context: aio.ServicerContext):
         remaining = context.time_remaining()
         deadline = time.monotonic() + remaining if remaining is not None else None
-        return convert.generate_request(request, default_steps=self.config.default_steps, deadline=deadline)
+        return convert.generate_request(
+            request, default_steps=self.config.limits.default_steps, deadline=deadline
+        )
 
     async def _run(self, future, cancel: threading.Event):
         """Await the scheduler's future; a cancelled call (client, deadline) stops work at the next step."""
@@ -48,14 +50,14 @@ class LoraloomServicer(service_pb2_grpc.LoraloomServicer):
     async def Generate(self, request, context):
         cancel = threading.Event()
         asked = self._request(request, context)
-        future = self.service.submit(asked, cancel=cancel)
+        future = await asyncio.to_thread(self.service.submit, asked, cancel=cancel)
         result = await self._run(future, cancel)
         images = await asyncio.to_thread(self.service.encode, result, convert.image_format(request))
         size = sum(len(item.data) for item in images)
-        if size + MESSAGE_OVERHEAD_BYTES > self.config.max_message_bytes:
+        if size + MESSAGE_OVERHEAD_BYTES > self.config.api.max_message_bytes:
             raise FailedPrecondition(
                 f"the images take {size} bytes, more than this server's message limit "
-                f"({self.config.max_message_bytes} bytes); use GenerateStream, which sends them in chunks"
+                f"({self.config.api.max_message_bytes} bytes); use GenerateStream, which sends them in chunks"
             )
         return generate_pb2.GenerateResponse(
             images=[convert.image(item) for item in images], **convert.outcome(result, asked.request_id)
@@ -70,7 +72,7 @@ class LoraloomServicer(service_pb2_grpc.LoraloomServicer):
             loop.call_soon_threadsafe(events.put_nowait, _progress_message(progress))
 
         asked = self._request(request, context)
-        future = self.service.submit(asked, on_progress=on_progress, cancel=cancel)
+        future = await asyncio.to_thread(self.service.submit, asked, on_progress=on_progress, cancel=cancel)
         waiter = asyncio.ensure_future(self._run(future, cancel))
         waiter.add_done_callback(lambda _: events.put_nowait(None))
         try:
@@ -87,7 +89,7 @@ class LoraloomServicer(service_pb2_grpc.LoraloomServicer):
                 yield message
         images = await asyncio.to_thread(self.service.encode, result, convert.image_format(request))
         for index, encoded in enumerate(images):
-            for message in convert.image_chunks(index, encoded, self.config.chunk_bytes):
+            for message in convert.image_chunks(index, encoded, self.config.api.chunk_bytes):
                 yield message
         yield generate_pb2.GenerateStreamResponse(
             done=generate_pb2.DoneEvent(**convert.outcome(result, asked.request_id))

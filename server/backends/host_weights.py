@@ -14,7 +14,8 @@ from collections.abc import Mapping
 
 import torch
 
-from server.engine.fuse import BlendPlan, one_thread
+from adapters.blend import add_update
+from server.engine.plan import BlendPlan, one_thread
 
 
 class HostWeights:
@@ -55,20 +56,18 @@ class HostWeights:
             return self._apply(plan)
 
     def _apply(self, plan: BlendPlan | None) -> int:
-        factors = {k: v for k, v in (plan.factors.items() if plan is not None else ()) if k in self._buffers}
+        updates = {k: v for k, v in (plan.updates.items() if plan is not None else ()) if k in self._buffers}
         written = 0
-        for key in self.touched - factors.keys():
+        for key in self.touched - updates.keys():
             self._buffers[key].copy_(self.pristine[key])  # bf16: the same rounding as at start
             written += 1
-        for key, (down, up) in factors.items():
+        for key, update in updates.items():
             base, out, scratch = self._matrices[key]
-            if up.dtype != torch.float32:
-                up, down = up.float(), down.float()
             if scratch is None:
-                torch.addmm(base, up, down, out=out)
-            else:  # W0 + B @ A in float32, rounded once into the bf16 buffer
-                out.copy_(torch.addmm(base, up, down, out=scratch))
+                add_update(base, update, out)
+            else:  # W0 + update in float32, rounded once into the bf16 buffer
+                out.copy_(add_update(base, update, scratch))
             written += 1
-        self.touched = frozenset(factors)
+        self.touched = frozenset(updates)
         self.signature = plan.signature if plan is not None else ()
         return written

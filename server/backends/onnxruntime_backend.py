@@ -31,7 +31,7 @@ from server.backends.onnx_export import (
     unet_targets,
 )
 from server.backends.pipeline_view import PipelineView, unet_config
-from server.engine.fuse import BlendPlan
+from server.engine.plan import BlendPlan
 
 
 class OrtUnet:

@@ -51,7 +51,7 @@ from server.backends.onnx_export import (
 from server.backends.openvino_runtime import compile_model, core, effective_precision, openvino
 from server.backends.openvino_weights import SharedWeights, declare_bf16_inputs
 from server.backends.pipeline_view import unet_config
-from server.engine.fuse import BlendPlan
+from server.engine.plan import BlendPlan
 
 log = logging.getLogger(__name__)
 

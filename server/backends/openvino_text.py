@@ -29,7 +29,7 @@ from server.backends.openvino_runtime import (
     openvino,
 )
 from server.backends.openvino_weights import SharedWeights, declare_bf16_inputs
-from server.engine.fuse import BlendPlan
+from server.engine.plan import BlendPlan
 from server.models.shapes import lora_targets
 
 log = logging.getLogger(__name__)

@@ -16,7 +16,7 @@ import torch
 
 from adapters.errors import InvalidArgument
 from server.backends.pipeline_view import with_components
-from server.engine.fuse import BlendPlan
+from server.engine.plan import BlendPlan
 
 # "tensorrt" exists (server.backends.tensorrt_backend) but is not selectable until it has run on a GPU.
 BACKENDS = ("torch", "onnxruntime", "openvino")

@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from adapters.blend import Dense, LowRank, Update, add_update
 from adapters.errors import FailedPrecondition
 from adapters.home import cache_dir
 from server.backends.onnx_export import (
@@ -45,7 +46,7 @@ from server.backends.onnx_export import (
     initializer_key_map,
     unet_targets,
 )
-from server.engine.fuse import BlendPlan
+from server.engine.plan import BlendPlan
 
 INSTALL_HINT = (
     "install the TensorRT extra on a machine with an NVIDIA GPU and CUDA: "
@@ -103,7 +104,7 @@ def refit_name_map(onnx_path: Path, pipeline) -> dict[str, str]:
 def keys_to_refit(previous: Iterable[str], plan: BlendPlan | None, known: Iterable[str]) -> list[str]:
     """Keys the swap must write: those the previous blend touched and those ``plan`` touches."""
     known = set(known)
-    new = {key for key in (plan.factors if plan is not None else ()) if key in known}
+    new = {key for key in (plan.updates if plan is not None else ()) if key in known}
     return sorted(set(previous) | new)
 
 
@@ -112,18 +113,21 @@ def refit_arrays(
     pristine: Mapping[str, torch.Tensor], plan: BlendPlan | None, keys: Iterable[str]
 ) -> dict[str, np.ndarray]:
     """Per key, float32 ``W0 + B @ A`` (``W0`` where ``plan`` does not touch it), from the pristine base."""
-    factors = plan.factors if plan is not None else {}
+    updates = plan.updates if plan is not None else {}
     arrays: dict[str, np.ndarray] = {}
     for key in keys:
         base = pristine[key].detach().to("cpu", torch.float32).contiguous()
-        if key in factors:
-            down, up = factors[key]
-            rows = base.shape[0]
-            out = torch.addmm(base.view(rows, -1), up.to("cpu", torch.float32), down.to("cpu", torch.float32))
-            arrays[key] = out.view(base.shape).numpy()
+        if key in updates:
+            arrays[key] = add_update(base, _on_cpu(updates[key])).numpy()
         else:
             arrays[key] = base.numpy().copy()
     return arrays
+
+
+def _on_cpu(update: Update) -> Update:
+    if isinstance(update, LowRank):
+        return LowRank(update.down.to("cpu", torch.float32), update.up.to("cpu", torch.float32))
+    return Dense(update.delta.to("cpu", torch.float32))
 
 
 class TensorRTUnet:
@@ -228,7 +232,7 @@ class TensorRTUnet:
             self.refitter.set_named_weights(name, trt.Weights(keep[-1]))
         if not self.refitter.refit_cuda_engine():
             raise FailedPrecondition("TensorRT refit failed; the engine's weights are undefined, rebuild it")
-        self._touched = {key for key in (plan.factors if plan is not None else ()) if key in self._pristine}
+        self._touched = {key for key in (plan.updates if plan is not None else ()) if key in self._pristine}
         self.signature = plan.signature if plan is not None else ()
         return len(keys)
 

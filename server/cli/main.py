@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, TypeVar
+from typing import TYPE_CHECKING, Annotated, Literal, TypeVar
 
 import typer
 
@@ -36,6 +36,8 @@ Server = Annotated[
 Timeout = Annotated[float, typer.Option(help="Deadline of the call in seconds.")]
 Json = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
 DEFAULT_SERVER = "127.0.0.1:50051"
+# server.client.types.MERGE_METHODS, spelled out so that --help imports no client (grpc).
+MergeMethod = Literal["linear", "ties", "dare_linear", "dare_ties"]
 
 
 def _client(server: str, timeout: float | None):
@@ -93,16 +95,36 @@ def generate(
             show_default=False,
         ),
     ] = "",
+    merge: Annotated[
+        MergeMethod,
+        typer.Option(
+            help="How the blend's adapters combine: linear, the weighted sum; ties, keep each "
+            "adapter's largest changes, elect a sign per weight and average the changes that agree "
+            "with it; dare_linear, drop changes at random, rescale the rest and sum; dare_ties, drop "
+            "as dare_linear, then merge as ties.",
+        ),
+    ] = "linear",
+    density: Annotated[
+        float | None,
+        typer.Option(
+            help="ties, dare_linear and dare_ties: the fraction of each adapter's changes kept, in (0, 1]. "
+            "\\[default: 0.5]",
+            show_default=False,
+        ),
+    ] = None,
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
     server: Server = DEFAULT_SERVER,
     timeout: Timeout = 600.0,
 ) -> None:
     """Generate images with an optional blend of adapters and write them as PNG files."""
+    import math
     import uuid
 
     from server.cli.progress import GenerateProgress
     from server.client import AdapterSpec
 
+    if density is not None and not (math.isfinite(density) and 0.0 < density <= 1.0):
+        raise typer.BadParameter(f"must be in (0, 1], is {density:g}", param_hint="--density")
     request_id = uuid.uuid4().hex[:16]  # ours, so a failed request can be found in the server's log too
     try:
         specs = [AdapterSpec.parse(text) for text in adapter or ()]
@@ -118,6 +140,8 @@ def generate(
                 height=height,
                 num_images=num_images,
                 sampler=sampler,
+                merge=merge,
+                density=density,
                 request_id=request_id,
                 on_event=bar.update,
             )
@@ -138,6 +162,8 @@ def generate(
         typer.echo(f"wrote {path} ({image.width}x{image.height}, seed {image.seed})")
     params = result.parameters
     blend = " ".join(f"--adapter {item.spec}" for item in params.adapters)
+    if params.adapters and params.merge != "linear":
+        blend += f" --merge {params.merge} --density {params.density:g}"
     took = f"{result.timing.total_ms:.0f} ms (queue {result.timing.queue_ms:.0f} ms)"
     typer.echo(f"{took}, request {result.request_id}; reproduce with:")
     typer.echo(f"  --seed {params.seed} --steps {params.steps} --sampler {params.sampler} {blend}".rstrip())

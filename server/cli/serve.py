@@ -8,12 +8,13 @@ from typing import Annotated
 
 import typer
 
-from server.api.config import ServerConfig, env_name
+from adapters.envsettings import env_name
+from server.settings import FIELDS
 
 
 def _opt(name: str, *flags: str):
-    """A typer option whose help is the config field's help plus its variable."""
-    field = ServerConfig.__dataclass_fields__[name]
+    """A typer option whose help is the setting's help plus its variable."""
+    field = FIELDS[name]
     default = field.default
     shown = f"default {default}" if default not in (None, "") else "no default"
     text = f"{field.metadata['help']} (env {env_name(name)}; {shown})"
@@ -45,6 +46,8 @@ def register(app: typer.Typer) -> None:
         max_images: Annotated[int | None, _opt("max_images", "--max-images")] = None,
         max_adapters: Annotated[int | None, _opt("max_adapters", "--max-adapters")] = None,
         max_size: Annotated[int | None, _opt("max_size", "--max-size")] = None,
+        max_abs_weight: Annotated[float | None, _opt("max_abs_weight", "--max-abs-weight")] = None,
+        resolve_ttl_s: Annotated[float | None, _opt("resolve_ttl_s", "--resolve-ttl-s")] = None,
         grace_s: Annotated[float | None, _opt("grace_s", "--grace-s")] = None,
         warmup: Annotated[bool | None, _opt("warmup", "--warmup/--no-warmup")] = None,
         log_level: Annotated[str | None, _opt("log_level", "--log-level")] = None,
@@ -63,13 +66,13 @@ def register(app: typer.Typer) -> None:
         log_prompts: Annotated[bool | None, _opt("log_prompts", "--log-prompts/--no-log-prompts")] = None,
     ) -> None:
         """Serve the gRPC API (no flags: built-in model "toy", local store, 127.0.0.1:50051)."""
-        from server.api.config import from_env
+        from server.settings import Settings
 
-        overrides = {key: value for key, value in locals().items() if key != "from_env"}
-        config = from_env(**overrides)
+        overrides = {key: value for key, value in locals().items() if key != "Settings"}
+        settings = Settings.load(**overrides)
         # The server never forks a child that uses gRPC, but model conversion runs subprocesses;
         # with fork support on, gRPC logs a warning for each (dozens on a first start).
         os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
         from server.api.app import run
 
-        raise typer.Exit(run(config))
+        raise typer.Exit(run(settings))

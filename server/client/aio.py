@@ -72,8 +72,19 @@ class AsyncClient:
             await asyncio.sleep(delay)
             attempt += 1
 
-    async def generate(self, prompt: str, *, timeout: float | None = None, on_event=None, **options):
+    async def generate(
+        self,
+        prompt: str,
+        *,
+        timeout: float | None = None,
+        on_event=None,
+        merge: str = "linear",
+        density: float | None = None,
+        merge_seed: int | None = None,
+        **options,
+    ) -> types.GenerateResult:
         """See ``Client.generate``; ``on_event`` may be a plain function or a coroutine function."""
+        options.update(merge=merge, density=density, merge_seed=merge_seed)
         if on_event is None:
             request = convert.generate_request(prompt, **options)
             return convert.generate_result(await self._call(self._stub.Generate, request, timeout))
@@ -86,9 +97,19 @@ class AsyncClient:
         raise Unavailable("the server closed the stream before the images were complete")
 
     async def generate_stream(
-        self, prompt: str, *, timeout: float | None = None, **options
+        self,
+        prompt: str,
+        *,
+        timeout: float | None = None,
+        merge: str = "linear",
+        density: float | None = None,
+        merge_seed: int | None = None,
+        **options,
     ) -> AsyncIterator[types.StreamEvent]:
-        request = convert.generate_request(prompt, **options)
+        """See ``Client.generate_stream``."""
+        request = convert.generate_request(
+            prompt, merge=merge, density=density, merge_seed=merge_seed, **options
+        )
         call = self._stub.GenerateStream(request, timeout=self.timeout if timeout is None else timeout)
         assembler = convert.StreamAssembler()
         try:

@@ -6,6 +6,7 @@ import json
 from collections.abc import Iterable, Sequence
 
 from adapters.errors import InvalidArgument
+from server import records
 from server.api.pb.loraloom.v1 import adapters_pb2, generate_pb2, server_pb2
 from server.client import types
 
@@ -42,6 +43,9 @@ def generate_request(
     preview_every: int = 0,
     request_id: str = "",
     sampler: str = "",
+    merge: str = "linear",
+    density: float | None = None,
+    merge_seed: int | None = None,
 ) -> generate_pb2.GenerateRequest:
     try:
         fmt = FORMATS[image_format.lower()]
@@ -64,7 +68,31 @@ def generate_request(
         request.guidance_scale = guidance_scale
     if seed is not None:
         request.seed = seed
+    blend = blend_merge(merge, density, merge_seed)
+    if blend is not None:
+        request.merge.CopyFrom(blend)
     return request
+
+
+def blend_merge(
+    method: str = "linear", density: float | None = None, seed: int | None = None
+) -> generate_pb2.BlendMerge | None:
+    """GenerateRequest.merge, or None for the default (linear, no density or seed given).
+
+    The method, density and seed are checked by the server (INVALID_ARGUMENT), which knows
+    the merges it runs; only a negative seed, which the wire cannot carry, is refused here.
+    """
+    method = method or "linear"
+    if method == "linear" and density is None and seed is None:
+        return None
+    message = generate_pb2.BlendMerge(method=method)
+    if density is not None:
+        message.density = density
+    if seed is not None:
+        if seed < 0:
+            raise InvalidArgument(f"merge seed must be >= 0, is {seed}")
+        message.seed = seed
+    return message
 
 
 def image(message: generate_pb2.Image) -> types.Image:
@@ -98,9 +126,12 @@ def parameters(message: generate_pb2.GenerationParameters) -> types.Parameters:
         sampler=message.sampler,
         num_images=message.num_images,
         adapters=tuple(
-            types.AppliedAdapter(item.name, item.version, item.sha256, item.weight)
+            records.AppliedAdapter(item.name, item.version, item.sha256, item.weight)
             for item in message.adapters
         ),
+        merge=message.merge.method or "linear",  # a server without merges leaves it empty
+        density=message.merge.density,
+        merge_seed=message.merge.seed if message.merge.HasField("seed") else None,
     )
 
 
@@ -222,8 +253,8 @@ def upload_messages(
         yield adapters_pb2.UploadAdapterRequest(chunk=bytes(view[start : start + chunk_size]))
 
 
-def resident_adapter(message: adapters_pb2.ResidentAdapter) -> types.ResidentAdapter:
-    return types.ResidentAdapter(
+def resident_adapter(message: adapters_pb2.ResidentAdapter) -> records.ResidentAdapter:
+    return records.ResidentAdapter(
         name=message.name,
         version=message.version,
         sha256=message.sha256,
@@ -276,13 +307,14 @@ def server_info(message: server_pb2.ServerInfo) -> types.ServerInfo:
             max_size=limits.max_size,
         ),
         cache=cache_stats(message.cache),
-        queue=types.QueueStats(
+        queue=records.QueueStats(
             queued=queue.queued,
             running=queue.running,
             completed=queue.completed,
             failed=queue.failed,
             cancelled=queue.cancelled,
             rejected=queue.rejected,
+            max_queue=limits.max_queue,  # the wire's QueueStats has no capacity; Limits does
         ),
         ready=message.ready,
     )

@@ -5,11 +5,16 @@ from __future__ import annotations
 import grpc
 
 from adapters import errors
-from server.api.errors import ANSWERED_KEY, RETRY_AFTER_KEY, RETRY_PUSHBACK_KEY
+from server.wire import ANSWERED_KEY, RETRY_AFTER_KEY, RETRY_PUSHBACK_KEY
 
 
 class ServerError(errors.LoraloomError):
-    """The server failed for a reason it does not share (INTERNAL, UNKNOWN, ...)."""
+    """The server failed for a reason it does not share (INTERNAL, UNKNOWN, ...).
+
+    ``code`` on an instance is the ``grpc.StatusCode`` received (the class keeps INTERNAL).
+    """
+
+    code: grpc.StatusCode  # type: ignore[assignment]
 
     def __init__(self, message: str, code: grpc.StatusCode) -> None:
         super().__init__(message)
@@ -20,17 +25,14 @@ class Unreachable(errors.Unavailable):
     """No loraloom server answered at the address (refused, unresolvable, TLS failure, ...)."""
 
 
+# Each status code to the most general class carrying it: the direct subclasses of
+# LoraloomError in adapters.errors (a subclass shares its parent's code). OUT_OF_RANGE
+# is a bad argument too.
 ERROR_BY_STATUS: dict[grpc.StatusCode, type[errors.LoraloomError]] = {
-    grpc.StatusCode.INVALID_ARGUMENT: errors.InvalidArgument,
-    grpc.StatusCode.NOT_FOUND: errors.NotFound,
-    grpc.StatusCode.ALREADY_EXISTS: errors.AlreadyExists,
-    grpc.StatusCode.FAILED_PRECONDITION: errors.FailedPrecondition,
-    grpc.StatusCode.OUT_OF_RANGE: errors.InvalidArgument,
-    grpc.StatusCode.RESOURCE_EXHAUSTED: errors.ResourceExhausted,
-    grpc.StatusCode.UNAVAILABLE: errors.Unavailable,
-    grpc.StatusCode.DEADLINE_EXCEEDED: errors.DeadlineExceeded,
-    grpc.StatusCode.CANCELLED: errors.Cancelled,
-}
+    grpc.StatusCode[kind.code]: kind
+    for kind in errors.LoraloomError.__subclasses__()
+    if kind.__module__ == errors.__name__ and kind.code != errors.LoraloomError.code
+} | {grpc.StatusCode.OUT_OF_RANGE: errors.InvalidArgument}
 
 
 def from_status(code: grpc.StatusCode, details: str | None, trailing_metadata=None) -> errors.LoraloomError:

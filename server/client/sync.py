@@ -86,6 +86,9 @@ class Client:
         *,
         timeout: float | None = None,
         on_event: Callable[[types.StreamEvent], None] | None = None,
+        merge: str = "linear",
+        density: float | None = None,
+        merge_seed: int | None = None,
         **options,
     ) -> types.GenerateResult:
         """Generate images. With ``on_event`` the call streams and reports each event as it comes.
@@ -93,7 +96,16 @@ class Client:
         ``options``: adapters (``"name[@version][:weight]"`` strings, ``AdapterSpec`` or
         ``(ref, weight)``), negative_prompt, steps, guidance_scale, seed, width, height,
         num_images, image_format ("png" or "jpeg"), preview_every, request_id, sampler.
+
+        ``merge``: how the blend's adapters combine, one of ``types.MERGE_METHODS``: "linear"
+        (the weighted sum), "ties" (keep each adapter's largest deltas, elect a sign per
+        parameter, average those that agree), "dare_linear" / "dare_ties" (drop deltas at
+        random and rescale, then sum / merge as ties). ``density``: the fraction of each delta
+        ties and dare_* keep, in (0, 1] (None: the server's 0.5). ``merge_seed``: the seed of
+        dare_*'s masks (None: 0). What ran comes back in ``result.parameters`` (``merge``,
+        ``density``, ``merge_seed``).
         """
+        options.update(merge=merge, density=density, merge_seed=merge_seed)
         if on_event is None:
             request = convert.generate_request(prompt, **options)
             return convert.generate_result(self._call(self._stub.Generate, request, timeout))
@@ -104,10 +116,22 @@ class Client:
         raise Unavailable("the server closed the stream before the images were complete")
 
     def generate_stream(
-        self, prompt: str, *, timeout: float | None = None, **options
+        self,
+        prompt: str,
+        *,
+        timeout: float | None = None,
+        merge: str = "linear",
+        density: float | None = None,
+        merge_seed: int | None = None,
+        **options,
     ) -> Iterator[types.StreamEvent]:
-        """Queued, Progress..., ImageReady..., Done. Closing the iterator early cancels the request."""
-        request = convert.generate_request(prompt, **options)
+        """Queued, Progress..., ImageReady..., Done. Closing the iterator early cancels the request.
+
+        The options are those of ``generate``.
+        """
+        request = convert.generate_request(
+            prompt, merge=merge, density=density, merge_seed=merge_seed, **options
+        )
         call = self._stub.GenerateStream(request, timeout=self.timeout if timeout is None else timeout)
         assembler = convert.StreamAssembler()
         try:

@@ -1,10 +1,20 @@
-"""Plain data the client hands back: no protobuf types leak out of ``server.client``."""
+"""Plain data the client hands back: no protobuf types leak out of ``server.client``.
+
+``AppliedAdapter``, ``ResidentAdapter`` and ``QueueStats`` are the server's own records
+(``server.records``), re-exported here.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
 from adapters.errors import InvalidArgument
+from server.records import AppliedAdapter, QueueStats, ResidentAdapter
+
+# How a blend's adapters combine (GenerateRequest.merge): the weighted sum, or PEFT's TIES and
+# DARE merges of the dense per-module deltas. The same names as adapters.blend.MERGE_METHODS,
+# which the client cannot import (torch).
+MERGE_METHODS = ("linear", "ties", "dare_linear", "dare_ties")
 
 
 @dataclass(frozen=True)
@@ -63,21 +73,6 @@ class Timing:
 
 
 @dataclass(frozen=True)
-class AppliedAdapter:
-    """An adapter of the blend a request ran under, at its exact version."""
-
-    name: str
-    version: int
-    sha256: str
-    weight: float
-
-    @property
-    def spec(self) -> str:
-        """``name@version:weight``, to send back for the same blend."""
-        return f"{self.name}@{self.version}:{self.weight:g}"
-
-
-@dataclass(frozen=True)
 class Parameters:
     """Exactly what ran (defaults filled in); pass them back to reproduce the images."""
 
@@ -91,6 +86,9 @@ class Parameters:
     sampler: str = ""
     num_images: int = 0
     adapters: tuple[AppliedAdapter, ...] = ()
+    merge: str = "linear"  # how the adapters combined: one of MERGE_METHODS
+    density: float = 0.0  # the fraction of each delta ties and dare_* kept; 0 for linear
+    merge_seed: int | None = None  # the seed of dare_*'s random masks; None for the others
 
 
 @dataclass(frozen=True)
@@ -169,15 +167,6 @@ class AdapterPage:
 
 
 @dataclass(frozen=True)
-class ResidentAdapter:
-    name: str
-    version: int
-    sha256: str
-    size_bytes: int
-    pinned: bool
-
-
-@dataclass(frozen=True)
 class CacheStats:
     used_bytes: int = 0
     capacity_bytes: int = 0
@@ -212,16 +201,6 @@ class Limits:
     max_images: int = 0
     max_adapters: int = 0
     max_size: int = 0
-
-
-@dataclass(frozen=True)
-class QueueStats:
-    queued: int = 0
-    running: int = 0
-    completed: int = 0
-    failed: int = 0
-    cancelled: int = 0
-    rejected: int = 0
 
 
 @dataclass(frozen=True)

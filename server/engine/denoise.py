@@ -17,25 +17,12 @@ from typing import Any
 import torch
 
 from server.engine.samplers import make_sampler
+from server.engine.types import GenerationSettings
 
 # Called after each step with (steps done, total steps, latents); may raise to stop the run.
 StepCallback = Callable[[int, int, torch.Tensor], None]
 # Called before each step with (step index, total steps); may raise to stop the run.
 BeforeStep = Callable[[int, int], None]
-
-
-@dataclass(frozen=True)
-class DenoiseJob:
-    """One request's worth of work: image ``i`` is drawn from ``seeds[i]``."""
-
-    prompt: str
-    negative_prompt: str
-    width: int
-    height: int
-    steps: int
-    guidance_scale: float
-    seeds: Sequence[int]
-    sampler: str
 
 
 @dataclass(frozen=True)
@@ -68,7 +55,7 @@ def _encode(pipeline, texts: list[str], device: torch.device) -> torch.Tensor:
 
 def denoise(
     pipeline,
-    job: DenoiseJob,
+    job: GenerationSettings,
     *,
     before_step: BeforeStep | None = None,
     after_step: StepCallback | None = None,
@@ -90,27 +77,16 @@ def denoise(
 BatchStepCallback = Callable[[int, int, int, torch.Tensor], None]
 
 
-def batchable(first: DenoiseJob, other: DenoiseJob) -> bool:
-    """Whether two jobs can share one denoising loop (same size, steps, guidance and sampler)."""
-    return (first.width, first.height, first.steps, first.guidance_scale, first.sampler) == (
-        other.width,
-        other.height,
-        other.steps,
-        other.guidance_scale,
-        other.sampler,
-    )
-
-
 @torch.inference_mode()
 def denoise_batch(
     pipeline,
-    jobs: Sequence[DenoiseJob],
+    jobs: Sequence[GenerationSettings],
     *,
     before_step: BeforeStep | None = None,
     after_step: BatchStepCallback | None = None,
     output_type: str = "pil",
 ) -> list[DenoiseOutput]:
-    """Run several ``batchable`` jobs as one batch; one output per job.
+    """Run several jobs of one ``batch_key`` as one batch; one output per job.
 
     Each job's prompt is encoded on its own and its noise drawn from its own seeds,
     so a job's inputs do not depend on its batch mates; CPU kernels may still
@@ -118,7 +94,7 @@ def denoise_batch(
     equals the unbatched one to that tolerance, not bit for bit.
     """
     first = jobs[0]
-    if not all(batchable(first, job) for job in jobs):
+    if any(job.batch_key != first.batch_key for job in jobs):
         raise ValueError("jobs of one batch must share size, steps, guidance and sampler")
     unet, vae = pipeline.unet, pipeline.vae
     device = unet.device

@@ -1,8 +1,9 @@
 """Fused hot-swap: a blend's weights are computed from pristine weights, never from the previous blend.
 
-For every module a blend touches, ``W = W0 + sum_i w_i * scale_i * B_i @ A_i`` is
-computed as one ``addmm`` from a stacked factor pair (``B`` columns carry
-``w_i * scale_i``, ``A`` rows are stacked). ``W0`` is the base model's own weight
+For every module a blend touches, ``W = W0 + update`` where the update is the
+blend's stacked low-rank pair (``sum_i w_i * scale_i * B_i @ A_i`` as one
+``addmm``) or, for TIES/DARE merges, its dense merged delta (``adapters.blend``
+holds both forms and the arithmetic). ``W0`` is the base model's own weight
 tensor, which is never written to again. A blend's weights are either
 *materialized* (computed once and kept with the blend's plan, in the engine's
 byte-bounded plan cache: a swap then only repoints each parameter, a few
@@ -15,15 +16,16 @@ Not thread-safe on its own: the engine calls it under its lock.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
+from adapters.blend import LINEAR, Blend, Dense, Merge, Update, add_update, merge_tasks, stack_low_rank
 from adapters.canonical import LoraAdapter
 from adapters.errors import AdapterIncompatible
+from server.engine.plan import BlendPlan, one_thread
 
 
 @dataclass(frozen=True)
@@ -35,21 +37,6 @@ class PreparedAdapter:
     sha256: str
     factors: Mapping[str, tuple[torch.Tensor, torch.Tensor]]
     nbytes: int
-
-
-@dataclass
-class BlendPlan:
-    """One blend, ready to apply: per module ``(A_stack, B_stack)``, and optionally its weights."""
-
-    signature: tuple[tuple[str, float], ...]
-    factors: Mapping[str, tuple[torch.Tensor, torch.Tensor]]
-    factor_bytes: int
-    weights: dict[str, torch.Tensor] | None = None
-
-    @property
-    def nbytes(self) -> int:
-        held = sum(_nbytes(t) for t in self.weights.values()) if self.weights is not None else 0
-        return self.factor_bytes + held
 
 
 class FusedWeights:
@@ -71,7 +58,7 @@ class FusedWeights:
 
     def materialized_bytes(self, plan: BlendPlan) -> int:
         """What materializing ``plan`` would hold: one copy of every weight it touches."""
-        return sum(_nbytes(self._pristine[key]) for key in plan.factors)
+        return sum(_nbytes(self._pristine[key]) for key in plan.updates)
 
     # ---------------------------------------------------------------- prepare
 
@@ -96,7 +83,7 @@ class FusedWeights:
                     "it was made for another base model"
                 )
             rank = module.rank
-            # Half-precision weights: factors stay float32, the blend is cast once in _compute.
+            # Half-precision weights: factors stay float32, the blend is cast once in add_update.
             dtype = torch.float32 if weight.element_size() < 4 else weight.dtype
             down = module.down.reshape(rank, -1).to(device=weight.device, dtype=dtype)
             up = module.up.reshape(module.up.shape[0], rank).to(device=weight.device, dtype=torch.float32)
@@ -105,30 +92,31 @@ class FusedWeights:
             nbytes += _nbytes(down) + _nbytes(up)
         return PreparedAdapter(name=name, version=version, sha256=sha256, factors=factors, nbytes=nbytes)
 
-    @staticmethod
-    def plan(entries: Sequence[tuple[PreparedAdapter, float]]) -> BlendPlan:
-        """Stack the factors of ``entries`` (in signature order) per module."""
+    def plan(self, entries: Sequence[tuple[PreparedAdapter, float]], merge: Merge = LINEAR) -> BlendPlan:
+        """The per-module updates of ``entries`` (in signature order) combined by ``merge``."""
+        blend = Blend.of(((prepared.sha256, weight) for prepared, weight in entries), merge)
         ordered = sorted(entries, key=lambda item: (item[0].sha256, item[1]))
-        signature = tuple((prepared.sha256, float(weight)) for prepared, weight in ordered)
         with one_thread():
-            return FusedWeights._stack(ordered, signature)
+            updates = _stacked(ordered) if blend.merge.is_linear else self._merged(ordered, blend.merge)
+        return BlendPlan(blend.signature, updates, sum(u.nbytes for u in updates.values()))
 
-    @staticmethod
-    def _stack(
-        ordered: Sequence[tuple[PreparedAdapter, float]], signature: tuple[tuple[str, float], ...]
-    ) -> BlendPlan:
-        per_module: dict[str, list[tuple[torch.Tensor, torch.Tensor, float]]] = {}
-        for prepared, weight in ordered:
-            for key, (down, up) in prepared.factors.items():
-                per_module.setdefault(key, []).append((down, up, float(weight)))
-        factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-        nbytes = 0
-        for key, parts in per_module.items():
-            down = torch.cat([d for d, _, _ in parts], dim=0)
-            up = torch.cat([u * w for _, u, w in parts], dim=1)
-            factors[key] = (down, up)
-            nbytes += _nbytes(down) + _nbytes(up)
-        return BlendPlan(signature=signature, factors=factors, factor_bytes=nbytes)
+    def _merged(self, ordered: Sequence[tuple[PreparedAdapter, float]], merge: Merge) -> dict[str, Update]:
+        """Dense merged deltas, modules in sorted order (DARE's random stream follows it)."""
+        generator = torch.Generator().manual_seed(merge.seed)
+        weights = torch.tensor([float(w) for _, w in ordered], dtype=torch.float32)
+        keys = sorted({key for prepared, _ in ordered for key in prepared.factors})
+        updates: dict[str, Update] = {}
+        for key in keys:
+            rows = self._pristine[key].shape[0]
+            tasks = []
+            for prepared, _ in ordered:
+                pair = prepared.factors.get(key)
+                if pair is None:
+                    tasks.append(torch.zeros(rows, self._pristine[key][0].numel()))
+                else:
+                    tasks.append(pair[1].float() @ pair[0].float())
+            updates[key] = Dense(merge_tasks(torch.stack(tasks), weights, merge, generator))
+        return updates
 
     # ---------------------------------------------------------------- apply
 
@@ -138,7 +126,7 @@ class FusedWeights:
         if plan.weights is not None:
             return
         with one_thread():
-            plan.weights = {key: self._compute(key, pair, None) for key, pair in plan.factors.items()}
+            plan.weights = {key: add_update(self._pristine[key], u) for key, u in plan.updates.items()}
 
     @torch.no_grad()
     def apply(self, plan: BlendPlan | None) -> int:
@@ -147,13 +135,13 @@ class FusedWeights:
             return self._apply(plan)
 
     def _apply(self, plan: BlendPlan | None) -> int:
-        new = plan.factors if plan is not None else {}
+        new = plan.updates if plan is not None else {}
         touched = 0
         for key in [k for k in self._current if k not in new]:
             self._params[key].data = self._pristine[key]
             del self._current[key]
             touched += 1
-        for key, pair in new.items():
+        for key, update in new.items():
             if plan is not None and plan.weights is not None:
                 target = plan.weights[key]
                 if self._current.get(key) is target:
@@ -164,47 +152,20 @@ class FusedWeights:
                     scratch = self._scratch[key] = torch.empty_like(
                         self._pristine[key], memory_format=torch.contiguous_format
                     )
-                target = self._compute(key, pair, scratch)
+                target = add_update(self._pristine[key], update, scratch)
             self._params[key].data = target
             self._current[key] = target
             touched += 1
         self.signature = plan.signature if plan is not None else ()
         return touched
 
-    def _compute(
-        self, key: str, pair: tuple[torch.Tensor, torch.Tensor], out: torch.Tensor | None
-    ) -> torch.Tensor:
-        """``W0 + B @ A`` for one module, into ``out`` (or a new tensor shaped like the weight)."""
-        pristine = self._pristine[key]
-        down, up = pair
-        rows = pristine.shape[0]
-        base = pristine if pristine.is_contiguous() else pristine.contiguous()
-        if out is None:
-            out = torch.empty_like(base, memory_format=torch.contiguous_format)
-        if up.dtype != base.dtype:  # fp16/bf16 weights: W0 + B @ A in float32, rounded once
-            out.view(rows, -1).copy_(torch.addmm(base.view(rows, -1).to(up.dtype), up, down))
-        else:
-            torch.addmm(base.view(rows, -1), up, down, out=out.view(rows, -1))
-        return out
 
-
-@contextmanager
-def one_thread() -> Iterator[None]:
-    """Run the swap's many small kernels on one CPU thread.
-
-    Each low-rank update is small; waking a thread pool per kernel costs more than
-    it saves, and on a busy CPU a pool barrier can take milliseconds (measured:
-    3 us vs 40 us-4 ms per addmm). Switching the pool size costs well under 1 us.
-    """
-    previous = torch.get_num_threads()
-    if previous == 1:
-        yield
-        return
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
+def _stacked(ordered: Sequence[tuple[PreparedAdapter, float]]) -> dict[str, Update]:
+    per_module: dict[str, list[tuple[torch.Tensor, torch.Tensor, float]]] = {}
+    for prepared, weight in ordered:
+        for key, (down, up) in prepared.factors.items():
+            per_module.setdefault(key, []).append((down, up, float(weight)))
+    return {key: stack_low_rank(parts) for key, parts in per_module.items()}
 
 
 def _nbytes(tensor: torch.Tensor) -> int:

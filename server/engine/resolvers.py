@@ -1,7 +1,10 @@
-"""Where the engine gets adapters from: a reference -> an exact version -> a ``LoraAdapter``.
+"""Where the engine gets adapters from: references -> exact versions -> ``LoraAdapter``.
 
 The engine depends only on the ``AdapterResolver`` protocol. ``StoreResolver``
-serves from ``adapters.store.AdapterStore``; ``MemoryResolver`` holds adapters
+serves from ``adapters.store.AdapterStore``: a whole blend's references cost one
+SQL statement, and a small cache answers repeats without any (alias moves,
+uploads and deletes through this server drop its entries at once; those made by
+other replicas show after ``ttl_s``). ``MemoryResolver`` holds adapters
 registered in-process (from files, bytes or ``LoraAdapter`` objects), for tests,
 benchmarks and embedding the engine without a store.
 """
@@ -11,65 +14,88 @@ from __future__ import annotations
 import hashlib
 import os
 import threading
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
 from adapters.canonical import LoraAdapter
 from adapters.errors import InvalidArgument, NotFound
+from adapters.store.names import parse_ref
+from server.engine.types import ResolvedAdapter
 
 if TYPE_CHECKING:
     from adapters.store import AdapterStore
 
-
-@dataclass(frozen=True)
-class ResolvedAdapter:
-    """An exact adapter version; ``load()`` reads and parses it (done once, then cached by the engine).
-
-    ``module_names`` (the base model's module keys) lets the parser map kohya names
-    and both text-encoder spellings onto the base's modules.
-    """
-
-    name: str
-    version: int
-    sha256: str
-    loader: Callable[[frozenset[str] | None], LoraAdapter] = field(repr=False, compare=False)
-
-    @property
-    def ref(self) -> str:
-        return f"{self.name}@{self.version}"
-
-    def load(self, module_names: Iterable[str] | None = None) -> LoraAdapter:
-        return self.loader(frozenset(module_names) if module_names is not None else None)
+RESOLVE_CACHE_ENTRIES = 4096
 
 
 class AdapterResolver(Protocol):
-    """Turns ``name`` / ``name@3`` / ``name@alias`` into an exact version (raises ``NotFound``)."""
+    """Turns ``name`` / ``name@3`` / ``name@alias`` references into exact versions (raises ``NotFound``)."""
 
-    def resolve(self, ref: str) -> ResolvedAdapter: ...
+    def resolve(self, refs: Sequence[str]) -> list[ResolvedAdapter]: ...
+
+    def invalidate(self, name: str | None = None) -> None: ...
 
 
-def _load_source(source: bytes | Path, module_names: Iterable[str] | None) -> LoraAdapter:
+def resolve_one(resolver: AdapterResolver, ref: str) -> ResolvedAdapter:
+    return resolver.resolve([ref])[0]
+
+
+def _load_source(source: bytes | Path, module_names) -> LoraAdapter:
     from adapters.formats import load_adapter
 
     return load_adapter(source, module_names=module_names)
 
 
 class StoreResolver:
-    """Resolves through an ``AdapterStore`` and parses the version's blob on ``load()``."""
+    """Resolves through an ``AdapterStore`` (cached ``ttl_s``); ``load()`` parses the version's blob."""
 
-    def __init__(self, store: AdapterStore) -> None:
+    def __init__(
+        self, store: AdapterStore, *, ttl_s: float = 2.0, clock: Callable[[], float] = time.monotonic
+    ) -> None:
         self.store = store
+        self.ttl_s = ttl_s
+        self._clock = clock
+        self._cache: dict[str, tuple[ResolvedAdapter, float]] = {}
+        self._lock = threading.Lock()
 
-    def resolve(self, ref: str) -> ResolvedAdapter:
-        version = self.store.get(ref)
-        store = self.store
+    def resolve(self, refs: Sequence[str]) -> list[ResolvedAdapter]:
+        now = self._clock()
+        found: dict[str, ResolvedAdapter] = {}
+        with self._lock:
+            for ref in refs:
+                hit = self._cache.get(ref)
+                if hit is not None and hit[1] > now:
+                    found[ref] = hit[0]
+        missing = list(dict.fromkeys(ref for ref in refs if ref not in found))
+        if missing:
+            fresh = dict(zip(missing, map(self._resolved, self.store.resolve(missing)), strict=True))
+            found.update(fresh)
+            if self.ttl_s > 0:
+                with self._lock:
+                    if len(self._cache) > RESOLVE_CACHE_ENTRIES:
+                        self._cache.clear()
+                    for ref, resolved in fresh.items():
+                        self._cache[ref] = (resolved, now + self.ttl_s)
+        return [found[ref] for ref in refs]
+
+    def invalidate(self, name: str | None = None) -> None:
+        """Forget what ``name``'s references (or all, with ``None``) resolved to."""
+        with self._lock:
+            if name is None:
+                self._cache.clear()
+                return
+            for ref in [ref for ref in self._cache if ref.partition("@")[0] == name]:
+                del self._cache[ref]
+
+    def _resolved(self, version) -> ResolvedAdapter:
+        store, sha256 = self.store, version.sha256
 
         def load(names: frozenset[str] | None) -> LoraAdapter:
-            return _load_source(store.blob_path(version), names)
+            return _load_source(store.blobs.path(sha256), names)
 
-        return ResolvedAdapter(name=version.name, version=version.version, sha256=version.sha256, loader=load)
+        return ResolvedAdapter(name=version.name, version=version.version, sha256=sha256, loader=load)
 
 
 class MemoryResolver:
@@ -108,16 +134,27 @@ class MemoryResolver:
             versions.append(resolved)
             return resolved
 
-    def resolve(self, ref: str) -> ResolvedAdapter:
-        name, _, selector = ref.partition("@")
+    def resolve(self, refs: Sequence[str]) -> list[ResolvedAdapter]:
+        return [self._resolve(ref) for ref in refs]
+
+    def invalidate(self, name: str | None = None) -> None:
+        """Nothing to forget: registrations here are seen at once."""
+
+    def _resolve(self, ref: str) -> ResolvedAdapter:
+        parsed = parse_ref(ref)
         with self._lock:
-            versions = self._versions.get(name)
+            versions = self._versions.get(parsed.name)
             if not versions:
-                raise NotFound(f"adapter {name!r} not found; register it first")
-            if not selector or selector == "latest":
-                return versions[-1]
-            if not selector.isdigit() or not 1 <= int(selector) <= len(versions):
+                raise NotFound(f"adapter {parsed.name!r} not found; register it first")
+            if parsed.alias is not None:
                 raise NotFound(
-                    f"adapter {name!r} has no version {selector!r}; it has versions 1..{len(versions)}"
+                    f"adapter {parsed.name!r} has no alias {parsed.alias!r} (in-memory adapters have none)"
                 )
-            return versions[int(selector) - 1]
+            if parsed.version is None:
+                return versions[-1]
+            if not 1 <= parsed.version <= len(versions):
+                raise NotFound(
+                    f"adapter {parsed.name!r} has no version {parsed.version}; "
+                    f"it has versions 1..{len(versions)}"
+                )
+            return versions[parsed.version - 1]

@@ -1,6 +1,8 @@
 """The blend-aware scheduler in front of the engine: a bounded queue, one worker thread.
 
-Queued requests are served in *runs*: a run is the requests of one blend that
+Requests arrive normalized and resolved (``Job``): the scheduler never touches the
+store. Queued requests are served in *runs*: a run is the requests of one blend
+(one resolved signature: ``striped`` and ``striped@1`` are the same blend) that
 are waiting when it starts, so a swap is paid once per run, not per request.
 The next run keeps the blend already in the weights when it can, else takes
 the oldest request's blend. Unfairness is bounded: a run never takes a request
@@ -9,7 +11,7 @@ already passed over, and that request's blend goes next. ``max_group_skips=0``
 is plain FIFO.
 
 All torch work runs on the worker thread, never on the caller's (or an
-asyncio loop's) thread. ``submit`` only validates and enqueues.
+asyncio loop's) thread. ``submit`` only enqueues.
 """
 
 from __future__ import annotations
@@ -22,36 +24,19 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 
 from adapters.errors import Cancelled, DeadlineExceeded, ResourceExhausted, Unavailable
-from server.engine.engine import BatchEntry, CancelFlag, Engine, NormalizedRequest
-from server.engine.types import GenerateRequest, GenerateResult, Progress
+from server.engine.engine import BatchEntry, CancelFlag, Engine
+from server.engine.types import GenerateResult, Job, Progress, QueueStats
+from server.settings import SchedulerSettings
 
 log = logging.getLogger(__name__)
 
 ProgressCallback = Callable[[Progress], None]
 
 
-@dataclass(frozen=True)
-class QueueStats:
-    """Scheduler counters since start (``rejected``: refused because the queue was full)."""
-
-    queued: int
-    running: int
-    completed: int
-    failed: int
-    cancelled: int
-    rejected: int
-    max_queue: int
-
-
-def _shape(request: NormalizedRequest) -> tuple:
-    """What requests must share to run in one batch (besides the run's blend)."""
-    return (request.width, request.height, request.steps, request.guidance_scale, request.scheduler)
-
-
 @dataclass(eq=False)
 class _Item:
     seq: int
-    request: NormalizedRequest
+    job: Job
     future: Future
     on_progress: ProgressCallback | None
     cancel: CancelFlag | None
@@ -61,7 +46,8 @@ class _Item:
 
     @property
     def key(self) -> tuple[tuple[str, float], ...]:
-        return self.request.group_key
+        """The resolved blend's signature: what runs group by."""
+        return self.job.blend.signature
 
     def is_set(self) -> bool:
         """Cancelled by the caller or stopped by the scheduler (the engine polls this)."""
@@ -72,7 +58,12 @@ class Scheduler:
     """Runs requests on ``engine`` one at a time from a bounded, blend-grouped queue."""
 
     def __init__(
-        self, engine: Engine, *, max_queue: int = 64, max_group_skips: int = 4, max_batch: int = 1
+        self,
+        engine: Engine,
+        *,
+        max_queue: int = SchedulerSettings.max_queue,
+        max_group_skips: int = SchedulerSettings.max_group_skips,
+        max_batch: int = SchedulerSettings.max_batch,
     ) -> None:
         """``max_batch`` > 1 lets up to that many requests of one run (same blend, size, steps,
         guidance and sampler) share one denoising loop: several times the throughput of
@@ -101,16 +92,15 @@ class Scheduler:
 
     def submit(
         self,
-        request: GenerateRequest,
+        job: Job,
         on_progress: ProgressCallback | None = None,
         cancel: CancelFlag | None = None,
     ) -> Future[GenerateResult]:
-        """Validate and enqueue ``request``; the future gives the result or a typed error.
+        """Enqueue ``job`` (``Engine.job`` makes one); the future gives the result or a typed error.
 
-        Raises ``InvalidArgument`` for a bad request, ``ResourceExhausted`` (with
-        ``retry_after_s``) when the queue is full and ``Unavailable`` once closing.
+        Raises ``ResourceExhausted`` (with ``retry_after_s``) when the queue is full and
+        ``Unavailable`` once closing.
         """
-        normal = self.engine.normalize(request)
         future: Future[GenerateResult] = Future()
         with self._cond:
             if self._closed:
@@ -124,7 +114,7 @@ class Scheduler:
                     retry_after_s=retry,
                 )
             self._seq += 1
-            item = _Item(self._seq, normal, future, on_progress, cancel, time.perf_counter())
+            item = _Item(self._seq, job, future, on_progress, cancel, time.perf_counter())
             self._queue.append(item)
             position = len(self._queue) - 1 + len(self._running)
             self._cond.notify_all()
@@ -194,11 +184,11 @@ class Scheduler:
     def _batch_locked(self, first: _Item) -> list[_Item]:
         """``first`` and, up to ``max_batch``, later requests of its run that can share its loop."""
         batch = [first]
-        shape = _shape(first.request)
+        shape = first.job.settings.batch_key
         for item in self._queue:
             if len(batch) >= self.max_batch:
                 break
-            if item is not first and item.seq in self._run and _shape(item.request) == shape:
+            if item is not first and item.seq in self._run and item.job.settings.batch_key == shape:
                 batch.append(item)
         return batch
 
@@ -212,7 +202,7 @@ class Scheduler:
         self._current_key = live[0].key
         entries = [
             BatchEntry(
-                item.request,
+                item.job,
                 (lambda p, item=item: self._emit(item, p)) if item.on_progress else None,
                 item,
                 (started - item.enqueued) * 1000.0,
@@ -284,7 +274,7 @@ class Scheduler:
                 pass
             elif item.is_set():
                 error = Cancelled("the request was cancelled while queued")
-            elif item.request.deadline is not None and now >= item.request.deadline:
+            elif item.job.options.deadline is not None and now >= item.job.options.deadline:
                 error = DeadlineExceeded("the request's deadline passed while it was queued")
             else:
                 continue

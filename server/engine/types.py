@@ -1,37 +1,60 @@
-"""Plain data the engine and the scheduler speak (no protobuf, no torch types in the API)."""
+"""Plain data the engine and the scheduler speak (no protobuf, no torch types in the API).
+
+One request shape through the core: a caller's ``GenerateRequest`` is normalized
+once (``server.engine.request.normalize``) into frozen ``GenerationSettings``,
+adapter refs and ``RunOptions``; the refs are resolved once, off the engine
+worker, into a ``ResolvedBlend`` whose ``signature`` is the one key for
+grouping, the plan cache, the fused weights and the response.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
+
+from adapters.blend import LINEAR, Blend, Merge
+from adapters.canonical import LoraAdapter
+from server.records import AppliedAdapter, QueueStats, ResidentAdapter
+from server.settings import Limits
+
+__all__ = [
+    "DEFAULT_GUIDANCE",
+    "DEFAULT_SAMPLER",
+    "DEFAULT_STEPS",
+    "AppliedAdapter",
+    "EngineStats",
+    "GenerateRequest",
+    "GenerateResult",
+    "GenerationParameters",
+    "GenerationSettings",
+    "Job",
+    "Limits",
+    "Progress",
+    "QueueStats",
+    "ResidentAdapter",
+    "ResolvedAdapter",
+    "ResolvedBlend",
+    "RunOptions",
+    "Timings",
+]
 
 # Defaults a request falls back to; the gRPC layer maps its "0 / unset" values here.
 DEFAULT_STEPS = 20
 DEFAULT_GUIDANCE = 7.5
-DEFAULT_SCHEDULER = "default"
-
-
-@dataclass(frozen=True)
-class Limits:
-    """What one request must stay within (also reported by GetServerInfo)."""
-
-    max_steps: int = 150
-    max_images: int = 8
-    max_adapters: int = 8
-    max_size: int = 2048
-    max_abs_weight: float = 10.0
+DEFAULT_SAMPLER = "default"
 
 
 @dataclass
 class GenerateRequest:
-    """One txt2img request.
+    """One txt2img request as a caller asks for it.
 
     ``width``/``height`` of ``None`` mean the base model's resolution; ``seed`` of
     ``None`` means pick one (reported in the result). Image ``i`` uses ``seed + i``.
     ``adapters`` is the blend as ``(ref, weight)`` pairs; ``<lora:name:0.8>`` tags in
-    the prompt are added to it and removed from the text. ``deadline`` is a
-    ``time.monotonic()`` value; ``preview_every`` > 0 attaches a cheap preview to
-    every n-th progress event.
+    the prompt are added to it and removed from the text; ``merge`` says how they
+    combine. ``deadline`` is a ``time.monotonic()`` value; ``preview_every`` > 0
+    attaches a cheap preview to every n-th progress event.
     """
 
     prompt: str
@@ -41,31 +64,19 @@ class GenerateRequest:
     steps: int = DEFAULT_STEPS
     guidance_scale: float = DEFAULT_GUIDANCE
     seed: int | None = None
-    scheduler: str = DEFAULT_SCHEDULER
+    sampler: str = DEFAULT_SAMPLER
     num_images: int = 1
     adapters: list[tuple[str, float]] = field(default_factory=list)
+    merge: Merge = LINEAR
     preview_every: int = 0
     deadline: float | None = None
     request_id: str = ""
 
 
 @dataclass(frozen=True)
-class AppliedAdapter:
-    """One adapter of the blend a request ran under, resolved to an exact version."""
-
-    name: str
-    version: int
-    sha256: str
-    weight: float
-
-    @property
-    def ref(self) -> str:
-        return f"{self.name}@{self.version}"
-
-
-@dataclass(frozen=True)
-class GenerationParameters:
-    """Exactly what was run: send these back (with the adapters' exact refs) to reproduce an image."""
+class GenerationSettings:
+    """What the images are drawn from, every default filled: the same settings and blend give
+    the same images."""
 
     prompt: str
     negative_prompt: str
@@ -74,13 +85,103 @@ class GenerationParameters:
     steps: int
     guidance_scale: float
     seed: int
-    scheduler: str
+    sampler: str
     num_images: int
-    adapters: tuple[AppliedAdapter, ...]
 
     @property
     def seeds(self) -> tuple[int, ...]:
         return tuple(self.seed + i for i in range(self.num_images))
+
+    @property
+    def batch_key(self) -> tuple:
+        """What requests must share to be denoised in one batch (besides their blend)."""
+        return (self.width, self.height, self.steps, self.guidance_scale, self.sampler)
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """How a request runs, not what it draws: deadline, previews, the id in the logs."""
+
+    deadline: float | None = None
+    preview_every: int = 0
+    request_id: str = ""
+
+
+@dataclass(frozen=True)
+class ResolvedAdapter:
+    """An exact adapter version; ``load()`` reads and parses it (done once, then cached by the engine).
+
+    ``module_names`` (the base model's module keys) lets the parser map kohya names
+    and both text-encoder spellings onto the base's modules.
+    """
+
+    name: str
+    version: int
+    sha256: str
+    loader: Callable[[frozenset[str] | None], LoraAdapter] = field(repr=False, compare=False)
+
+    @property
+    def ref(self) -> str:
+        return f"{self.name}@{self.version}"
+
+    def load(self, module_names=None) -> LoraAdapter:
+        return self.loader(frozenset(module_names) if module_names is not None else None)
+
+
+@dataclass(frozen=True)
+class ResolvedBlend:
+    """A blend resolved to exact versions: the same version named twice has its weights summed,
+    zero weights are dropped. ``signature`` identifies the weights it produces."""
+
+    entries: tuple[tuple[ResolvedAdapter, float], ...] = ()
+    merge: Merge = LINEAR
+
+    @classmethod
+    def of(cls, pairs, merge: Merge = LINEAR) -> ResolvedBlend:
+        """From ``(ResolvedAdapter, weight)`` pairs, in the order given (first naming wins)."""
+        merged: dict[str, tuple[ResolvedAdapter, float]] = {}
+        for resolved, weight in pairs:
+            previous = merged.get(resolved.sha256)
+            merged[resolved.sha256] = (resolved, float(weight) + (previous[1] if previous else 0.0))
+        entries = tuple((r, w) for r, w in merged.values() if w != 0.0)
+        return cls(entries, merge if entries else LINEAR)
+
+    @property
+    def signature(self) -> tuple[tuple[str, float], ...]:
+        return Blend.of(((r.sha256, w) for r, w in self.entries), self.merge).signature
+
+    @property
+    def applied(self) -> tuple[AppliedAdapter, ...]:
+        """The adapters as reported back, in signature order."""
+        return tuple(
+            sorted(
+                (AppliedAdapter(r.name, r.version, r.sha256, w) for r, w in self.entries),
+                key=lambda a: (a.sha256, a.weight),
+            )
+        )
+
+
+@dataclass(frozen=True)
+class Job:
+    """A request ready for the queue: its settings, its resolved blend and how it runs."""
+
+    settings: GenerationSettings
+    blend: ResolvedBlend
+    options: RunOptions = RunOptions()
+
+
+@dataclass(frozen=True)
+class GenerationParameters(GenerationSettings):
+    """Exactly what was run: the settings plus the applied adapters and merge; send these back
+    (with the adapters' exact refs) to reproduce an image."""
+
+    adapters: tuple[AppliedAdapter, ...] = ()
+    merge: Merge = LINEAR
+
+    @classmethod
+    def of(cls, settings: GenerationSettings, blend: ResolvedBlend) -> GenerationParameters:
+        values = {name: getattr(settings, name) for name in GenerationSettings.__dataclass_fields__}
+        return cls(**values, adapters=blend.applied, merge=blend.merge)
 
 
 @dataclass(frozen=True)
@@ -111,6 +212,7 @@ class GenerateResult:
     parameters: GenerationParameters
     blend_signature: str
     timings: Timings
+    request_id: str = ""
 
 
 @dataclass(frozen=True)
@@ -129,24 +231,13 @@ class Progress:
 
 
 @dataclass(frozen=True)
-class ResidentAdapter:
-    """One adapter version held in the engine's cache."""
-
-    name: str
-    version: int
-    sha256: str
-    size_bytes: int
-    pinned: bool
-
-
-@dataclass(frozen=True)
 class EngineStats:
     """Cache and swap statistics since the engine started.
 
     ``used_bytes``/``capacity_bytes``/``entries``/``hits``/``misses``/``evictions``
-    are the adapter cache's; ``plan_bytes`` is held by stacked blend factors and
-    (including materialized blend weights); ``scratch_bytes`` by the buffers that
-    blends too large to materialize are written into.
+    are the adapter cache's; ``plan_bytes`` is held by blend plans (stacked factors
+    or merged deltas, and materialized blend weights); ``scratch_bytes`` by the
+    buffers that blends too large to materialize are written into.
     """
 
     used_bytes: int

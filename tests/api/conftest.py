@@ -16,10 +16,10 @@ def seam():
 def running(tmp_path_factory, seam):
     """One in-process server for the module (micro model, max_queue 2, 700-byte image chunks)."""
     from server.api.app import ServerThread
-    from server.service import LoraloomService
+    from server.bootstrap import build_service
 
     config = micro_config(tmp_path_factory.mktemp("home"))
-    thread = ServerThread(config, lambda cfg: LoraloomService.create(cfg, before_step=seam))
+    thread = ServerThread(config, lambda cfg: build_service(cfg, before_step=seam))
     with thread:
         yield thread
 

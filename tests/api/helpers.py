@@ -6,7 +6,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-from server.api.config import ServerConfig
+from server.settings import Settings
 
 
 @dataclass
@@ -38,7 +38,7 @@ class StepSeam:
         self.fail_with = None
 
 
-def micro_config(home, **overrides) -> ServerConfig:
+def micro_config(home, **overrides) -> Settings:
     values = dict(
         host="127.0.0.1",
         port=0,
@@ -53,7 +53,7 @@ def micro_config(home, **overrides) -> ServerConfig:
         log_level="WARNING",
     )
     values.update(overrides)
-    return ServerConfig(**values)
+    return Settings.of(**values)
 
 
 def adapter_bytes(shapes, *, seed: int = 1, rank: int = 4, architecture: str = "loraloom:micro") -> bytes:

@@ -118,6 +118,7 @@ def test_stream_error_after_progress_raises_typed_error(scripted):
         (grpc.StatusCode.UNAVAILABLE, errors.Unavailable),
         (grpc.StatusCode.DEADLINE_EXCEEDED, errors.DeadlineExceeded),
         (grpc.StatusCode.CANCELLED, errors.Cancelled),
+        (grpc.StatusCode.DATA_LOSS, errors.DataLoss),
         (grpc.StatusCode.INTERNAL, ServerError),
         (grpc.StatusCode.UNIMPLEMENTED, ServerError),
     ],
@@ -238,3 +239,154 @@ def _repo_root():
     from server.api.codegen import REPO_ROOT
 
     return REPO_ROOT
+
+
+def test_generate_sends_the_merge_and_reads_back_what_ran(scripted):
+    channel, client, pool = scripted
+    future = pool.submit(
+        client.generate, "x", adapters=["a", "b:0.5"], merge="dare_ties", density=0.3, merge_seed=5
+    )
+    _, request, rpc = channel.take_unary_unary(method("Generate"))
+    assert request.HasField("merge")
+    assert (request.merge.method, request.merge.seed) == ("dare_ties", 5)
+    assert request.merge.density == pytest.approx(0.3)
+    ran = generate_pb2.BlendMerge(method="dare_ties", density=0.3, seed=5)
+    reply = generate_pb2.GenerateResponse(
+        blend_signature="merged", parameters=generate_pb2.GenerationParameters(seed=1, merge=ran)
+    )
+    rpc.terminate(reply, (), grpc.StatusCode.OK, "")
+    params = future.result(timeout=10).parameters
+    assert (params.merge, params.merge_seed) == ("dare_ties", 5)
+    assert params.density == pytest.approx(0.3)
+
+
+def test_stream_sends_the_merge_and_done_reads_it_back(scripted):
+    channel, client, pool = scripted
+    future = pool.submit(lambda: list(client.generate_stream("x", adapters=["a"], merge="ties")))
+    _, request, rpc = channel.take_unary_stream(method("GenerateStream"))
+    assert request.merge.method == "ties"
+    assert request.merge.density == 0.0 and not request.merge.HasField("seed")  # the server's defaults
+    ran = generate_pb2.GenerationParameters(merge=generate_pb2.BlendMerge(method="ties", density=0.5))
+    rpc.send_response(generate_pb2.GenerateStreamResponse(done=generate_pb2.DoneEvent(parameters=ran)))
+    rpc.terminate((), grpc.StatusCode.OK, "")
+    params = future.result(timeout=10)[-1].result.parameters
+    assert (params.merge, params.density, params.merge_seed) == ("ties", 0.5, None)
+
+
+def test_linear_blend_sends_no_merge_and_an_old_servers_reply_reads_as_linear(scripted):
+    channel, client, pool = scripted
+    future = pool.submit(client.generate, "x", adapters=["a"])
+    _, request, rpc = channel.take_unary_unary(method("Generate"))
+    assert not request.HasField("merge")  # the same bytes as before merges existed
+    rpc.terminate(generate_pb2.GenerateResponse(), (), grpc.StatusCode.OK, "")
+    params = future.result(timeout=10).parameters
+    assert (params.merge, params.density, params.merge_seed) == ("linear", 0.0, None)
+
+
+@pytest.mark.parametrize(
+    ("options", "expected"),
+    [
+        ({"merge": "linear"}, None),
+        ({"merge": ""}, None),
+        ({"merge": "linear", "density": 0.2}, ("linear", 0.2, None)),
+        ({"merge": "dare_linear"}, ("dare_linear", 0.0, None)),
+        ({"merge": "dare_linear", "merge_seed": 0}, ("dare_linear", 0.0, 0)),
+        ({"merge": "Bogus", "density": 7.0}, ("Bogus", 7.0, None)),  # the server refuses it
+    ],
+)
+def test_blend_merge_message(options, expected):
+    from server.client import convert
+
+    request = convert.generate_request("x", **options)
+    if expected is None:
+        assert not request.HasField("merge")
+        return
+    merge = request.merge
+    seed = merge.seed if merge.HasField("seed") else None
+    assert (merge.method, merge.density, seed) == pytest.approx(expected)
+
+
+def test_negative_merge_seed_is_refused_before_any_call():
+    from server.client import convert
+
+    with pytest.raises(errors.InvalidArgument, match="merge seed"):
+        convert.generate_request("x", merge="dare_ties", merge_seed=-1)
+
+
+def test_async_client_sends_the_merge_and_reads_it_back():
+    import asyncio
+
+    from server.api.pb.loraloom.v1 import service_pb2_grpc
+    from server.client import AsyncClient
+
+    class Echo(service_pb2_grpc.LoraloomServicer):
+        async def Generate(self, request, context):
+            return generate_pb2.GenerateResponse(
+                parameters=generate_pb2.GenerationParameters(merge=request.merge)
+            )
+
+        async def GenerateStream(self, request, context):
+            done = generate_pb2.DoneEvent(parameters=generate_pb2.GenerationParameters(merge=request.merge))
+            yield generate_pb2.GenerateStreamResponse(done=done)
+
+    async def run():
+        server = grpc.aio.server()
+        service_pb2_grpc.add_LoraloomServicer_to_server(Echo(), server)
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        try:
+            async with AsyncClient(f"127.0.0.1:{port}", timeout=10) as client:
+                unary = await client.generate("x", merge="ties", density=0.25)
+                streamed = await client.generate(
+                    "x", merge="dare_linear", merge_seed=9, on_event=lambda event: None
+                )
+        finally:
+            await server.stop(None)
+        return unary.parameters, streamed.parameters
+
+    unary, streamed = asyncio.run(run())
+    assert (unary.merge, unary.density, unary.merge_seed) == ("ties", 0.25, None)
+    assert (streamed.merge, streamed.density, streamed.merge_seed) == ("dare_linear", 0.0, 9)
+
+
+def test_cli_generate_sends_merge_and_density(scripted, monkeypatch, tmp_path):
+    from typer.testing import CliRunner
+
+    from server.cli import main as cli
+
+    channel, client, pool = scripted
+    monkeypatch.setattr(cli, "_client", lambda server, timeout: client)
+    argv = ["generate", "x", "-a", "a", "-a", "b", "--merge", "ties", "--density", "0.3", "--no-progress"]
+    future = pool.submit(CliRunner().invoke, cli.app, [*argv, "--output", str(tmp_path / "out.png")])
+    _, request, rpc = channel.take_unary_stream(method("GenerateStream"))
+    assert request.merge.method == "ties" and request.merge.density == pytest.approx(0.3)
+    assert not request.merge.HasField("seed")
+    ran = generate_pb2.GenerationParameters(
+        adapters=[generate_pb2.AppliedAdapter(name="a", version=1, weight=1.0)],
+        merge=generate_pb2.BlendMerge(method="ties", density=0.3),
+    )
+    rpc.send_response(generate_pb2.GenerateStreamResponse(done=generate_pb2.DoneEvent(parameters=ran)))
+    rpc.terminate((), grpc.StatusCode.OK, "")
+    result = future.result(timeout=10)
+    assert result.exit_code == 0, result.output
+    assert "--adapter a@1:1 --merge ties --density 0.3" in result.output
+
+
+@pytest.mark.parametrize("density", ["0", "1.5", "-0.2"])
+def test_cli_refuses_a_density_outside_0_1(density):
+    from typer.testing import CliRunner
+
+    from server.cli.main import app
+
+    result = CliRunner().invoke(app, ["generate", "x", "--density", density, "--server", "127.0.0.1:1"])
+    assert result.exit_code == 2 and "(0, 1]" in result.output
+
+
+def test_merge_methods_match_the_servers():
+    from typing import get_args
+
+    from adapters.blend import MERGE_METHODS
+    from server.cli.main import MergeMethod
+    from server.client.types import MERGE_METHODS as CLIENT_METHODS
+
+    assert CLIENT_METHODS == MERGE_METHODS == get_args(MergeMethod)

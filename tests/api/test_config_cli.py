@@ -8,14 +8,15 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from server.api.config import SECRET_FIELDS, ServerConfig, from_env
 from server.cli.main import app
+from server.settings import FIELDS, SECRET_FIELDS, Settings
 
 
 def test_defaults_serve_the_builtin_model_on_localhost():
-    config = from_env({})
-    assert (config.host, config.port, config.model, config.device) == ("127.0.0.1", 50051, "toy", "cpu")
-    assert config.home is None and config.store_db_url is None and config.warmup
+    settings = Settings.load({})
+    assert (settings.api.host, settings.api.port) == ("127.0.0.1", 50051)
+    assert (settings.model.model, settings.model.device) == ("toy", "cpu")
+    assert settings.store.home is None and settings.store.store_db_url is None and settings.engine.warmup
 
 
 def test_environment_then_flags():
@@ -27,24 +28,46 @@ def test_environment_then_flags():
         "LORALOOM_HOME": "/tmp/somewhere",
         "LORALOOM_STORE_DB_URL": "sqlite:////tmp/x.sqlite3",
     }
-    config = from_env(environ, port=7000, host=None)
-    assert (config.port, config.model, config.warmup, config.grace_s) == (7000, "micro", False, 2.5)
-    assert config.home == Path("/tmp/somewhere") and config.store_db_url.endswith("x.sqlite3")
-    assert config.host == "127.0.0.1"
+    settings = Settings.load(environ, port=7000, host=None)
+    assert (settings.api.port, settings.model.model) == (7000, "micro")
+    assert (settings.engine.warmup, settings.api.grace_s) == (False, 2.5)
+    assert settings.store.home == Path("/tmp/somewhere") and settings.store.store_db_url.endswith("x.sqlite3")
+    assert settings.api.host == "127.0.0.1"
+
+
+def test_a_bad_variable_names_itself():
+    with pytest.raises(ValueError, match="LORALOOM_MAX_QUEUE='lots'"):
+        Settings.load({"LORALOOM_MAX_QUEUE": "lots"})
+
+
+def test_one_default_per_setting_everywhere():
+    """The engine, scheduler and store take their defaults from the settings (they used to disagree)."""
+    from server.engine.engine import DEFAULT_CACHE_BYTES
+    from server.engine.scheduler import Scheduler
+    from server.engine.types import Limits
+
+    settings = Settings()
+    assert settings.engine.cache_bytes == DEFAULT_CACHE_BYTES
+    assert Limits() == settings.limits and Limits().max_images == 4
+    defaults = inspect.signature(Scheduler).parameters
+    assert defaults["max_queue"].default == settings.scheduler.max_queue == 32
+    assert defaults["max_batch"].default == settings.scheduler.max_batch
 
 
 def test_every_setting_but_the_secrets_is_a_serve_flag():
     (serve,) = [c.callback for c in app.registered_commands if c.callback.__name__ == "serve"]
     flags = set(inspect.signature(serve).parameters)
-    assert flags == set(ServerConfig.__dataclass_fields__) - SECRET_FIELDS
+    assert flags == set(FIELDS) - SECRET_FIELDS
 
 
-def test_limits_derived_from_the_config():
-    config = ServerConfig(max_message_mb=4)
-    assert config.max_message_bytes == 4 << 20
-    assert config.chunk_bytes == (4 << 20) - 64 * 1024
-    assert ServerConfig(image_chunk_bytes=700).chunk_bytes == 700
-    assert "model=toy" in config.summary()
+def test_limits_derived_from_the_settings():
+    settings = Settings.of(max_message_mb=4)
+    assert settings.api.max_message_bytes == 4 << 20
+    assert settings.api.chunk_bytes == (4 << 20) - 64 * 1024
+    assert Settings.of(image_chunk_bytes=700).api.chunk_bytes == 700
+    assert "model=toy" in settings.summary()
+    with pytest.raises(TypeError, match="unknown settings: nope"):
+        Settings.of(nope=1)
 
 
 @pytest.mark.parametrize(

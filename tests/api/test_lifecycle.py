@@ -9,23 +9,37 @@ import grpc
 import pytest
 
 from adapters import errors
-from server.api.errors import ANSWERED_KEY, STATUS_BY_ERROR, status_for
+from server.api.errors import status_for
 from server.client import Client
 from server.client.errors import Unreachable
+from server.wire import ANSWERED_KEY
 from tests.api.helpers import StepSeam, micro_config
+
+# The status each general typed error must reach a client as (the classes carry it in ``code``).
+STATUS_BY_ERROR: tuple[tuple[type[errors.LoraloomError], grpc.StatusCode], ...] = (
+    (errors.InvalidArgument, grpc.StatusCode.INVALID_ARGUMENT),
+    (errors.NotFound, grpc.StatusCode.NOT_FOUND),
+    (errors.AlreadyExists, grpc.StatusCode.ALREADY_EXISTS),
+    (errors.FailedPrecondition, grpc.StatusCode.FAILED_PRECONDITION),
+    (errors.ResourceExhausted, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (errors.Unavailable, grpc.StatusCode.UNAVAILABLE),
+    (errors.DeadlineExceeded, grpc.StatusCode.DEADLINE_EXCEEDED),
+    (errors.Cancelled, grpc.StatusCode.CANCELLED),
+    (errors.DataLoss, grpc.StatusCode.DATA_LOSS),
+)
 
 
 @pytest.mark.slow
 def test_start_ready_drain_transitions(tmp_path):
     from server.api.app import ServerThread
-    from server.service import LoraloomService
+    from server.bootstrap import build_service
 
     release = threading.Event()
     seam = StepSeam()
 
     def slow_factory(config):
         assert release.wait(60)
-        return LoraloomService.create(config, before_step=seam)
+        return build_service(config, before_step=seam)
 
     running = ServerThread(micro_config(tmp_path, warmup=False), slow_factory).start(wait_ready=False)
     with Client(running.address, timeout=30) as client:
@@ -70,11 +84,11 @@ def test_start_ready_drain_transitions(tmp_path):
 @pytest.mark.slow
 def test_drain_past_the_grace_period_cancels_and_stops(tmp_path):
     from server.api.app import ServerThread
-    from server.service import LoraloomService
+    from server.bootstrap import build_service
 
     seam = StepSeam(delay_s=0.2)
     config = micro_config(tmp_path, warmup=False)
-    running = ServerThread(config, lambda cfg: LoraloomService.create(cfg, before_step=seam)).start()
+    running = ServerThread(config, lambda cfg: build_service(cfg, before_step=seam)).start()
     outcome: list[object] = []
 
     def long_request() -> None:

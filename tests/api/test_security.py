@@ -202,9 +202,10 @@ def test_token_table_parsing_and_secrets_not_logged(tmp_path):
             TokenTable.parse(bad)
     config = micro_config(tmp_path, tokens=f"{GEN} generate")
     assert GEN not in config.summary() and GEN not in repr(config)
-    from server.api.config import from_env
+    from server.settings import Settings
 
-    assert from_env({"LORALOOM_HEALTH_PORT": "8081", "LORALOOM_TLS_CERT": "/x.crt"}).health_port == 8081
+    settings = Settings.load({"LORALOOM_HEALTH_PORT": "8081", "LORALOOM_TLS_CERT": "/x.crt"})
+    assert settings.api.health_port == 8081
 
 
 def test_async_client_sends_token_over_mutual_tls(secured):

@@ -176,12 +176,13 @@ def test_incompatible_adapter_is_failed_precondition(client, tiny_pipeline):
 
 
 def test_unary_image_over_the_message_limit_is_failed_precondition(running, client):
-    running.server.config.max_message_mb = 0  # a limit no image fits (read per call)
+    servicer = running.server.servicer
+    servicer.config = servicer.config.replace(max_message_mb=0)  # a limit no image fits (read per call)
     try:
         with pytest.raises(errors.FailedPrecondition, match="GenerateStream"):
             client.generate("x", steps=1)
     finally:
-        running.server.config.max_message_mb = 64
+        servicer.config = servicer.config.replace(max_message_mb=64)
 
 
 def test_unexpected_failure_is_internal_without_details(client, seam):
@@ -265,7 +266,7 @@ def test_upload_aborted_mid_stream_leaves_nothing_visible(running, client, micro
         assert sent.wait(10)
         time.sleep(0.5)
         call.cancel()
-    staging = running.server.config.home / "store" / "staging"
+    staging = running.server.config.store.home / "store" / "staging"
     deadline = time.monotonic() + 10
     while any(staging.iterdir()) and time.monotonic() < deadline:
         time.sleep(0.1)

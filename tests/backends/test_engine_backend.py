@@ -9,7 +9,7 @@ import torch
 from adapters.errors import InvalidArgument
 from server.engine import Engine, MemoryResolver
 from server.engine.types import GenerateRequest
-from tests.engine.conftest import base_from
+from tests.engine.conftest import base_from, engine_on
 
 from .conftest import unet_adapters
 
@@ -21,7 +21,7 @@ def _engine(pipeline, backend: str, tmp_path, monkeypatch) -> Engine:
     resolver = MemoryResolver()
     for name, adapter in unet_adapters(pipeline).items():
         resolver.add_adapter(name, adapter)
-    return Engine(base_from(pipeline), resolver=resolver, backend=backend)
+    return engine_on(base_from(pipeline), backend, resolver=resolver)
 
 
 def _image(engine: Engine, adapters) -> np.ndarray:
@@ -47,6 +47,6 @@ def test_onnxruntime_engine_gives_the_torch_engine_images(tiny_pipeline, tmp_pat
 
 def test_unknown_or_unfit_backend_is_refused(tiny_pipeline):
     with pytest.raises(InvalidArgument, match="unknown backend"):
-        Engine(base_from(tiny_pipeline), backend="nope")
+        engine_on(base_from(tiny_pipeline), "nope")
     with pytest.raises(InvalidArgument, match="float32 weights"):
-        Engine(base_from(tiny_pipeline, dtype=torch.float16), backend="onnxruntime")
+        engine_on(base_from(tiny_pipeline, dtype=torch.float16), "onnxruntime")

@@ -6,22 +6,24 @@ import numpy as np
 import pytest
 
 from server.backends.onnxruntime_backend import OrtUnet, with_unet
-from server.engine.denoise import DenoiseJob, denoise
+from server.engine.denoise import denoise
 from server.engine.fuse import FusedWeights
+from server.engine.types import GenerationSettings
 from server.models.shapes import lora_targets
 
 from .conftest import unet_adapters
 
 IMAGE_TOLERANCE = 2e-3  # max abs difference of float images in [0, 1] after 4 steps (float32 kernel order)
-JOB = DenoiseJob(
+JOB = GenerationSettings(
     prompt="a red square",
     negative_prompt="",
     width=64,
     height=64,
     steps=4,
     guidance_scale=5.0,
-    seeds=[7],
+    seed=7,
     sampler="euler",
+    num_images=1,
 )
 
 

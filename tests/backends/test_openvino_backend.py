@@ -21,7 +21,7 @@ from server.engine.fuse import FusedWeights
 from server.engine.synthetic import random_adapter
 from server.engine.types import GenerateRequest
 from server.models.shapes import lora_targets, module_shapes
-from tests.engine.conftest import base_from
+from tests.engine.conftest import base_from, engine_on
 
 from .conftest import unet_adapters
 
@@ -58,7 +58,7 @@ def _engine(pipeline, backend="openvino", precision="fp32") -> Engine:
     resolver = MemoryResolver()
     for name, adapter in {**unet_adapters(pipeline), "t": _text_adapter(pipeline)}.items():
         resolver.add_adapter(name, adapter)
-    return Engine(base_from(pipeline), resolver=resolver, backend=backend, precision=precision)
+    return engine_on(base_from(pipeline), backend, precision, resolver=resolver)
 
 
 def _image(engine: Engine, adapters, **size) -> np.ndarray:
@@ -98,7 +98,7 @@ def test_other_sizes_compile_once_each(tiny_pipeline):
     assert np.abs(_image(engine, [], **size) - _image(reference, [], **size)).max() <= FP32_TOLERANCE
     _image(engine, [], **size)
     _image(engine, [])
-    unet = engine._unet
+    unet = engine._backend.unet
     assert [shape[:2] for shape in unet.compiled_shapes] == [(LEAN, (2, 4, 32, 48)), (LEAN, (2, 4, 32, 32))]
     assert engine._backend.vae.compiled_shapes == ((1, 4, 32, 48), (1, 4, 32, 32))
 
@@ -228,13 +228,13 @@ def test_text_encoder_swaps_in_place(own_tiny, fingerprint):
 
 def test_bad_settings_are_refused_clearly(tiny_pipeline, caplog):
     with pytest.raises(InvalidArgument, match="precision 'fp16' is not supported: use one of fp32, bf16"):
-        Engine(base_from(tiny_pipeline), backend="openvino", precision="fp16")
+        engine_on(base_from(tiny_pipeline), "openvino", "fp16")
     with pytest.raises(InvalidArgument, match="precision bf16 needs backend openvino"):
-        Engine(base_from(tiny_pipeline), backend="torch", precision="bf16")
+        engine_on(base_from(tiny_pipeline), "torch", "bf16")
     with pytest.raises(InvalidArgument, match="runs on the CPU from float32 weights"):
-        Engine(base_from(tiny_pipeline, device="meta"), backend="openvino")
+        engine_on(base_from(tiny_pipeline, device="meta"), "openvino")
     with pytest.raises(InvalidArgument, match="runs on the CPU from float32 weights"):
-        Engine(base_from(tiny_pipeline, dtype=torch.bfloat16), backend="openvino", precision="bf16")
+        engine_on(base_from(tiny_pipeline, dtype=torch.bfloat16), "openvino", "bf16")
     with caplog.at_level(logging.WARNING):
         assert effective_precision("bf16", bf16_supported=False) == "fp32"
     assert "no native BF16" in caplog.text
@@ -247,7 +247,7 @@ def test_a_unet_without_weight_buffers_is_refused(own_tiny, fingerprint):
 
 
 def test_the_engine_keeps_a_second_blend_slot_only_within_its_plan_budget(tiny_pipeline):
-    roomy = Engine(base_from(tiny_pipeline), backend="openvino", precision="fp32")
-    tight = Engine(base_from(tiny_pipeline), backend="openvino", precision="fp32", plan_cache_bytes=1024)
+    roomy = engine_on(base_from(tiny_pipeline), "openvino", "fp32")
+    tight = engine_on(base_from(tiny_pipeline), "openvino", "fp32", plan_cache_bytes=1024)
     assert roomy._backend.unet._slot_count == 2
     assert tight._backend.unet._slot_count == 1

@@ -7,14 +7,14 @@ import importlib.util
 import pytest
 
 from adapters.errors import InvalidArgument
-from server.api.config import ServerConfig
 from server.backends.select import check_backend, choose_backend
+from server.settings import EngineSettings
 
 HAS_OPENVINO = importlib.util.find_spec("openvino") is not None
 
 
 def test_the_server_defaults_to_auto():
-    config = ServerConfig()
+    config = EngineSettings()
     assert (config.backend, config.precision, config.compile) == ("auto", "auto", False)
 
 

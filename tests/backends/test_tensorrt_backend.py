@@ -66,7 +66,7 @@ def test_refit_arrays_come_from_base_and_never_leak(tiny_pipeline):
     pristine = {key: module.weight.detach().clone() for key, module in unet_targets(own).items()}
 
     keys_a = keys_to_refit((), plan_a, pristine)
-    assert keys_a == sorted(plan_a.factors)
+    assert keys_a == sorted(plan_a.updates)
     arrays_a = refit_arrays(pristine, plan_a, keys_a)
     # The same weights the torch fused path computes for A.
     fused.apply(plan_a)
@@ -77,12 +77,12 @@ def test_refit_arrays_come_from_base_and_never_leak(tiny_pipeline):
 
     # A -> B: B's keys plus every key A touched that B does not (set back to base).
     keys_b = keys_to_refit(keys_a, plan_b, pristine)
-    assert set(keys_b) == set(keys_a) | set(plan_b.factors)
+    assert set(keys_b) == set(keys_a) | set(plan_b.updates)
     arrays_b = refit_arrays(pristine, plan_b, keys_b)
-    for key in set(keys_a) - set(plan_b.factors):
+    for key in set(keys_a) - set(plan_b.updates):
         assert np.array_equal(arrays_b[key], pristine[key].numpy())
     # B -> A again: bit for bit the first A (computed from base, not from B).
-    again = refit_arrays(pristine, plan_a, keys_to_refit(plan_b.factors, plan_a, pristine))
+    again = refit_arrays(pristine, plan_a, keys_to_refit(plan_b.updates, plan_a, pristine))
     for key in keys_a:
         assert np.array_equal(again[key], arrays_a[key])
     # -> base: everything touched comes back bit for bit.

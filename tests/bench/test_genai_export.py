@@ -54,7 +54,7 @@ def test_tiny_export_draws_loraloom_image_in_genai_and_a_kohya_adapter_changes_i
             steps=SETTINGS.steps,
             seed=SETTINGS.seed,
             guidance_scale=SETTINGS.guidance_scale,
-            scheduler="euler",
+            sampler="euler",
             adapters=blend,
         )
         return np.asarray(engine.generate(request).images[0])

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import shutil
 import subprocess
 from pathlib import Path
@@ -11,24 +10,16 @@ from pathlib import Path
 import pytest
 import yaml
 
-from server.api.config import ServerConfig, env_name
+from adapters.envsettings import env_name
+from server.settings import setting_fields
 
 ROOT = Path(__file__).resolve().parents[2]
 K8S = ROOT / "deploy" / "k8s"
 TARGETS = ["overlays/cpu", "overlays/gpu", "trainer"]
 GPU = "nvidia.com/gpu"
 READINESS = "loraloom.v1.Loraloom"
-# LORALOOM_* variables that are not ServerConfig fields but are read elsewhere.
-OTHER_VARIABLES = {
-    "LORALOOM_S3_BUCKET",
-    "LORALOOM_S3_PREFIX",
-    "LORALOOM_S3_ENDPOINT",
-    "LORALOOM_S3_REGION",
-    "LORALOOM_BLOB_CACHE_MB",
-    "LORALOOM_STORE_DB_URL",
-    "LORALOOM_HOME",
-}
-KNOWN_VARIABLES = {env_name(item.name) for item in dataclasses.fields(ServerConfig)} | OTHER_VARIABLES
+# Every LORALOOM_* variable is a setting (the store's included: home, database, S3).
+KNOWN_VARIABLES = {env_name(item.name) for _, item in setting_fields()}
 
 
 def kustomize_binary() -> list[str] | None:

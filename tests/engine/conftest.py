@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from adapters.canonical import LoraAdapter
+from server.backends.select import build_backend
 from server.engine import Engine, MemoryResolver
 from server.engine.synthetic import random_adapter
 from server.models.loader import BaseModel, infer_architecture
@@ -36,6 +37,15 @@ def base_from(
         device=torch.device(device),
         dtype=dtype,
     )
+
+
+def engine_on(base: BaseModel, backend: str, precision: str = "fp32", **kwargs) -> Engine:
+    """An engine on ``backend``, built as ``server.bootstrap`` builds it (slot budget = plan budget)."""
+    from server.engine.engine import DEFAULT_CACHE_BYTES
+
+    plans = kwargs.get("plan_cache_bytes") or kwargs.get("cache_bytes", DEFAULT_CACHE_BYTES) // 4
+    built = build_backend(backend, base, precision, slot_budget_bytes=plans)
+    return Engine(base, backend=built, **kwargs)
 
 
 def make_adapters(pipeline, count: int = 5) -> dict[str, LoraAdapter]:

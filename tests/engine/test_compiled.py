@@ -172,7 +172,7 @@ def test_half_precision_blend_is_computed_in_float32_and_rounded_once(micro_pipe
         fused.apply(None)
         fused.apply(plan)
         worst = 0.0
-        for key in plan.factors:
+        for key in plan.updates:
             base = pristine[key].double()
             rows = base.shape[0]
             delta = torch.zeros_like(base.view(rows, -1))

@@ -35,7 +35,7 @@ def test_own_loop_gives_the_pipelines_images(micro_pipeline, micro_engine):
 def test_an_ancestral_sampler_matches_too(micro_pipeline, micro_engine):
     from diffusers import EulerAncestralDiscreteScheduler
 
-    result = micro_engine.generate(GenerateRequest("a boat", steps=3, seed=4, scheduler="euler_a"))
+    result = micro_engine.generate(GenerateRequest("a boat", steps=3, seed=4, sampler="euler_a"))
     reference = copy.deepcopy(micro_pipeline)
     reference.scheduler = EulerAncestralDiscreteScheduler.from_config(reference.scheduler.config)
     image = reference(
@@ -89,7 +89,7 @@ def test_same_version_twice_sums_and_zero_weight_is_the_base(micro_engine):
         {"steps": 0},
         {"num_images": 9},
         {"guidance_scale": float("nan")},
-        {"scheduler": "magic"},
+        {"sampler": "magic"},
         {"adapters": [("ink", 99.0)]},
         {"adapters": [("", 1.0)]},
         {"negative_prompt": "<lora:ink:1>"},

@@ -115,7 +115,7 @@ def test_interleaved_streams_never_see_each_others_weights(micro_pipeline, micro
         barrier.wait()
         for seed in seeds:
             request = GenerateRequest("a fox", steps=2, seed=seed, adapters=blends[name])
-            futures[(name, seed)] = scheduler.submit(request, on_progress=check)
+            futures[(name, seed)] = scheduler.submit(scheduler.engine.job(request), on_progress=check)
 
     threads = [threading.Thread(target=stream, args=(name,)) for name in blends]
     for thread in threads:

@@ -15,8 +15,9 @@ import pytest
 import torch
 
 from server.engine import Engine, MemoryResolver
-from server.engine.denoise import DenoiseJob, denoise
+from server.engine.denoise import denoise
 from server.engine.synthetic import diffusers_file
+from server.engine.types import GenerationSettings
 from tests.engine.conftest import base_from
 
 pytestmark = pytest.mark.filterwarnings("ignore:Already found a `peft_config`:UserWarning")
@@ -67,7 +68,7 @@ def test_unet_matches(pair):
 
 def test_images_match(pair):
     engine, peer = pair
-    job = DenoiseJob("a red fox", "blurry", 32, 32, 4, 7.5, seeds=[5, 6], sampler="default")
+    job = GenerationSettings("a red fox", "blurry", 32, 32, 4, 7.5, seed=5, sampler="default", num_images=2)
     ours = denoise(engine.pipeline, job, output_type="np").images
     generators = [torch.Generator().manual_seed(seed) for seed in job.seeds]
     theirs = peer(

@@ -1,12 +1,16 @@
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 import pytest
+from sqlalchemy import event
 
 from adapters.errors import InvalidArgument, NotFound
 from adapters.formats import save_canonical, to_kohya
 from adapters.store import AdapterStore
 from server.engine import Engine, GenerateRequest, MemoryResolver, StoreResolver
+from server.engine.scheduler import Scheduler
 from tests.engine.conftest import base_from
 
 
@@ -35,14 +39,96 @@ def test_memory_resolver_versions():
     shapes = {"unet.a": (4, 4)}
     one = resolver.add_adapter("x", random_adapter(shapes, seed=1, targets=["unet.a"]))
     two = resolver.add_adapter("x", random_adapter(shapes, seed=2, targets=["unet.a"]))
-    assert (
-        resolver.resolve("x") == two
-        and resolver.resolve("x@1") == one
-        and resolver.resolve("x@latest") == two
-    )
+    assert resolver.resolve(["x", "x@1", "x@latest"]) == [two, one, two]
     assert one.sha256 != two.sha256
     for ref in ("y", "x@3", "x@stable"):
         with pytest.raises(NotFound):
-            resolver.resolve(ref)
+            resolver.resolve([ref])
     with pytest.raises(InvalidArgument):
         resolver.add_adapter("bad@name", random_adapter(shapes, seed=3, targets=["unet.a"]))
+
+
+class StatementCounter:
+    """Counts the SQL statements a store sends (a SQLAlchemy event hook on its engine)."""
+
+    def __init__(self, store: AdapterStore) -> None:
+        self.statements: list[str] = []
+        event.listen(store.engine, "before_cursor_execute", self._record)
+
+    def _record(self, _conn, _cursor, statement, *_rest) -> None:
+        self.statements.append(statement)
+
+    def take(self) -> list[str]:
+        taken, self.statements = self.statements, []
+        return taken
+
+
+@pytest.fixture()
+def served(tmp_path, micro_pipeline, micro_adapters):
+    """A store with two adapters, an engine resolving through it, and its scheduler."""
+    with AdapterStore.open(tmp_path / "home") as store:
+        store.register("ink", save_canonical(micro_adapters["ink"]), aliases=["stable"])
+        store.register("neon", save_canonical(micro_adapters["neon"]))
+        engine = Engine(base_from(micro_pipeline, "micro"), resolver=StoreResolver(store, ttl_s=60))
+        scheduler = Scheduler(engine, max_queue=8)
+        try:
+            yield store, engine, scheduler
+        finally:
+            scheduler.close(drain=False, timeout=10)
+
+
+def test_a_resident_blend_costs_one_statement_then_none(served):
+    """Resolving a two-adapter blend is one SQL statement; a repeat within the TTL is none,
+    and the engine worker never reads the store for it."""
+    store, engine, scheduler = served
+    blend = [("ink", 0.6), ("neon@1", 0.4)]
+    scheduler.submit(engine.job(GenerateRequest("a fox", steps=1, seed=1, adapters=blend))).result(60)
+    counter = StatementCounter(store)
+    engine.resolver.invalidate()  # the adapters stay resident; only the names must be resolved again
+    job = engine.job(GenerateRequest("a fox", steps=1, seed=2, adapters=blend))
+    assert len(counter.take()) == 1
+    scheduler.submit(job).result(60)
+    assert counter.take() == []  # the worker ran it without the store
+    scheduler.submit(engine.job(GenerateRequest("a fox", steps=1, seed=3, adapters=blend))).result(60)
+    assert counter.take() == []
+
+
+def test_an_alias_move_through_the_service_is_seen_at_once(served):
+    store, engine, _ = served
+    assert engine.resolve_blend([("ink@stable", 1.0)]).entries[0][0].version == 1
+    store.register("ink", save_canonical(_other(engine)))
+    store.set_alias("ink", "stable", 2)
+    assert engine.resolve_blend([("ink@stable", 1.0)]).entries[0][0].version == 1  # cached (ttl 60 s)
+    engine.resolver.invalidate("ink")  # what the service does after an upload, alias move or delete
+    assert engine.resolve_blend([("ink@stable", 1.0)]).entries[0][0].version == 2
+
+
+def _other(engine):
+    from server.engine.synthetic import random_adapter
+    from server.models.shapes import module_shapes
+
+    return random_adapter(module_shapes(engine.pipeline), seed=77, rank=2, strength=0.1)
+
+
+def test_a_name_and_its_exact_version_are_one_group_and_one_swap(served):
+    """``ink`` and ``ink@1`` resolve to one sha256: the scheduler runs them as one blend."""
+    _, engine, scheduler = served
+    assert engine.job(GenerateRequest("x", adapters=[("ink", 1.0)])).blend.signature == (
+        engine.job(GenerateRequest("x", adapters=[("ink@1", 1.0)])).blend.signature
+    )
+    gate = threading.Event()
+    engine._before_step = lambda index, total: gate.wait(30)
+    busy = scheduler.submit(engine.job(GenerateRequest("x", steps=1, seed=0, adapters=[("neon", 1.0)])))
+    refs = ["ink", "ink@1", "ink@stable", "neon", "ink"]
+    futures = [
+        scheduler.submit(engine.job(GenerateRequest("x", steps=1, seed=i, adapters=[(ref, 1.0)])))
+        for i, ref in enumerate(refs)
+    ]
+    swaps = engine.stats().swaps
+    gate.set()
+    results = [future.result(60) for future in futures]
+    busy.result(60)
+    signatures = [result.blend_signature for result in results]
+    assert signatures[0] == signatures[1] == signatures[2] == signatures[4] != signatures[3]
+    # neon (running) -> all four ink requests in one run -> neon: two swaps, not four.
+    assert engine.stats().swaps - swaps == 2

@@ -56,7 +56,7 @@ def request(blend: str, seed: int = 0, steps: int = 1, **kwargs) -> GenerateRequ
 
 
 def submit_recorded(scheduler: Scheduler, order: list[str], label: str, blend: str, **kwargs):
-    future = scheduler.submit(request(blend, **kwargs))
+    future = scheduler.submit(scheduler.engine.job(request(blend, **kwargs)))
     future.add_done_callback(lambda _: order.append(label))
     return future
 
@@ -117,15 +117,18 @@ def test_zero_skips_is_fifo(gated):
 def test_a_full_queue_is_refused_with_a_retry_hint(gated):
     _, turnstile, start = gated
     scheduler = start(max_queue=2, max_group_skips=4)
-    running = scheduler.submit(request("A"))
+    running = scheduler.submit(scheduler.engine.job(request("A")))
     turnstile.wait_entered()
-    waiting = [scheduler.submit(request("B")), scheduler.submit(request("C"))]
+    waiting = [
+        scheduler.submit(scheduler.engine.job(request("B"))),
+        scheduler.submit(scheduler.engine.job(request("C"))),
+    ]
     with pytest.raises(ResourceExhausted) as refused:
-        scheduler.submit(request("A"))
+        scheduler.submit(scheduler.engine.job(request("A")))
     assert refused.value.retry_after_s > 0
     assert scheduler.stats().rejected == 1 and scheduler.stats().queued == 2
     with pytest.raises(InvalidArgument):  # bad requests fail at submit, before queueing
-        scheduler.submit(GenerateRequest("", steps=1))
+        scheduler.submit(scheduler.engine.job(GenerateRequest("", steps=1)))
     turnstile.release(3)
     for future in [running, *waiting]:
         future.result(timeout=60)
@@ -145,12 +148,16 @@ def test_cancel_stops_within_one_step_and_frees_the_slot(gated):
                 cancel.set()
 
     turnstile.release()
-    future = scheduler.submit(request("A", steps=12), on_progress=on_progress, cancel=cancel)
+    future = scheduler.submit(
+        scheduler.engine.job(request("A", steps=12)), on_progress=on_progress, cancel=cancel
+    )
     with pytest.raises(Cancelled):
         future.result(timeout=60)
     assert steps == [1, 2, 3]
     turnstile.release()
-    assert scheduler.submit(request("B")).result(timeout=60).images  # the slot is free again
+    assert (
+        scheduler.submit(scheduler.engine.job(request("B"))).result(timeout=60).images
+    )  # the slot is free again
     assert scheduler.stats().cancelled == 1
 
 
@@ -161,7 +168,7 @@ def test_deadline_stops_within_one_step(micro_pipeline, micro_adapters):
     stamps: list[float] = []
     deadline = time.monotonic() + 4 * step_s
     future = scheduler.submit(
-        request("A", steps=30, deadline=deadline),
+        scheduler.engine.job(request("A", steps=30, deadline=deadline)),
         on_progress=lambda p: stamps.append(time.monotonic()) if p.stage == "step" else None,
     )
     with pytest.raises(DeadlineExceeded):
@@ -171,7 +178,7 @@ def test_deadline_stops_within_one_step(micro_pipeline, micro_adapters):
     # every step that finished started before the deadline: the check runs before each step
     assert all(stamp - step_s < deadline + 0.05 for stamp in stamps[:-1])
     assert failed_at - deadline < 5.0
-    expired = scheduler.submit(request("B", deadline=time.monotonic() - 1))
+    expired = scheduler.submit(scheduler.engine.job(request("B", deadline=time.monotonic() - 1)))
     with pytest.raises(DeadlineExceeded):
         expired.result(timeout=60)
     scheduler.close(drain=True, timeout=10)
@@ -181,12 +188,14 @@ def test_cancel_while_queued_and_progress_events(gated):
     _, turnstile, start = gated
     scheduler = start(max_queue=8, max_group_skips=4)
     first_events: list = []
-    first = scheduler.submit(request("A", steps=2, preview_every=1), on_progress=first_events.append)
+    first = scheduler.submit(
+        scheduler.engine.job(request("A", steps=2, preview_every=1)), on_progress=first_events.append
+    )
     turnstile.wait_entered()
     cancel = threading.Event()
     events: list = []
-    queued = scheduler.submit(request("B"), on_progress=events.append, cancel=cancel)
-    dropped = scheduler.submit(request("C"))
+    queued = scheduler.submit(scheduler.engine.job(request("B")), on_progress=events.append, cancel=cancel)
+    dropped = scheduler.submit(scheduler.engine.job(request("C")))
     assert dropped.cancel()
     cancel.set()
     turnstile.release(3)
@@ -203,9 +212,9 @@ def test_cancel_while_queued_and_progress_events(gated):
 def test_close_without_drain_fails_what_is_left(gated):
     _, turnstile, start = gated
     scheduler = start(max_queue=8, max_group_skips=4)
-    running = scheduler.submit(request("A", steps=3))
+    running = scheduler.submit(scheduler.engine.job(request("A", steps=3)))
     turnstile.wait_entered()
-    waiting = scheduler.submit(request("B"))
+    waiting = scheduler.submit(scheduler.engine.job(request("B")))
     closer = threading.Thread(target=scheduler.close, kwargs={"drain": False, "timeout": 30})
     closer.start()
     with pytest.raises(Unavailable):
@@ -215,15 +224,15 @@ def test_close_without_drain_fails_what_is_left(gated):
         running.result(timeout=30)
     closer.join(30)
     with pytest.raises(Unavailable):
-        scheduler.submit(request("A"))
+        scheduler.submit(scheduler.engine.job(request("A")))
 
 
 def test_close_with_drain_finishes_the_queue(gated):
     _, turnstile, start = gated
     scheduler = start(max_queue=8, max_group_skips=4)
-    futures = [scheduler.submit(request("A"))]
+    futures = [scheduler.submit(scheduler.engine.job(request("A")))]
     turnstile.wait_entered()
-    futures.append(scheduler.submit(request("B")))
+    futures.append(scheduler.submit(scheduler.engine.job(request("B"))))
     closer = threading.Thread(target=scheduler.close, kwargs={"drain": True, "timeout": 30})
     closer.start()
     turnstile.release(2)
@@ -234,7 +243,7 @@ def test_close_with_drain_finishes_the_queue(gated):
 def test_batches_share_a_loop_and_match_unbatched_images(gated, micro_pipeline, micro_adapters):
     _, turnstile, start = gated
     scheduler = start(max_queue=16, max_group_skips=4, max_batch=3)
-    futures = [scheduler.submit(request("A", seed=0, steps=3))]
+    futures = [scheduler.submit(scheduler.engine.job(request("A", seed=0, steps=3)))]
     turnstile.wait_entered()
     cancel = threading.Event()
 
@@ -242,10 +251,12 @@ def test_batches_share_a_loop_and_match_unbatched_images(gated, micro_pipeline, 
         if progress.stage == "step" and progress.step == 2:
             cancel.set()
 
-    futures += [scheduler.submit(request("A", seed=seed, steps=3)) for seed in (1, 2)]
-    doomed = scheduler.submit(request("A", seed=9, steps=3), on_progress=cancel_at_two, cancel=cancel)
-    futures.append(scheduler.submit(request("A", seed=3, steps=3, num_images=2)))
-    other_shape = scheduler.submit(request("A", seed=4, steps=2))
+    futures += [scheduler.submit(scheduler.engine.job(request("A", seed=seed, steps=3))) for seed in (1, 2)]
+    doomed = scheduler.submit(
+        scheduler.engine.job(request("A", seed=9, steps=3)), on_progress=cancel_at_two, cancel=cancel
+    )
+    futures.append(scheduler.submit(scheduler.engine.job(request("A", seed=3, steps=3, num_images=2))))
+    other_shape = scheduler.submit(scheduler.engine.job(request("A", seed=4, steps=2)))
     turnstile.release(4)
     results = [future.result(timeout=60) for future in futures]
     with pytest.raises(Cancelled):

@@ -10,8 +10,10 @@ from dataclasses import replace
 import pytest
 
 from adapters.errors import AdapterInvalid, NotFound
-from adapters.store import AdapterStore, make_validator
-from adapters.store.s3 import S3BlobStorage, S3Settings
+from adapters.store import make_validator
+from adapters.store.s3 import S3BlobStorage
+from adapters.store.settings import StoreSettings
+from adapters.store.store import open_store
 from tests.store import s3_fixtures
 from tests.store.conftest import MICRO_BASE, kohya_file
 from tests.store.s3_fixtures import s3_client
@@ -111,31 +113,38 @@ def test_paths_just_handed_out_are_not_evicted(s3_settings, tmp_path):
     assert reader.cache_stats()["evictions"] == 0 and reader.cached_bytes == 1_200_000
 
 
-def test_settings_from_env():
-    assert S3Settings.from_env({}) is None
-    settings = S3Settings.from_env(
+def test_store_settings_from_env():
+    """The S3 variables become the store settings; open_store builds S3 blob storage from them."""
+    assert StoreSettings.from_env({}).s3_bucket is None
+    settings = StoreSettings.from_env(
         {
             "LORALOOM_S3_BUCKET": "b",
             "LORALOOM_S3_PREFIX": "p",
             "LORALOOM_S3_ENDPOINT": "http://x:9000",
             "LORALOOM_BLOB_CACHE_MB": "3",
+            "LORALOOM_STORE_DB_URL": "sqlite:////tmp/x.sqlite3",
         }
     )
-    assert settings == S3Settings("b", "p", "http://x:9000", None, 3 << 20)
+    assert (settings.s3_bucket, settings.s3_prefix, settings.s3_endpoint) == ("b", "p", "http://x:9000")
+    assert (settings.blob_cache_mb, settings.store_db_url) == (3, "sqlite:////tmp/x.sqlite3")
 
 
-def test_store_on_s3_is_shared_between_two_openers(s3_settings, tmp_path, monkeypatch, micro_shapes):
-    """AdapterStore.open picks S3 from LORALOOM_S3_*; a second home sees the version and its bytes."""
+def test_store_on_s3_is_shared_between_two_openers(s3_settings, tmp_path, micro_shapes):
+    """open_store picks S3 from the settings; a second home sees the version and its bytes."""
     db_url = f"sqlite:///{tmp_path / 'shared.sqlite3'}"
-    monkeypatch.setenv("LORALOOM_S3_BUCKET", s3_settings.bucket)
-    monkeypatch.setenv("LORALOOM_S3_ENDPOINT", s3_settings.endpoint_url)
+    settings = StoreSettings(
+        home=tmp_path / "a",
+        store_db_url=db_url,
+        s3_bucket=s3_settings.bucket,
+        s3_endpoint=s3_settings.endpoint_url,
+    )
     validator = make_validator(micro_shapes, MICRO_BASE)
     data = kohya_file(micro_shapes, seed=3)
-    with AdapterStore.open(tmp_path / "a", db_url, validator=validator) as first:
+    with open_store(settings, validator=validator) as first:
         assert isinstance(first.blobs, S3BlobStorage)
         version = first.register("style", data)
     assert not (tmp_path / "a" / "store" / "blobs").exists()
-    with AdapterStore.open(tmp_path / "b", db_url, validator=validator) as second:
+    with open_store(replace(settings, home=tmp_path / "b"), validator=validator) as second:
         assert second.blob_path("style").read_bytes() == data
         assert second.get("style").sha256 == version.sha256
         assert second.verify().ok

@@ -275,3 +275,24 @@ def test_unsupported_database_urls(tmp_path):
     for url in ("mysql://u@h/db", "sqlite://", "not a url"):
         with pytest.raises(InvalidArgument):
             AdapterStore.open(tmp_path, db_url=url)
+
+
+def test_resolve_is_one_statement_for_a_whole_blend(store, lora):
+    """``resolve`` answers name, name@N, name@alias and name@latest together in one SQL statement."""
+    from sqlalchemy import event
+
+    first = store.register("ink", lora(seed=1))
+    second = store.register("ink", lora(seed=2))
+    other = store.register("moss", lora(seed=3), aliases=["stable"])
+    statements: list[str] = []
+    event.listen(store.engine, "before_cursor_execute", lambda *args: statements.append(args[2]))
+    resolved = store.resolve(["ink", "ink@1", "moss@stable", "ink@latest", "moss"])
+    assert [r.ref for r in resolved] == ["ink@2", "ink@1", "moss@1", "ink@2", "moss@1"]
+    assert [r.sha256 for r in resolved[:3]] == [second.sha256, first.sha256, other.sha256]
+    assert len(statements) == 1
+    store.set_alias("ink", "stable", 1)
+    assert store.resolve(["ink@stable"])[0].ref == "ink@1"
+    with pytest.raises(NotFound, match="ink"):
+        store.resolve(["moss", "ink@7"])
+    with pytest.raises(NotFound):
+        store.resolve(["nobody"])

@@ -75,11 +75,11 @@ def test_unknown_toml_option_is_a_usage_error(tmp_path):
 @pytest.mark.slow
 def test_train_with_a_server_registers_and_the_next_generate_uses_it(tmp_path, one_thread):
     from server.api.app import ServerThread
-    from server.api.config import ServerConfig
     from server.client import Client
+    from server.settings import Settings
 
     data = make_folder(tmp_path / "shapes", 8, size=(40, 40))
-    config = ServerConfig(
+    config = Settings.of(
         host="127.0.0.1",
         port=0,
         model="micro",

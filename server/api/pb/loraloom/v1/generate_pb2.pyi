@@ -24,8 +24,18 @@ class AdapterSpec(_message.Message):
     weight: float
     def __init__(self, ref: _Optional[str] = ..., weight: _Optional[float] = ...) -> None: ...
 
+class BlendMerge(_message.Message):
+    __slots__ = ("method", "density", "seed")
+    METHOD_FIELD_NUMBER: _ClassVar[int]
+    DENSITY_FIELD_NUMBER: _ClassVar[int]
+    SEED_FIELD_NUMBER: _ClassVar[int]
+    method: str
+    density: float
+    seed: int
+    def __init__(self, method: _Optional[str] = ..., density: _Optional[float] = ..., seed: _Optional[int] = ...) -> None: ...
+
 class GenerateRequest(_message.Message):
-    __slots__ = ("prompt", "negative_prompt", "adapters", "steps", "guidance_scale", "seed", "width", "height", "num_images", "format", "preview_every", "request_id", "sampler")
+    __slots__ = ("prompt", "negative_prompt", "adapters", "steps", "guidance_scale", "seed", "width", "height", "num_images", "format", "preview_every", "request_id", "sampler", "merge")
     PROMPT_FIELD_NUMBER: _ClassVar[int]
     NEGATIVE_PROMPT_FIELD_NUMBER: _ClassVar[int]
     ADAPTERS_FIELD_NUMBER: _ClassVar[int]
@@ -39,6 +49,7 @@ class GenerateRequest(_message.Message):
     PREVIEW_EVERY_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     SAMPLER_FIELD_NUMBER: _ClassVar[int]
+    MERGE_FIELD_NUMBER: _ClassVar[int]
     prompt: str
     negative_prompt: str
     adapters: _containers.RepeatedCompositeFieldContainer[AdapterSpec]
@@ -52,7 +63,8 @@ class GenerateRequest(_message.Message):
     preview_every: int
     request_id: str
     sampler: str
-    def __init__(self, prompt: _Optional[str] = ..., negative_prompt: _Optional[str] = ..., adapters: _Optional[_Iterable[_Union[AdapterSpec, _Mapping]]] = ..., steps: _Optional[int] = ..., guidance_scale: _Optional[float] = ..., seed: _Optional[int] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., num_images: _Optional[int] = ..., format: _Optional[_Union[ImageFormat, str]] = ..., preview_every: _Optional[int] = ..., request_id: _Optional[str] = ..., sampler: _Optional[str] = ...) -> None: ...
+    merge: BlendMerge
+    def __init__(self, prompt: _Optional[str] = ..., negative_prompt: _Optional[str] = ..., adapters: _Optional[_Iterable[_Union[AdapterSpec, _Mapping]]] = ..., steps: _Optional[int] = ..., guidance_scale: _Optional[float] = ..., seed: _Optional[int] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., num_images: _Optional[int] = ..., format: _Optional[_Union[ImageFormat, str]] = ..., preview_every: _Optional[int] = ..., request_id: _Optional[str] = ..., sampler: _Optional[str] = ..., merge: _Optional[_Union[BlendMerge, _Mapping]] = ...) -> None: ...
 
 class Image(_message.Message):
     __slots__ = ("data", "mime_type", "width", "height", "seed")
@@ -93,7 +105,7 @@ class AppliedAdapter(_message.Message):
     def __init__(self, name: _Optional[str] = ..., version: _Optional[int] = ..., sha256: _Optional[str] = ..., weight: _Optional[float] = ...) -> None: ...
 
 class GenerationParameters(_message.Message):
-    __slots__ = ("prompt", "negative_prompt", "width", "height", "steps", "guidance_scale", "seed", "sampler", "num_images", "adapters")
+    __slots__ = ("prompt", "negative_prompt", "width", "height", "steps", "guidance_scale", "seed", "sampler", "num_images", "adapters", "merge")
     PROMPT_FIELD_NUMBER: _ClassVar[int]
     NEGATIVE_PROMPT_FIELD_NUMBER: _ClassVar[int]
     WIDTH_FIELD_NUMBER: _ClassVar[int]
@@ -104,6 +116,7 @@ class GenerationParameters(_message.Message):
     SAMPLER_FIELD_NUMBER: _ClassVar[int]
     NUM_IMAGES_FIELD_NUMBER: _ClassVar[int]
     ADAPTERS_FIELD_NUMBER: _ClassVar[int]
+    MERGE_FIELD_NUMBER: _ClassVar[int]
     prompt: str
     negative_prompt: str
     width: int
@@ -114,7 +127,8 @@ class GenerationParameters(_message.Message):
     sampler: str
     num_images: int
     adapters: _containers.RepeatedCompositeFieldContainer[AppliedAdapter]
-    def __init__(self, prompt: _Optional[str] = ..., negative_prompt: _Optional[str] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., steps: _Optional[int] = ..., guidance_scale: _Optional[float] = ..., seed: _Optional[int] = ..., sampler: _Optional[str] = ..., num_images: _Optional[int] = ..., adapters: _Optional[_Iterable[_Union[AppliedAdapter, _Mapping]]] = ...) -> None: ...
+    merge: BlendMerge
+    def __init__(self, prompt: _Optional[str] = ..., negative_prompt: _Optional[str] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., steps: _Optional[int] = ..., guidance_scale: _Optional[float] = ..., seed: _Optional[int] = ..., sampler: _Optional[str] = ..., num_images: _Optional[int] = ..., adapters: _Optional[_Iterable[_Union[AppliedAdapter, _Mapping]]] = ..., merge: _Optional[_Union[BlendMerge, _Mapping]] = ...) -> None: ...
 
 class GenerateResponse(_message.Message):
     __slots__ = ("images", "timing", "blend_signature", "parameters", "request_id")

@@ -7,7 +7,7 @@ from server.api.pb.loraloom.v1 import adapters_pb2 as loraloom_dot_v1_dot_adapte
 from server.api.pb.loraloom.v1 import generate_pb2 as loraloom_dot_v1_dot_generate__pb2
 from server.api.pb.loraloom.v1 import server_pb2 as loraloom_dot_v1_dot_server__pb2
 
-GRPC_GENERATED_VERSION = '1.85.1'
+GRPC_GENERATED_VERSION = '1.85.4'
 GRPC_VERSION = grpc.__version__
 _version_not_supported = False
 

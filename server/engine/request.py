@@ -1,0 +1,96 @@
+"""A caller's request made exact, once: validated, prompt tags parsed, defaults filled, seed chosen.
+
+Pure and cheap (no torch, no I/O): the service runs it before anything is queued.
+"""
+
+from __future__ import annotations
+
+import math
+import secrets
+from dataclasses import dataclass
+
+from adapters.blend import Merge
+from adapters.errors import InvalidArgument
+from server.engine.prompt import parse_prompt
+from server.engine.samplers import check_sampler
+from server.engine.types import GenerateRequest, GenerationSettings, RunOptions
+from server.settings import Limits
+
+MAX_SEED = 2**63 - 1
+
+
+@dataclass(frozen=True)
+class NormalizedRequest:
+    """A validated request: exact settings, the blend as asked (refs, not yet versions), run options."""
+
+    settings: GenerationSettings
+    adapters: tuple[tuple[str, float], ...]
+    merge: Merge
+    options: RunOptions
+
+
+def normalize(
+    request: GenerateRequest, limits: Limits, *, resolution: int, size_factor: int = 8
+) -> NormalizedRequest:
+    """Check ``request`` against ``limits`` and fill its defaults (``resolution``: the base's size;
+    width and height must be multiples of ``size_factor``)."""
+    if not isinstance(request.prompt, str) or not request.prompt.strip():
+        raise InvalidArgument("prompt is empty: say what to draw")
+    parsed = parse_prompt(request.prompt)
+    negative = parse_prompt(request.negative_prompt or "")
+    if negative.adapters:
+        raise InvalidArgument("<lora:...> tags belong in the prompt, not the negative prompt")
+    width = int(request.width or resolution)
+    height = int(request.height or resolution)
+    factor = max(8, int(size_factor))
+    for label, value in (("width", width), ("height", height)):
+        if value <= 0 or value > limits.max_size or value % factor:
+            raise InvalidArgument(
+                f"{label} {value} is not allowed: use a multiple of {factor} from {factor} "
+                f"to {limits.max_size} pixels"
+            )
+    steps = int(request.steps)
+    if not 1 <= steps <= limits.max_steps:
+        raise InvalidArgument(f"steps {steps} is out of range: use 1 to {limits.max_steps}")
+    guidance = float(request.guidance_scale)
+    if not math.isfinite(guidance) or not 0.0 <= guidance <= 50.0:
+        raise InvalidArgument(f"guidance_scale {guidance} is out of range: use 0 to 50 (1 disables it)")
+    count = int(request.num_images)
+    if not 1 <= count <= limits.max_images:
+        raise InvalidArgument(f"num_images {count} is out of range: use 1 to {limits.max_images}")
+    seed = request.seed if request.seed is not None else secrets.randbelow(2**32)
+    if not 0 <= int(seed) <= MAX_SEED - count:
+        raise InvalidArgument(f"seed {seed} is out of range: use 0 to {MAX_SEED - count}")
+    adapters = (*((str(r), float(w)) for r, w in request.adapters), *parsed.adapters)
+    check_blend(adapters, limits)
+    if request.preview_every < 0:
+        raise InvalidArgument("preview_every must be >= 0")
+    settings = GenerationSettings(
+        prompt=parsed.text,
+        negative_prompt=negative.text,
+        width=width,
+        height=height,
+        steps=steps,
+        guidance_scale=guidance,
+        seed=int(seed),
+        sampler=check_sampler(request.sampler),
+        num_images=count,
+    )
+    options = RunOptions(request.deadline, int(request.preview_every), request.request_id)
+    return NormalizedRequest(settings, adapters, request.merge, options)
+
+
+def check_blend(adapters: tuple[tuple[str, float], ...], limits: Limits) -> None:
+    """The one check of a blend as asked: refs present, weights finite and bounded, not too many."""
+    for ref, weight in adapters:
+        if not ref:
+            raise InvalidArgument("an adapter reference is empty: give 'name', 'name@3' or 'name@alias'")
+        if not math.isfinite(weight) or abs(weight) > limits.max_abs_weight:
+            raise InvalidArgument(
+                f"adapter {ref!r} weight {weight} is out of range: use -{limits.max_abs_weight:g} "
+                f"to {limits.max_abs_weight:g}"
+            )
+    if len(adapters) > limits.max_adapters:
+        raise InvalidArgument(
+            f"{len(adapters)} adapters in one blend; at most {limits.max_adapters} are allowed"
+        )
