@@ -409,3 +409,43 @@ def test_too_many_concurrent_uploads_is_resource_exhausted(running, client, micr
             time.sleep(0.2)
     client.delete_adapter("after-the-rush")
     assert client.list_adapters(all_versions=True).adapters == []
+
+
+def test_a_resident_blend_generate_reads_the_store_once_then_never(running, client, micro_shapes):
+    """Through the real server: a Generate naming a resident two-adapter blend issues at most one
+    SQL statement (resolving both refs), and none while the resolution is cached."""
+    from sqlalchemy import event
+
+    client.upload_adapter(adapter_bytes(micro_shapes, seed=21), "counted-a")
+    client.upload_adapter(adapter_bytes(micro_shapes, seed=22), "counted-b")
+    blend = ["counted-a:0.6", "counted-b@1:0.4"]
+    client.generate("x", steps=1, seed=1, adapters=blend)  # loads both: they are resident now
+    service = running.server.service
+    statements: list[str] = []
+
+    def record(_conn, _cursor, statement, *_rest) -> None:
+        statements.append(statement)
+
+    event.listen(service.store.engine, "before_cursor_execute", record)
+    try:
+        service.engine.resolver.invalidate()
+        client.generate("x", steps=1, seed=2, adapters=blend)
+        assert len(statements) <= 1, statements
+        statements.clear()
+        client.generate("x", steps=1, seed=3, adapters=blend)
+        assert statements == []
+    finally:
+        event.remove(service.store.engine, "before_cursor_execute", record)
+
+
+def test_a_ties_merge_runs_end_to_end(client, micro_shapes):
+    client.upload_adapter(adapter_bytes(micro_shapes, seed=23), "merge-a")
+    client.upload_adapter(adapter_bytes(micro_shapes, seed=24), "merge-b")
+    blend = ["merge-a:1", "merge-b:1"]
+    linear = client.generate("x", steps=1, seed=4, adapters=blend)
+    ties = client.generate("x", steps=1, seed=4, adapters=blend, merge="ties", density=0.3)
+    assert linear.parameters.merge == "linear" and ties.parameters.merge == "ties"
+    assert abs(ties.parameters.density - 0.3) < 1e-6
+    assert ties.blend_signature != linear.blend_signature
+    with pytest.raises(errors.InvalidArgument, match="merge"):
+        client.generate("x", steps=1, adapters=blend, merge="ties", density=2.0)
