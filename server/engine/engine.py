@@ -125,6 +125,8 @@ class Engine:
         self._before_step = before_step
         self._fused = FusedWeights(targets)
         self._backend: EngineBackend = backend or TorchBackend()
+        # Keys the backend writes itself; the fused torch path writes the rest.
+        self._backend_keys = frozenset(key for key in targets if self._backend.owns(key))
         if compile:  # in place and lazy: graphs are built on the first request of each shape
             compile_engine_unet(self.pipeline, self._backend.name, compile)
         self.backend = self._backend.name
@@ -305,9 +307,9 @@ class Engine:
 
     def _torch_part(self, plan: BlendPlan | None) -> BlendPlan | None:
         """``plan`` less the keys of modules the backend runs (they go to the backend only)."""
-        if plan is None:
-            return None
-        return plan.only({key for key in plan.updates if not self._backend.owns(key)})
+        if plan is None or not self._backend_keys:
+            return plan
+        return plan.only(plan.updates.keys() - self._backend_keys)
 
     def activate(
         self, blend: ResolvedBlend | Sequence[tuple[str, float]]

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any
 
 from adapters.blend import LINEAR, Blend, Merge
@@ -146,7 +147,7 @@ class ResolvedBlend:
         entries = tuple((r, w) for r, w in merged.values() if w != 0.0)
         return cls(entries, merge if entries else LINEAR)
 
-    @property
+    @cached_property
     def signature(self) -> tuple[tuple[str, float], ...]:
         return Blend.of(((r.sha256, w) for r, w in self.entries), self.merge).signature
 
