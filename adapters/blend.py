@@ -11,10 +11,30 @@ equivalent exact forms of the weighted linear blend
   Nothing dense is ever built; ``B @ A`` equals the blend.
 
 The engine and the runtime backends write blends through this module too: a
-blend's per-module ``Update`` (a stacked ``LowRank`` pair, or a ``Dense`` delta
-for merges that are not linear) and ``add_update``, which computes
-``W0 + update`` from the pristine weight into a buffer (half-precision weights in
-float32, rounded once).
+blend's per-module ``Update`` (a stacked ``LowRank`` pair; a ``Dense`` delta for
+merges that are not linear and for the kinds that are not low-rank; ``Rescaled``
+when a DoRA adapter rescales the result) and ``add_update``, which computes
+``W0 + update`` (times the rescale) from the pristine weight into a buffer
+(half-precision weights in float32, rounded once).
+
+Every adapter kind (``adapters.canonical``) is laid out once per module as a
+``PreparedModule`` (``prepare_module``): a low-rank pair, or its dense update
+(LoHa, LoKr, diff), plus DoRA's magnitude and a bias difference when it has them.
+``combine`` turns a blend's members of one module into its ``Update``:
+
+- members without DoRA add ``w_i * delta_i`` (low-rank pairs stay stacked unless a
+  dense member makes the sum dense);
+- a DoRA member's update enters at full strength and its weight scales its rescale,
+  as LyCORIS merges it (``W = V * (w * (m / ||V|| - 1) + 1)``, ``V = W0 + delta``); in a
+  blend ``V`` is the blended weight ``W0 + sum_i w_i delta_i + sum_j delta_j`` (DoRA
+  members j at full strength) and the rescales add: ``W = V * (1 + sum_j w_j (m_j /
+  ||V||_j - 1))``, each norm on its member's axis. With one DoRA member this is LyCORIS'
+  merge of the other adapters first and the DoRA adapter last.
+
+Per-part weights (``PartWeights``: A1111's ``<lora:name:te:unet>``) give an adapter one
+weight for the text encoders and another for the UNet; its signature entries are then
+``<key>#te`` and ``<key>#unet`` (one plain ``<key>`` entry when they are equal), so equal
+blends keep one signature and one plan.
 
 TIES and DARE merges work on the dense per-module deltas (the "task tensors"),
 with the semantics of ``peft.utils.merge_utils`` (``ties``, ``dare_linear``,
@@ -31,23 +51,80 @@ from typing import Literal
 
 import torch
 
-from adapters.canonical import LoraAdapter, LoraModule
+from adapters.canonical import DoraScale, LoraAdapter, LoraModule, Module, matrix_shape
 from adapters.errors import AdapterIncompatible, InvalidArgument
+from adapters.weights import (
+    PART_SEPARATOR,
+    TEXT_ENCODER_PART,
+    UNET_PART,
+    PartWeights,
+    Weight,
+    add_weights,
+    as_weight,
+    is_zero,
+    part_of,
+    parts_of,
+    weight_for,
+    weight_pairs,
+)
+
+__all__ = [
+    "LINEAR",
+    "MERGE_KEY_PREFIX",
+    "MERGE_METHODS",
+    "PART_SEPARATOR",
+    "TEXT_ENCODER_PART",
+    "UNET_PART",
+    "Blend",
+    "BlendEntry",
+    "Dense",
+    "LowRank",
+    "Merge",
+    "PartWeights",
+    "PreparedModule",
+    "Rescaled",
+    "Update",
+    "Weight",
+    "Weighted",
+    "add_update",
+    "add_weights",
+    "as_weight",
+    "blend_delta",
+    "blend_deltas",
+    "combine",
+    "combine_bias",
+    "dare_merge",
+    "is_zero",
+    "iter_blend_deltas",
+    "merge_tasks",
+    "merged_update",
+    "module_keys",
+    "part_of",
+    "parts_of",
+    "prepare_module",
+    "stack_factors",
+    "stack_low_rank",
+    "stacked_adapter",
+    "ties_merge",
+    "weight_for",
+    "weight_pairs",
+]
 
 Weighted = Sequence[tuple[LoraAdapter, float]]
 
 
 @dataclass(frozen=True)
 class BlendEntry:
-    """One adapter in a blend: its key (the blob's sha256, or any stable name) and weight."""
+    """One adapter in a blend: its key (the blob's sha256, or any stable name) and weight
+    (a float, or ``PartWeights``)."""
 
     key: str
-    weight: float = 1.0
+    weight: Weight = 1.0
 
     def __post_init__(self) -> None:
         if not self.key:
             raise InvalidArgument("a blend entry needs an adapter key")
-        if not math.isfinite(self.weight):
+        if not isinstance(self.weight, PartWeights) and not math.isfinite(self.weight):
             raise InvalidArgument(f"blend weight of {self.key!r} must be finite, is {self.weight}")
 
 
@@ -110,20 +187,23 @@ class Blend:
             raise InvalidArgument(f"a blend lists the same adapter more than once: {', '.join(duplicates)}")
 
     @classmethod
-    def of(cls, pairs: Iterable[tuple[str, float]], merge: Merge = LINEAR) -> Blend:
+    def of(cls, pairs: Iterable[tuple[str, Weight]], merge: Merge = LINEAR) -> Blend:
         """A blend from (key, weight) pairs; a key listed twice (two names for one blob) has its
         weights summed, which is the same update; a zero total weight drops the key."""
-        merged: dict[str, float] = {}
+        merged: dict[str, Weight] = {}
         for key, weight in pairs:
-            merged[key] = merged.get(key, 0.0) + float(weight)
-        entries = tuple(BlendEntry(key, weight) for key, weight in merged.items() if weight != 0.0)
+            merged[key] = add_weights(merged[key], weight) if key in merged else as_weight(weight)
+        entries = tuple(BlendEntry(key, weight) for key, weight in merged.items() if not is_zero(weight))
         return cls(entries, merge if entries else LINEAR)
 
     @property
     def signature(self) -> tuple[tuple[str, float], ...]:
         """The sorted (key, weight) pairs, plus the merge when it is not linear: the identity of
-        the blend's resulting weights (``()``: the base model alone)."""
-        pairs = tuple(sorted((entry.key, float(entry.weight)) for entry in self.entries))
+        the blend's resulting weights (``()``: the base model alone). An entry with per-part
+        weights gives ``key#te`` and ``key#unet`` pairs (``weight_pairs``)."""
+        pairs = tuple(
+            sorted(pair for entry in self.entries for pair in weight_pairs(entry.key, entry.weight))
+        )
         return pairs if self.merge.is_linear or not pairs else (*pairs, self.merge.key)
 
     @property
@@ -157,7 +237,21 @@ class Dense:
         return _nbytes(self.delta)
 
 
-Update = LowRank | Dense
+@dataclass(frozen=True)
+class Rescaled:
+    """``(W0 + inner) * scale``: DoRA's rescale of the blended weight. ``scale`` (float32) broadcasts
+    over the weight as a matrix: ``(out, 1)`` per row, ``(1, in*k*k)`` per input channel, or
+    ``(out, in*k*k)`` when DoRA members of both axes meet."""
+
+    inner: LowRank | Dense
+    scale: torch.Tensor
+
+    @property
+    def nbytes(self) -> int:
+        return self.inner.nbytes + _nbytes(self.scale)
+
+
+Update = LowRank | Dense | Rescaled
 
 
 def stack_low_rank(parts: Sequence[tuple[torch.Tensor, torch.Tensor, float]]) -> LowRank:
@@ -176,13 +270,21 @@ def add_update(base: torch.Tensor, update: Update, out: torch.Tensor | None = No
 
     ``base`` is never written. Weights in a half precision are computed in float32 and
     rounded once (within 1 ulp of the exact blend); ``out`` may have another dtype
-    than ``base`` (a bf16 runtime buffer over float32 weights).
+    than ``base`` (a bf16 runtime buffer over float32 weights). A ``Rescaled`` update is
+    ``(W0 + inner) * scale``, computed the same way.
     """
     rows = base.shape[0]
     base = base if base.is_contiguous() else base.contiguous()
     if out is None:
         out = torch.empty_like(base, memory_format=torch.contiguous_format)
     matrix, target = base.view(rows, -1), out.view(rows, -1)
+    if isinstance(update, Rescaled):
+        if base.dtype == out.dtype == update.scale.dtype:
+            add_update(base, update.inner, out)
+            target.mul_(update.scale)
+        else:
+            target.copy_(add_update(matrix.to(torch.float32), update.inner).mul_(update.scale.float()))
+        return out
     if isinstance(update, LowRank):
         up, down = update.up, update.down
         if up.dtype == base.dtype == out.dtype:
@@ -196,6 +298,163 @@ def add_update(base: torch.Tensor, update: Update, out: torch.Tensor | None = No
     else:
         target.copy_(matrix.to(torch.float32) + delta.float())
     return out
+
+
+@dataclass(frozen=True)
+class PreparedModule:
+    """One adapter's update of one weight, laid out for blending: the weight as a matrix
+    ``(out, n)``, ``n = in * kh * kw``.
+
+    Exactly one of ``low_rank`` (``down (r, n)``, ``up * scale (out, r)``: LoRA, LoCon) and
+    ``dense`` (the update itself: LoHa, LoKr, diff) is set. ``dora``: DoRA's magnitude, with
+    ``channels`` (the weight's input channels) for its per-channel norm. ``bias``: a bias
+    difference ``(out,)``.
+    """
+
+    low_rank: LowRank | None = None
+    dense: torch.Tensor | None = None
+    dora: DoraScale | None = None
+    channels: int = 0
+    bias: torch.Tensor | None = None
+
+    @property
+    def nbytes(self) -> int:
+        held = self.low_rank.nbytes if self.low_rank is not None else 0
+        for tensor in (self.dense, self.bias, None if self.dora is None else self.dora.magnitude):
+            held += _nbytes(tensor) if tensor is not None else 0
+        return held
+
+    def delta(self) -> torch.Tensor:
+        """The dense update (float32 matrix), DoRA's rescale not included."""
+        if self.dense is not None:
+            return self.dense.float()
+        return self.low_rank.up.float() @ self.low_rank.down.float()
+
+    def task(self, base: torch.Tensor | None = None) -> torch.Tensor:
+        """What this adapter changes at full strength (a merge's task tensor): its update, or for
+        DoRA ``rescaled(W0 + delta) - W0``, which needs the base weight matrix ``base``."""
+        delta = self.delta()
+        if self.dora is None:
+            return delta
+        if base is None:
+            raise InvalidArgument("a DoRA update depends on the base weight; pass it")
+        weight = base.float() + delta
+        out, n = weight.shape
+        scale = self.dora.broadcast(out, n, self.channels).to(weight.device) / self.dora.norm(
+            weight, self.channels
+        )
+        return weight.mul_(scale).sub_(base.float())
+
+
+def prepare_module(
+    module: Module, shape: tuple[int, ...], *, device=None, dtype: torch.dtype = torch.float32
+) -> PreparedModule:
+    """``module`` laid out for a weight of ``shape`` on ``device``.
+
+    A low-rank pair keeps ``dtype`` (the weight's; ``up`` carries the scale); a dense update
+    is float32 (computed from the factors once, here), as are DoRA's magnitude and a bias. A
+    LoRA whose factors hold more values than the weight (a rank above the weight's smaller
+    dimension) is kept as its dense update too: the same update, in fewer bytes.
+    """
+    out, n = matrix_shape(shape)
+    dora = module.dora
+    if dora is not None:
+        dora = DoraScale(dora.magnitude.to(device=device, dtype=torch.float32), dora.axis)
+    bias = None if module.bias is None else module.bias.to(device=device, dtype=torch.float32)
+    channels = int(shape[1])
+    if isinstance(module, LoraModule) and module.rank * (out + n) <= out * n:
+        rank = module.rank
+        down = module.down.reshape(rank, -1).to(device=device, dtype=dtype).contiguous()
+        up = module.up.reshape(module.up.shape[0], rank).to(device=device, dtype=torch.float32)
+        up = (up * module.scale).to(dtype).contiguous()
+        return PreparedModule(low_rank=LowRank(down, up), dora=dora, channels=channels, bias=bias)
+    source = module if device is None else _on(module, device)
+    dense = source.matrix(torch.float32).reshape(out, n).contiguous()
+    return PreparedModule(dense=dense, dora=dora, channels=channels, bias=bias)
+
+
+def _on(module: Module, device) -> Module:
+    """The module's factors on ``device`` (a dense update is built where the weight lives)."""
+    from dataclasses import fields, replace
+
+    moved = {
+        f.name: getattr(module, f.name).to(device)
+        for f in fields(module)
+        if isinstance(getattr(module, f.name), torch.Tensor)
+    }
+    return replace(module, **moved)
+
+
+def combine(members: Sequence[tuple[PreparedModule, float]], base: torch.Tensor | None = None) -> Update:
+    """One module's ``Update`` for a linear blend of ``members`` (``(prepared, weight)``).
+
+    ``base`` (the pristine weight) is needed only when a member has DoRA; see the module
+    docstring for how DoRA members combine. Low-rank members stay one stacked pair unless a
+    dense member (or DoRA) makes the update dense or rescaled.
+    """
+    doras = [(prepared, weight) for prepared, weight in members if prepared.dora is not None]
+    # A DoRA member's update enters at full strength; its weight scales its rescale (LyCORIS).
+    strength = [(p, 1.0 if p.dora is not None else float(w)) for p, w in members]
+    lows = [(p.low_rank.down, p.low_rank.up, w) for p, w in strength if p.low_rank is not None]
+    denses = [(p.dense, w) for p, w in strength if p.dense is not None]
+    inner: LowRank | Dense
+    if not denses:
+        inner = stack_low_rank(lows)
+    else:
+        total = denses[0][0] * denses[0][1]
+        for dense, weight in denses[1:]:
+            total.add_(dense, alpha=weight)
+        for down, up, weight in lows:
+            total.addmm_(up.to(total.dtype), down.to(total.dtype), alpha=weight)
+        inner = Dense(total)
+    if not doras:
+        return inner
+    if base is None:
+        raise InvalidArgument("a DoRA update depends on the base weight; pass it")
+    blended = add_update(base.float().reshape(base.shape[0], -1), inner)
+    return Rescaled(inner, _dora_scale(doras, blended))
+
+
+def _dora_scale(doras: Sequence[tuple[PreparedModule, float]], weight: torch.Tensor) -> torch.Tensor:
+    """``1 + sum_j w_j (m_j / ||V||_j - 1)`` (LyCORIS' ``w * (m / ||V|| - 1) + 1`` for one member)."""
+    out, n = weight.shape
+    total: torch.Tensor | None = None
+    for prepared, weight_j in doras:
+        dora = prepared.dora
+        term = dora.broadcast(out, n, prepared.channels).to(weight.device) / dora.norm(
+            weight, prepared.channels
+        )
+        if len(doras) == 1:
+            return term if weight_j == 1.0 else term.sub_(1.0).mul_(weight_j).add_(1.0)
+        term = term.sub_(1.0).mul_(weight_j)
+        total = term if total is None else total + term
+    return total.add_(1.0)
+
+
+def combine_bias(members: Sequence[tuple[PreparedModule, float]]) -> torch.Tensor | None:
+    """The blend's bias difference of one module (``sum_i w_i * db_i``), ``None`` when no member has one."""
+    total: torch.Tensor | None = None
+    for prepared, weight in members:
+        if prepared.bias is not None:
+            part = prepared.bias * float(weight)
+            total = part if total is None else total.add_(part)
+    return total
+
+
+def merged_update(
+    members: Sequence[tuple[PreparedModule | None, float]],
+    merge: Merge,
+    base: torch.Tensor,
+    generator: torch.Generator | None = None,
+) -> Dense:
+    """One module's TIES/DARE merge: each member's task tensor (zeros where an adapter lacks the
+    module; DoRA's at full strength) merged with the weights (``merge_tasks``)."""
+    matrix = base.float().reshape(base.shape[0], -1)
+    tasks = [
+        prepared.task(matrix) if prepared is not None else torch.zeros_like(matrix) for prepared, _ in members
+    ]
+    weights = torch.tensor([float(w) for _, w in members], dtype=torch.float32, device=matrix.device)
+    return Dense(merge_tasks(torch.stack(tasks), weights, merge, generator))
 
 
 def merge_tasks(
@@ -227,10 +486,16 @@ def module_keys(adapters: Weighted) -> list[str]:
     return list(seen)
 
 
-def _members(adapters: Weighted, key: str) -> list[tuple[LoraModule, float]]:
+def _members(adapters: Weighted, key: str) -> list[tuple[Module, float]]:
     members = [
         (adapter.modules[key], float(weight)) for adapter, weight in adapters if key in adapter.modules
     ]
+    for module, _ in members:
+        if module.dora is not None:
+            raise InvalidArgument(
+                f"module {key!r} is DoRA, whose update depends on the base weight: blend it with "
+                "prepare_module and combine"
+            )
     shapes = {module.weight_shape for module, _ in members}
     if len(shapes) > 1:
         raise AdapterIncompatible(
@@ -244,6 +509,10 @@ def blend_delta(adapters: Weighted, key: str, dtype: torch.dtype = torch.float32
     """The dense blended update of one module, or ``None`` when no adapter touches it."""
     total: torch.Tensor | None = None
     for module, weight in _members(adapters, key):
+        if not isinstance(module, LoraModule):
+            part = module.matrix(dtype).mul_(weight)
+            total = part if total is None else total.add_(part)
+            continue
         down = module.down.to(dtype).reshape(module.rank, -1)
         up = module.up.to(dtype).reshape(module.up.shape[0], module.rank)
         factor = weight * module.scale
@@ -279,6 +548,10 @@ def stack_factors(adapters: Weighted, dtype: torch.dtype | None = None) -> dict[
     stacked: dict[str, LoraModule] = {}
     for key in module_keys(adapters):
         members = _members(adapters, key)
+        if not all(isinstance(m, LoraModule) for m, _ in members):
+            raise InvalidArgument(
+                f"module {key!r} is not low-rank in every adapter; stack_factors stacks LoRA/LoCon only"
+            )
         target = dtype or _widest([m.down.dtype for m, _ in members] + [m.up.dtype for m, _ in members])
         pair = stack_low_rank(
             [(m.down.to(target), m.up.to(target), weight * m.scale) for m, weight in members]
@@ -300,6 +573,8 @@ def _widest(dtypes: list[torch.dtype]) -> torch.dtype:
 def _task_tensors(adapters: Weighted, key: str, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """Stacked per-adapter deltas (zeros where an adapter lacks the module) and their weights."""
     members = [(adapter.modules.get(key), float(weight)) for adapter, weight in adapters]
+    if any(module is not None and module.dora is not None for module, _ in members):
+        raise InvalidArgument(f"module {key!r} is DoRA, whose update depends on the base weight")
     shapes = {module.weight_shape for module, _ in members if module is not None}
     if len(shapes) > 1:
         raise AdapterIncompatible(f"the merged adapters disagree on the shape of {key!r}: {sorted(shapes)}")

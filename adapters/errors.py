@@ -59,8 +59,13 @@ class ResourceExhausted(LoraloomError):
         self.retry_after_s = retry_after_s
 
 
+class OutOfMemory(ResourceExhausted):
+    """A generation ran out of memory; its memory was released (gRPC RESOURCE_EXHAUSTED)."""
+
+
 class Unavailable(LoraloomError):
-    """The server is draining or not ready yet (gRPC UNAVAILABLE)."""
+    """The server is draining or not ready yet, or a part it needs cannot be reached now (gRPC
+    UNAVAILABLE): retry."""
 
     code = "UNAVAILABLE"
 
@@ -85,3 +90,23 @@ class DataLoss(LoraloomError):
     """
 
     code = "DATA_LOSS"
+
+
+class BlobDamaged(DataLoss):
+    """A stored version's bytes are missing, fail their sha256 or cannot be decoded (gRPC DATA_LOSS).
+
+    ``reason`` is one of ``adapters.store.integrity.LOAD_FAILURE_REASONS`` (``sha256_mismatch``,
+    ``missing``, ``undecodable``); ``ref`` names the version (``name@3``), ``sha256`` its blob.
+    """
+
+    def __init__(
+        self, message: str, *, reason: str = "sha256_mismatch", ref: str = "", sha256: str = ""
+    ) -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.ref = ref
+        self.sha256 = sha256
+
+
+class StoreUnreachable(Unavailable):
+    """The adapter store's database cannot be reached right now (gRPC UNAVAILABLE); retry shortly."""

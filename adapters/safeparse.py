@@ -7,8 +7,9 @@ single tensor byte is read, so a hostile or broken file is refused in
 milliseconds with memory bounded by ``ParseLimits.max_header_bytes``:
 
 - the header length is bounded and fits inside the file;
-- the header is a JSON object with no duplicate keys (at any depth) and no
-  NaN/Infinity literals; metadata is a flat ``str -> str`` map;
+- the header is a JSON object with no duplicate keys (at any depth), no
+  NaN/Infinity literals and no lone UTF-16 surrogate escapes (``"\\ud800"``: not
+  text, and not encodable as UTF-8 on the wire); metadata is a flat ``str -> str`` map;
 - every dtype is on an allow-list (F16, BF16, F32; integer dtypes only for
   single-element tensors, because diffusers' ``convert_state_dict_to_kohya`` and
   other converters write ``alpha`` as an int64 scalar);
@@ -18,16 +19,26 @@ milliseconds with memory bounded by ``ParseLimits.max_header_bytes``:
   and the last one ends exactly at the end of the file (no trailing bytes);
 - the number of tensors is bounded.
 
+Before the JSON is parsed, a header with more objects, arrays and commas than
+``max_tensors`` entries need is refused, so parsing costs a bounded multiple of
+the header's size (a few times ``max_header_bytes`` at worst, not 30 times).
 After reading, every floating-point tensor must be finite. A PyTorch pickle
 (zip archive or raw pickle protocol) is recognised and refused with a note on
 converting it offline: nothing here ever unpickles.
+
+Every refusal is an ``AdapterInvalid`` (never another exception type, whatever the
+bytes), and its message quotes the file only in short excerpts: it reaches the
+uploader in a gRPC status, whose trailers are small.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
+import re
+import reprlib
 import struct
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -71,6 +82,22 @@ class ParseLimits:
 
 
 DEFAULT_LIMITS = ParseLimits()
+
+# Values from the file appear in messages only this short (names, keys, dtypes, shapes, numbers).
+_EXCERPT = reprlib.Repr()
+_EXCERPT.maxstring = 80
+_EXCERPT.maxother = 80
+_EXCERPT.maxlong = 24
+_EXCERPT.maxlevel = 2
+_EXCERPT.maxlist = _EXCERPT.maxdict = 6
+# A ``\uD800``..``\uDFFF`` escape in the header text: the only way a lone surrogate gets in.
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+
+
+def _shown(value: object) -> str:
+    """``value`` (read from the file) for a message: a repr of bounded length, however long,
+    deep or large the value is."""
+    return _EXCERPT.repr(value)
 
 
 @dataclass(frozen=True)
@@ -122,11 +149,16 @@ def read_safetensors(
 ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Pre-check, then read every tensor and refuse non-finite values.
 
-    Returns ``(tensors, metadata)``; tensors own their memory (no view on the input).
+    Returns ``(tensors, metadata)``; tensors own their memory (no view on the input). A
+    ``bytearray`` is read in place (no copy of its data section); bytes and files are copied once.
     """
     header = peek_header(source, limits)
     start = 8 + header.header_bytes
-    if isinstance(source, bytes | bytearray | memoryview):
+    payload: bytearray | memoryview
+    if isinstance(source, bytearray):
+        # A buffer the caller owns (the store's checked read): read in place, not copied once more.
+        payload = memoryview(source)[start : start + header.data_bytes]
+    elif isinstance(source, bytes | memoryview):
         payload = bytearray(memoryview(source)[start : start + header.data_bytes])
     else:
         with open(os.fspath(source), "rb") as fh:
@@ -140,7 +172,7 @@ def read_safetensors(
     return tensors, dict(header.metadata)
 
 
-def _materialize(payload: bytearray, info: TensorInfo) -> torch.Tensor:
+def _materialize(payload: bytearray | memoryview, info: TensorInfo) -> torch.Tensor:
     torch_dtype = _dtype_table(info.dtype)[0]
     if info.numel == 0:
         return torch.empty(info.shape, dtype=torch_dtype)
@@ -152,8 +184,8 @@ def _materialize(payload: bytearray, info: TensorInfo) -> torch.Tensor:
     if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
         bad = int((~torch.isfinite(tensor)).sum())
         raise AdapterInvalid(
-            f"tensor {info.name!r} holds {bad} non-finite value(s) (NaN or Inf); the adapter is corrupt "
-            "or its training diverged; retrain or re-export it"
+            f"tensor {_shown(info.name)} holds {bad} non-finite value(s) (NaN or Inf); the adapter is "
+            "corrupt or its training diverged; retrain or re-export it"
         )
     return tensor
 
@@ -213,9 +245,15 @@ def _check_header(prefix: bytes, read_header, file_size: int, limits: ParseLimit
     declared = raw.count(b'"data_offsets"')
     if declared > limits.max_tensors:
         raise AdapterInvalid(f"file declares {declared} tensors, more than the limit of {limits.max_tensors}")
+    _check_json_size(raw, limits)
     parsed = _parse_json(text)
     if not isinstance(parsed, dict):
         raise AdapterInvalid("safetensors header is not a JSON object")
+    if _SURROGATE_ESCAPE.search(text) and _holds_lone_surrogate(parsed):
+        raise AdapterInvalid(
+            "safetensors header holds a lone UTF-16 surrogate escape (such as \\ud800), which is not "
+            "text; the file is corrupt"
+        )
     metadata = _check_metadata(parsed.pop(METADATA_KEY, None))
     if len(parsed) > limits.max_tensors:
         raise AdapterInvalid(
@@ -233,16 +271,66 @@ def _check_header(prefix: bytes, read_header, file_size: int, limits: ParseLimit
     )
 
 
+# A JSON string (possessive, so linear time), or a structural byte outside strings (group 1).
+_JSON_TOKEN = re.compile(rb'"(?:[^"\\]++|\\.)*+"|([{\[,])')
+# What a header of ``max_tensors`` entries holds outside strings, at most: each entry is 3
+# containers ({...}, shape [...], data_offsets [...]) and 7 commas (4 dims); the outer object,
+# the metadata and a comma per metadata entry come out of the spare.
+_STRUCTURE_PER_TENSOR = 10
+_SPARE_STRUCTURE = 65_536
+
+
+def _check_json_size(raw: bytes, limits: ParseLimits) -> None:
+    """Refuse, before parsing, a header with more JSON values than ``max_tensors`` entries need.
+
+    Parsing costs memory per value (a 16 MiB header of ``{},{},...`` would take over 400 MiB and
+    seconds), so a header packed with small values is refused from a count of its structural
+    bytes (``{``, ``[``, ``,``) instead: first in the raw bytes, an upper bound that every real
+    file is within; only when that is over the limit, outside JSON strings, stopping as soon as
+    the limit is passed (bounded time, no memory).
+    """
+    limit = _STRUCTURE_PER_TENSOR * limits.max_tensors + _SPARE_STRUCTURE
+    if raw.count(b"{") + raw.count(b"[") + raw.count(b",") <= limit:
+        return
+    outside = (token for token in _JSON_TOKEN.finditer(raw) if token.lastindex)
+    if next(itertools.islice(outside, limit, None), None) is not None:
+        raise AdapterInvalid(
+            f"safetensors header holds more than {limit} JSON objects, arrays and commas outside "
+            f"strings, more than a header of at most {limits.max_tensors} tensors needs; the file "
+            "is corrupt or hostile"
+        )
+
+
 def _no_duplicates(pairs: list[tuple[str, object]]) -> dict[str, object]:
     seen: dict[str, object] = {}
     for key, value in pairs:
         if key in seen:
             raise AdapterInvalid(
-                f"safetensors header repeats the key {key!r}; readers disagree on which copy wins, "
+                f"safetensors header repeats the key {_shown(key)}; readers disagree on which copy wins, "
                 "so the file is refused"
             )
         seen[key] = value
     return seen
+
+
+def _holds_lone_surrogate(value: object) -> bool:
+    """True when a string anywhere in ``value`` (keys included) cannot be encoded as UTF-8.
+
+    Iterative, so a deeply nested header costs no recursion."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError:
+                return True
+        elif isinstance(item, dict):
+            stack.extend(item)
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return False
 
 
 def _no_constants(name: str) -> object:
@@ -268,7 +356,7 @@ def _check_metadata(raw: object) -> dict[str, str]:
     for key, value in raw.items():
         if not isinstance(value, str):
             raise AdapterInvalid(
-                f"safetensors __metadata__ entry {key!r} is a {type(value).__name__}, not a string"
+                f"safetensors __metadata__ entry {_shown(key)} is a {type(value).__name__}, not a string"
             )
     return dict(raw)
 
@@ -278,31 +366,34 @@ def _check_entry(name: str, entry: object, limits: ParseLimits) -> TensorInfo:
         raise AdapterInvalid(
             f"tensor name of {len(name)} characters is empty or longer than {limits.max_name_chars}"
         )
+    shown = _shown(name)
     if not isinstance(entry, dict) or set(entry) != {"dtype", "shape", "data_offsets"}:
-        raise AdapterInvalid(f"tensor {name!r}: header entry must have exactly dtype, shape and data_offsets")
+        raise AdapterInvalid(f"tensor {shown}: header entry must have exactly dtype, shape and data_offsets")
     dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
     if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) for d in shape):
-        raise AdapterInvalid(f"tensor {name!r}: shape must be a list of integers, got {shape!r:.80}")
+        raise AdapterInvalid(f"tensor {shown}: shape must be a list of integers, got {_shown(shape)}")
     if len(shape) > limits.max_dims:
         raise AdapterInvalid(
-            f"tensor {name!r} has {len(shape)} dimensions; a LoRA tensor has at most {limits.max_dims}"
+            f"tensor {shown} has {len(shape)} dimensions; a LoRA tensor has at most {limits.max_dims}"
         )
     if any(d < 0 for d in shape):
-        raise AdapterInvalid(f"tensor {name!r} has a negative dimension in shape {shape}")
+        raise AdapterInvalid(f"tensor {shown} has a negative dimension in shape {_shown(shape)}")
     numel = math.prod(shape)  # Python ints: no overflow, however large the declared dims
     if numel > limits.max_tensor_elements:
         raise AdapterInvalid(
-            f"tensor {name!r} declares shape {shape} ({numel} elements), more than the limit of "
-            f"{limits.max_tensor_elements}"
+            f"tensor {shown} declares shape {_shown(shape)} ({_shown(numel)} elements), more than the "
+            f"limit of {limits.max_tensor_elements}"
         )
+    if not isinstance(dtype, str):  # a list or an object would not even be a dict key
+        raise AdapterInvalid(f'tensor {shown}: dtype must be a string such as "F16", got {_shown(dtype)}')
     if dtype in SCALAR_INT_DTYPES:
         if numel > 1:
             raise AdapterInvalid(
-                f"tensor {name!r} has dtype {dtype}; integer tensors are accepted only as scalars (alpha)"
+                f"tensor {shown} has dtype {dtype}; integer tensors are accepted only as scalars (alpha)"
             )
     elif dtype not in FLOAT_DTYPES:
         raise AdapterInvalid(
-            f"tensor {name!r} has dtype {dtype!r}; adapters must be F16, BF16 or F32 "
+            f"tensor {shown} has dtype {_shown(dtype)}; adapters must be F16, BF16 or F32 "
             "(re-save the adapter in one of these)"
         )
     if (
@@ -310,15 +401,15 @@ def _check_entry(name: str, entry: object, limits: ParseLimits) -> TensorInfo:
         or len(offsets) != 2
         or not all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)
     ):
-        raise AdapterInvalid(f"tensor {name!r}: data_offsets must be two integers, got {offsets!r:.80}")
+        raise AdapterInvalid(f"tensor {shown}: data_offsets must be two integers, got {_shown(offsets)}")
     begin, end = offsets
     if begin < 0 or end < begin:
-        raise AdapterInvalid(f"tensor {name!r}: data_offsets {offsets} are not an increasing range")
+        raise AdapterInvalid(f"tensor {shown}: data_offsets {_shown(offsets)} are not an increasing range")
     itemsize = _dtype_table(dtype)[1]
     if end - begin != numel * itemsize:
         raise AdapterInvalid(
-            f"tensor {name!r}: shape {shape} of {dtype} needs {numel * itemsize} bytes but data_offsets "
-            f"span {end - begin}"
+            f"tensor {shown}: shape {_shown(shape)} of {dtype} needs {numel * itemsize} bytes but "
+            f"data_offsets span {_shown(end - begin)}"
         )
     return TensorInfo(name=name, dtype=dtype, shape=tuple(shape), begin=begin, end=end)
 
@@ -329,8 +420,8 @@ def _check_layout(infos: list[TensorInfo], data_bytes: int) -> None:
         if info.begin != position:
             what = "overlaps the previous tensor" if info.begin < position else "leaves a gap before it"
             raise AdapterInvalid(
-                f"tensor {info.name!r} starts at data offset {info.begin} but the previous tensor ends at "
-                f"{position}: it {what}; the file is corrupt"
+                f"tensor {_shown(info.name)} starts at data offset {_shown(info.begin)} but the previous "
+                f"tensor ends at {position}: it {what}; the file is corrupt"
             )
         position = info.end
     if position > data_bytes:

@@ -15,6 +15,14 @@ slows both alike; figures are medians. Both sides use one torch thread unless
 - ``cold_load_ms_*``: first use of an adapter file never seen before. loraloom:
   read, parse, validate, prepare and apply it (``Engine.activate``); peer:
   ``load_lora_weights``.
+- ``cold_load_ms_small_{loha,lokr}`` and ``swap_ms_small_{loha,lokr}``: the same
+  two measurements with LyCORIS LoHa / LoKr files (network dim 8, UNet attention,
+  kohya names), next to the LoRA rows. Their peer is lycoris-lora itself (its
+  modules built from the file, ``merge_to``: how its merge tool, and A1111 and
+  ComfyUI, apply such files): a cold load reads the file, builds the modules and
+  merges them; a swap restores the weights the previous blend touched and merges
+  the next blend's adapters one after the other. loraloom computes each file's
+  dense update once, when it is prepared (cached), and writes ``W0 + update``.
 - ``mixed_rps_*``: requests per second over requests cycling through 4 blends.
   loraloom: all submitted to the scheduler (grouped by blend, batches of up to
   4 requests); peer: all adapters loaded, ``set_adapters`` per request (what a
@@ -38,10 +46,10 @@ import torch
 from bench.report import Metric, cpu_timed, median_ms, timed
 from server.engine import Engine, GenerateRequest, MemoryResolver
 from server.engine.scheduler import Scheduler
-from server.engine.synthetic import diffusers_file, random_adapter
+from server.engine.synthetic import attention_targets, diffusers_file, random_adapter, random_lycoris
 from server.models.loader import BaseModel, load_base_model
 
-PEER = "diffusers 0.42 + PEFT"
+PEER = "diffusers 0.42 + PEFT (LoHa/LoKr rows: lycoris-lora)"
 # Both sides on one torch thread by default (``--threads`` overrides): on a shared
 # 2-core machine two-thread pools oversubscribe the CPU and turn millisecond
 # figures into noise; the comparison is the same either way.
@@ -93,6 +101,7 @@ def _quiet() -> None:
 
     transformers_logging.set_verbosity_error()
     transformers_logging.disable_progress_bar()
+    logging.getLogger("LyCORIS").setLevel(logging.ERROR)
 
 
 class Side:
@@ -111,6 +120,16 @@ class Side:
         adapter = random_adapter(self.base.module_shapes, seed=seed, rank=RANK, strength=0.1)
         path = self.folder / f"{self.size}-{name}.safetensors"
         path.write_bytes(diffusers_file(adapter, self.pristine))
+        return path
+
+    def write_lycoris(self, kind: str, name: str, seed: int) -> Path:
+        """A LoHa or LoKr file (kohya names) over the UNet's attention projections."""
+        from adapters.formats import to_kohya
+
+        targets = attention_targets(self.base.module_shapes, text_encoder=False)
+        adapter = random_lycoris(self.base.module_shapes, kind, seed=seed, rank=RANK, targets=targets)
+        path = self.folder / f"{self.size}-{kind}-{name}.safetensors"
+        path.write_bytes(to_kohya(adapter))
         return path
 
     def engine(self) -> Engine:
@@ -163,6 +182,77 @@ def cold_load_ms(side: Side, repeats: int) -> Metric:
             ours.append(mine)
             theirs.append(peers)
     return Metric(f"cold_load_ms_{side.size}", median_ms(ours), median_ms(theirs), "ms", "lower")
+
+
+class LycorisPeer:
+    """lycoris-lora applying its files to a copy of the pipeline: modules built from the file
+    (``lycoris.modules.get_module``/``make_module``, as ``lycoris.utils.merge``), then ``merge_to``."""
+
+    def __init__(self, side: Side) -> None:
+        self.pipeline = copy.deepcopy(side.pristine)
+        self.saved: dict[torch.nn.Module, torch.Tensor] = {}
+
+    @torch.no_grad()
+    def modules(self, path: Path) -> list[tuple[torch.nn.Module, object]]:
+        from lycoris.modules import get_module, make_module
+        from safetensors.torch import load_file
+
+        state = load_file(str(path))
+        built = []
+        for prefix, root in (("lora_te", self.pipeline.text_encoder), ("lora_unet", self.pipeline.unet)):
+            for child_name, child in root.named_modules():
+                name = f"{prefix}.{child_name}".replace(".", "_")
+                kind, params = get_module(state, name)
+                if kind is not None:
+                    built.append((child, make_module(kind, params, name, child)))
+        return built
+
+    @torch.no_grad()
+    def apply(self, blend: list[tuple[list, float]]) -> None:
+        """Restore what the previous blend touched, then merge each adapter of ``blend`` in turn."""
+        for child, weight in self.saved.items():
+            child.weight.data.copy_(weight)
+        self.saved.clear()
+        for modules, weight in blend:
+            for child, module in modules:
+                if child not in self.saved:
+                    self.saved[child] = child.weight.data.clone()
+                module.merge_to(weight)
+
+
+def lycoris_cold_load_ms(side: Side, kind: str, repeats: int) -> Metric:
+    engine, peer = side.engine(), LycorisPeer(side)
+    ours, theirs = [], []
+    for index in range(repeats + 1):  # the first round warms both up and is dropped
+        name = f"{kind}-cold{index}"
+        path = side.write_lycoris(kind, name, seed=2000 + index)
+        engine.resolver.add_file(name, path)
+        mine = timed(lambda n=name: engine.activate([(n, 1.0)]))
+        peers = timed(lambda p=path: peer.apply([(peer.modules(p), 1.0)]))
+        peer.apply([])
+        if index:
+            ours.append(mine)
+            theirs.append(peers)
+    return Metric(f"cold_load_ms_{side.size}_{kind}", median_ms(ours), median_ms(theirs), "ms", "lower")
+
+
+def lycoris_swap_ms(side: Side, kind: str, repeats: int) -> Metric:
+    paths = {name: side.write_lycoris(kind, name, seed=3000 + index) for index, name in enumerate(NAMES)}
+    engine, peer = side.engine(), LycorisPeer(side)
+    for name, path in paths.items():
+        engine.resolver.add_file(f"{kind}-{name}", path)
+    built = {name: peer.modules(path) for name, path in paths.items()}  # loaded once: "cached"
+    ours_blends = [[(f"{kind}-{n}", w) for n, w in blend] for blend in (BLEND_X, BLEND_Y)]
+    peer_blends = [[(built[n], w) for n, w in blend] for blend in (BLEND_X, BLEND_Y)]
+    for index in (0, 1, 0):
+        engine.activate(ours_blends[index])
+        peer.apply(peer_blends[index])
+    ours, theirs = [], []
+    for index in range(repeats):
+        which = 1 if index % 2 == 0 else 0
+        ours.append(timed(lambda b=ours_blends[which]: engine.activate(b)))
+        theirs.append(timed(lambda b=peer_blends[which]: peer.apply(b)))
+    return Metric(f"swap_ms_{side.size}_{kind}", median_ms(ours), median_ms(theirs), "ms", "lower")
 
 
 def blend_overhead_pct(side: Side, rounds: int, steps: int) -> Metric:
@@ -263,6 +353,8 @@ def run(quick: bool = False) -> list[Metric]:
             blend_overhead_pct(tiny, config.overhead_rounds, config.overhead_steps),
             cold_load_ms(tiny, config.cold_repeats),
             cold_load_ms(small, config.cold_repeats),
+            *(lycoris_cold_load_ms(small, kind, config.cold_repeats) for kind in ("loha", "lokr")),
+            *(lycoris_swap_ms(small, kind, config.swap_repeats) for kind in ("loha", "lokr")),
             mixed_rps(tiny, config.mixed_requests, config.mixed_steps, config.mixed_chunks),
             *([] if quick else [mixed_rps(tiny, 20, config.mixed_steps, 2, max_batch=1)]),
         ]

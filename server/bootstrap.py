@@ -36,7 +36,8 @@ def build_service(settings: Settings, *, before_step: BeforeStep | None = None):
 
     model, engine_settings = settings.model, settings.engine
     base = load_base_model(model.model, device=model.device, dtype=getattr(torch, model.dtype))
-    store = open_store(settings.store, validator=make_validator(base.module_shapes, base.base_ref))
+    validator = make_validator(base.module_shapes, base.base_ref, max_rank=settings.limits.max_rank)
+    store = open_store(settings.store, validator=validator)
     try:
         name, precision = choose_backend(
             engine_settings.backend,

@@ -20,12 +20,18 @@ class QueueStats:
 
 @dataclass(frozen=True)
 class AppliedAdapter:
-    """One adapter of the blend a request ran under, resolved to an exact version."""
+    """One adapter of the blend a request ran under, resolved to an exact version.
+
+    ``text_encoder_weight``/``unet_weight`` are set when the parts had different weights
+    (``weight`` is then the UNet's); ``None``: both parts had ``weight``.
+    """
 
     name: str
     version: int
     sha256: str
     weight: float
+    text_encoder_weight: float | None = None
+    unet_weight: float | None = None
 
     @property
     def ref(self) -> str:
@@ -33,9 +39,20 @@ class AppliedAdapter:
         return f"{self.name}@{self.version}"
 
     @property
+    def parts(self) -> tuple[float, float]:
+        """``(text encoder, UNet)`` weights."""
+        te = self.weight if self.text_encoder_weight is None else self.text_encoder_weight
+        unet = self.weight if self.unet_weight is None else self.unet_weight
+        return te, unet
+
+    @property
     def spec(self) -> str:
-        """``name@version:weight``, to send back for the same blend."""
-        return f"{self.name}@{self.version}:{self.weight:g}"
+        """``name@version:weight`` (``name@version:te:unet`` with per-part weights), to send back
+        for the same blend."""
+        te, unet = self.parts
+        if te == unet:
+            return f"{self.name}@{self.version}:{te:g}"
+        return f"{self.name}@{self.version}:{te:g}:{unet:g}"
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 from adapters.errors import Cancelled, InvalidArgument, ResourceExhausted
 from adapters.store import AdapterStore
-from adapters.store.models import AdapterPage, AdapterVersion
+from adapters.store.models import AdapterPage, AdapterVersion, VerifyReport
 from adapters.store.names import parse_ref
 from server.engine.types import (
     EngineStats,
@@ -32,6 +32,7 @@ from server.engine.types import (
     QueueStats,
     ResidentAdapter,
 )
+from server.readiness import OutOfMemoryWatch
 from server.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -187,7 +188,8 @@ class LoraloomService:
         self.engine = engine
         self.scheduler = scheduler
         self.ready = False
-        self.observers: list[Callable[..., None]] = []
+        self.memory = OutOfMemoryWatch(settings.engine.oom_unready_after, self._probe)
+        self.observers: list[Callable[..., None]] = [self.memory]
         self._uploads = ThreadPoolExecutor(max_workers=MAX_UPLOADS, thread_name_prefix="loraloom-upload")
         self._upload_slots = threading.BoundedSemaphore(MAX_UPLOADS)
 
@@ -201,7 +203,12 @@ class LoraloomService:
             log.info("warmed up in %.2fs", time.perf_counter() - started)
         self.ready = True
 
+    def _probe(self) -> None:
+        """One small generation: does the engine work again? (readiness after out-of-memory failures)"""
+        self.submit(GenerateRequest(prompt="readiness probe", steps=1, seed=0)).result()
+
     def close(self, timeout: float = 5.0) -> None:
+        self.memory.close()
         self.scheduler.close(drain=False, timeout=timeout)
         self._uploads.shutdown(wait=False, cancel_futures=True)
         self.store.close()
@@ -312,8 +319,14 @@ class LoraloomService:
             aliases=tuple(aliases),
         )
         result.add_done_callback(lambda _: self._upload_slots.release())
-        result.add_done_callback(lambda _: self.engine.resolver.invalidate(name))
+        result.add_done_callback(lambda done: self._uploaded(name, done))
         return UploadSession(name, sha256, size_bytes, reader, result)
+
+    def _uploaded(self, name: str, done: Future) -> None:
+        """A new version of ``name`` is visible: resolve its references afresh. A failed upload
+        changed nothing, and keeps what they resolved to (the fallback while the store is down)."""
+        if not done.cancelled() and done.exception() is None:
+            self.engine.resolver.invalidate(name)
 
     def delete_adapter(self, ref: str) -> list[AdapterVersion]:
         """Delete ``name@version`` (or the version an alias names), or every version of ``name``."""
@@ -331,6 +344,11 @@ class LoraloomService:
         moved = self.store.set_alias(name, alias, version)
         self.engine.resolver.invalidate(name)
         return moved
+
+    def verify_store(self, repair: bool = False) -> VerifyReport:
+        """Re-read every stored version's blob as a load does (sha256, size, decoding) and report
+        the damaged ones; with ``repair``, also remove orphan blobs and stale temp files."""
+        return self.store.verify(repair=repair)
 
     # ------------------------------------------------------------------ the engine's cache
 

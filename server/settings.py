@@ -60,6 +60,11 @@ class EngineSettings:
     )
     cache_mb: int = _help("Adapter cache budget in MiB (blend plans get a quarter of it on top).", 512)
     warmup: bool = _help("Run one generation before reporting ready.", True)
+    oom_unready_after: int = _help(
+        "Consecutive out-of-memory failures after which readiness reports NOT_SERVING (until a "
+        "generation succeeds; a probe retries every 10 s).",
+        3,
+    )
 
     @property
     def cache_bytes(self) -> int:
@@ -76,6 +81,16 @@ class Limits:
     max_adapters: int = _help("Most adapters in one blend.", 8)
     max_size: int = _help("Largest width or height in pixels.", 2048)
     max_abs_weight: float = _help("Largest |weight| of one adapter in a blend.", 10.0)
+    max_prompt_bytes: int = _help(
+        "Longest prompt (and negative prompt) in UTF-8 bytes; the text encoder reads its first "
+        "77 tokens of it.",
+        16384,
+    )
+    max_rank: int = _help(
+        "Largest adapter rank (network dim) accepted; a module of a higher rank than its weight's "
+        "smaller dimension is kept as its dense update.",
+        1024,
+    )
 
 
 @dataclass(frozen=True)

@@ -4,6 +4,21 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hypothesis import HealthCheck, settings
+
+# Property-based tests run the same examples on every run (derandomize: no flaky CI, no example
+# database to carry around), with no per-example deadline (a busy 2-core machine is slow at
+# times) and a fixed example count; a test that needs more or fewer says so with @settings.
+settings.register_profile(
+    "loraloom",
+    derandomize=True,
+    deadline=None,
+    max_examples=100,
+    database=None,
+    print_blob=False,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+settings.load_profile("loraloom")
 
 
 def pytest_configure(config):

@@ -1,16 +1,20 @@
-"""LoRA file formats in and out, all normalized to ``adapters.canonical``.
+"""Adapter file formats in and out, all normalized to ``adapters.canonical``.
 
 ``load_adapter`` detects the format of a ``.safetensors`` file (bytes or a path):
 
 - canonical (``loraloom.format = "canonical/1"``; see ``canonical_io``),
 - kohya / A1111 / ComfyUI (``lora_unet_*``, ``lora_te_*``, ``lora_te1_*``/``lora_te2_*``
-  with ``lora_down``/``lora_up``/``alpha``; LoCon conv layers included),
+  with ``lora_down``/``lora_up``/``alpha``; LoCon conv layers included), and LyCORIS
+  files in the same naming: LoCon with Tucker (``lora_mid``, folded into the pair),
+  LoHa (``hada_*``), LoKr (``lokr_*``), full diffs (``diff``/``diff_b``) and DoRA
+  (``dora_scale`` on LoRA, LoHa or LoKr),
 - diffusers (``unet.<module>.lora_A/lora_B`` with ``lora_adapter_metadata``, and the
   older ``unet.<module>.lora.down/up`` and attention-processor layouts),
 - PEFT (``<module>.lora_A/lora_B`` with ``adapter_config.json``: a folder, or the
   weights file with ``peft_config`` or a sibling ``adapter_config.json``).
 
-LoHa, LoKr and the other LyCORIS / PEFT types are refused naming the type.
+OFT, BOFT, GLoRA, (IA)^3, PEFT's DoRA and other types are refused naming the type and
+what to do (``common.refuse_unsupported``).
 ``module_names`` (the keys of the base model's ``module_shapes``) maps kohya's
 flattened names back to module keys and matches text-encoder spellings with and
 without ``text_model.``; pass it whenever the base model is known.
@@ -29,7 +33,7 @@ from adapters.errors import AdapterInvalid
 from adapters.formats import canonical_io, diffusers_io, kohya, peft_io
 from adapters.formats.base_ref import FORMAT_KEY, base_from_metadata, normalize_architecture
 from adapters.formats.canonical_io import save_canonical
-from adapters.formats.common import build_modules, refuse_unsupported
+from adapters.formats.common import ReadHints, build_modules, refuse_unsupported
 from adapters.formats.diffusers_io import to_diffusers
 from adapters.formats.kohya import to_kohya
 from adapters.safeparse import CONVERT_HINT, DEFAULT_LIMITS, ParseLimits, peek_header, read_safetensors
@@ -119,7 +123,8 @@ def parse_adapter(
         base = base_from_metadata(metadata)
         # Layout details of the source format, already folded into the modules.
         metadata = {k: v for k, v in metadata.items() if k not in LAYOUT_KEYS}
-    return LoraAdapter(modules=build_modules(pending), metadata=dict(metadata), base=base)
+    hints = ReadHints.of(metadata)
+    return LoraAdapter(modules=build_modules(pending, hints), metadata=dict(metadata), base=base)
 
 
 def load_adapter(

@@ -9,6 +9,8 @@ from adapters.canonical import BaseModelRef
 ARCH_KEY = "loraloom.base_architecture"
 FINGERPRINT_KEY = "loraloom.base_fingerprint"
 FORMAT_KEY = "loraloom.format"
+# Recorded with a stored version (not in the file): what the adapter is, as ``LoraAdapter.kind`` says.
+ADAPTER_TYPE_KEY = "loraloom.adapter_type"
 
 
 def normalize_architecture(value: str) -> str:

@@ -6,6 +6,11 @@ Tensors, one module key ``<component>.<module path>`` each:
 - ``<module key>.lora_up.weight``: B, ``(out, rank)`` or ``(out, rank, 1, 1)``
 - ``<module key>.alpha``: F32 scalar; the update is ``alpha / rank * B @ A``
 
+The other kinds use LyCORIS' tensor names at the module key (``<module key>.hada_w1_a``,
+``.lokr_w1``, ``.lora_mid.weight``, ``.diff``, ``.diff_b``, ``.dora_scale`` shaped
+``(out, 1, ...)`` or ``(1, in, ...)``; ``common.LYCORIS_SUFFIXES``); a plain LoRA is
+written exactly as it always was.
+
 Metadata: ``loraloom.format = "canonical/1"``, ``loraloom.base_architecture`` and
 ``loraloom.base_fingerprint`` (when the base is known), and every other key of
 the adapter's metadata passed through unchanged. Factors keep their dtype.
@@ -19,19 +24,15 @@ import torch
 
 from adapters.canonical import LoraAdapter
 from adapters.formats.base_ref import FORMAT_KEY, base_metadata
-from adapters.formats.common import PendingModule, collect
+from adapters.formats.common import PendingModule, collect, module_tensors, split_suffix
 from adapters.formats.names import resolve_key
 from adapters.safeparse import write_safetensors
 
 FORMAT = "canonical/1"
-SUFFIXES = {".lora_down.weight": "down", ".lora_up.weight": "up", ".alpha": "alpha"}
 
 
 def parse_key(key: str) -> tuple[str, str] | None:
-    for suffix, role in SUFFIXES.items():
-        if key.endswith(suffix):
-            return key[: -len(suffix)], role
-    return None
+    return split_suffix(key)
 
 
 def read(tensors: Mapping[str, torch.Tensor], names: set[str] | None) -> dict[str, PendingModule]:
@@ -46,9 +47,7 @@ def save_canonical(adapter: LoraAdapter) -> bytes:
     """The adapter as canonical safetensors bytes (deterministic for equal adapters)."""
     tensors: dict[str, torch.Tensor] = {}
     for key, module in adapter.modules.items():
-        tensors[f"{key}.lora_down.weight"] = module.down.contiguous()
-        tensors[f"{key}.lora_up.weight"] = module.up.contiguous()
-        tensors[f"{key}.alpha"] = torch.tensor(module.alpha, dtype=torch.float32)
+        tensors.update(module_tensors(key, module))
     metadata = {k: v for k, v in adapter.metadata.items() if not k.startswith("loraloom.base_")}
     metadata.update(base_metadata(adapter.base))
     metadata[FORMAT_KEY] = FORMAT

@@ -23,8 +23,8 @@ from collections.abc import Mapping
 import torch
 
 from adapters.canonical import COMPONENTS, LoraAdapter
-from adapters.errors import AdapterInvalid
-from adapters.formats.common import PendingModule, collect, match_pattern
+from adapters.errors import AdapterInvalid, InvalidArgument
+from adapters.formats.common import CONVERT_ADVICE, PendingModule, collect, match_pattern
 from adapters.formats.names import TEXT_MODEL, resolve_key, split_key
 from adapters.safeparse import write_safetensors
 
@@ -106,9 +106,15 @@ def check_peft_config(config: Mapping, where: str) -> None:
     """Refuse PEFT configs that are not plain LoRA."""
     peft_type = str(config.get("peft_type") or "LORA").upper()
     if peft_type != "LORA":
-        raise AdapterInvalid(f"{where} says peft_type {peft_type}; loraloom serves plain LoRA and LoCon only")
+        raise AdapterInvalid(
+            f"{where} says peft_type {peft_type}; loraloom reads PEFT/diffusers files of plain LoRA only "
+            f"(LoHa, LoKr and DoRA in LyCORIS' kohya-style files). {CONVERT_ADVICE}"
+        )
     if config.get("use_dora"):
-        raise AdapterInvalid(f"{where} is DoRA (use_dora); loraloom serves plain LoRA and LoCon only")
+        raise AdapterInvalid(
+            f"{where} is PEFT's DoRA (use_dora); loraloom applies DoRA from LyCORIS' kohya-style files "
+            f"(dora_scale) only. {CONVERT_ADVICE}"
+        )
     if config.get("fan_in_fan_out"):
         raise AdapterInvalid(f"{where} sets fan_in_fan_out, which no Stable Diffusion layer uses")
     for field in ("r", "lora_alpha"):
@@ -158,6 +164,11 @@ def to_diffusers(adapter: LoraAdapter, *, flat_text_encoder: bool | None = None)
     transformers >= 5.6 dropped the ``text_model.`` level; ``flat_text_encoder``
     (default: follow the installed transformers) writes them without it.
     """
+    if not adapter.is_low_rank:
+        raise InvalidArgument(
+            f"diffusers' LoRA format holds plain LoRA/LoCon only and this adapter is {adapter.kind}; "
+            "write it with to_kohya (LyCORIS' names, which A1111 and ComfyUI read) or save_canonical"
+        )
     if flat_text_encoder is None:
         flat_text_encoder = installed_clip_is_flat()
     tensors: dict[str, torch.Tensor] = {}

@@ -1,13 +1,16 @@
-"""kohya sd-scripts / A1111 / ComfyUI LoRA files.
+"""kohya sd-scripts / A1111 / ComfyUI LoRA files, and the LyCORIS files written the same way.
 
 Keys are ``<prefix><flattened module path>.lora_down.weight``, ``.lora_up.weight``
 and ``.alpha`` with prefix ``lora_unet_``, ``lora_te_`` (SD 1.x/2.x text encoder)
 or ``lora_te1_``/``lora_te2_`` (SDXL). Module paths are flattened with
-underscores, so reading needs the base model's module names.
+underscores, so reading needs the base model's module names. LyCORIS networks
+(``lycoris.kohya``) use the same names with their own tensors (``lora_mid``,
+``hada_*``, ``lokr_*``, ``diff``/``diff_b``, ``dora_scale``; ``common.LYCORIS_SUFFIXES``).
 """
 
 from __future__ import annotations
 
+import json
 from collections import Counter
 from collections.abc import Mapping
 
@@ -16,11 +19,9 @@ import torch
 from adapters.canonical import LoraAdapter
 from adapters.errors import InvalidArgument
 from adapters.formats.base_ref import base_metadata, kohya_version
-from adapters.formats.common import PendingModule, collect
+from adapters.formats.common import PendingModule, collect, module_tensors, split_suffix
 from adapters.formats.names import KOHYA_PREFIXES, kohya_flat_path, kohya_lookup, kohya_prefix
 from adapters.safeparse import write_safetensors
-
-SUFFIXES = {".lora_down.weight": "down", ".lora_up.weight": "up", ".alpha": "alpha"}
 
 
 def is_kohya_key(key: str) -> bool:
@@ -38,10 +39,10 @@ def read(tensors: Mapping[str, torch.Tensor], names: set[str] | None) -> dict[st
     prefixes = sorted(KOHYA_PREFIXES.items(), key=lambda item: -len(item[0]))
 
     def parse(key: str) -> tuple[str, str] | None:
-        role = next((r for suffix, r in SUFFIXES.items() if key.endswith(suffix)), None)
-        if role is None:
+        split = split_suffix(key)
+        if split is None:
             return None
-        stem = key[: -len(next(s for s in SUFFIXES if key.endswith(s)))]
+        stem, role = split
         for prefix, component in prefixes:
             if stem.startswith(prefix):
                 flat = stem[len(prefix) :]
@@ -53,25 +54,33 @@ def read(tensors: Mapping[str, torch.Tensor], names: set[str] | None) -> dict[st
 
 
 def to_kohya(adapter: LoraAdapter) -> bytes:
-    """kohya-compatible safetensors (A1111 and ComfyUI load it); alpha is an F32 scalar."""
+    """kohya-compatible safetensors (A1111 and ComfyUI load it); alpha is an F32 scalar.
+
+    LoHa, LoKr, diff and DoRA modules are written with LyCORIS' tensor names, and such a file
+    says ``ss_network_module = lycoris.kohya`` with its ``algo`` (unless the metadata says already).
+    """
     sdxl_text = "text_encoder_2" in adapter.components
     tensors: dict[str, torch.Tensor] = {}
+    stems: set[str] = set()
     for key, module in adapter.modules.items():
         component = key.split(".", 1)[0]
         stem = kohya_prefix(component, sdxl_text) + kohya_flat_path(key)
-        if f"{stem}.alpha" in tensors:
+        if stem in stems:
             raise InvalidArgument(f"two modules flatten to the same kohya name {stem!r}")
-        tensors[f"{stem}.lora_down.weight"] = module.down.contiguous()
-        tensors[f"{stem}.lora_up.weight"] = module.up.contiguous()
-        tensors[f"{stem}.alpha"] = torch.tensor(module.alpha, dtype=torch.float32)
+        stems.add(stem)
+        tensors.update(module_tensors(stem, module))
     metadata = dict(adapter.metadata)
     metadata.update(base_metadata(adapter.base))
     metadata.pop("loraloom.format", None)
     metadata.pop(
         "lora_adapter_metadata", None
     )  # diffusers' layout key; diffusers misreads kohya files with it
-    ranks = Counter(m.rank for m in adapter.modules.values())
-    alphas = Counter(m.alpha for m in adapter.modules.values())
+    ranks = Counter(m.rank for m in adapter.modules.values() if m.factored)
+    alphas = Counter(m.alpha for m in adapter.modules.values() if m.factored)
+    algo = lycoris_algo(adapter)
+    if algo is not None:
+        metadata.setdefault("ss_network_module", "lycoris.kohya")
+        metadata.setdefault("ss_network_args", json.dumps(algo))
     metadata.setdefault("ss_network_module", "networks.lora")
     metadata.setdefault("ss_network_dim", str(ranks.most_common(1)[0][0]) if ranks else "0")
     metadata.setdefault("ss_network_alpha", str(alphas.most_common(1)[0][0]) if alphas else "0")
@@ -79,3 +88,17 @@ def to_kohya(adapter: LoraAdapter) -> bytes:
     if version:
         metadata.setdefault("ss_base_model_version", version)
     return write_safetensors(tensors, metadata)
+
+
+def lycoris_algo(adapter: LoraAdapter) -> dict[str, str] | None:
+    """The ``ss_network_args`` LyCORIS would record for this adapter, ``None`` for plain LoRA/LoCon."""
+    kinds = {module.kind for module in adapter.modules.values()}
+    dora = [module.dora for module in adapter.modules.values() if module.dora is not None]
+    if kinds <= {"lora"} and not dora:
+        return None
+    algo = {"lora": "locon", "loha": "loha", "lokr": "lokr", "diff": "full"}
+    args = {"algo": algo[sorted(kinds - {"lora"})[0]] if kinds - {"lora"} else "locon"}
+    if dora:
+        args["dora_wd"] = "True"
+        args["wd_on_output"] = str(all(scale.axis == "out" for scale in dora))
+    return args

@@ -9,6 +9,8 @@ validates uploads against its base model and may share a PostgreSQL database::
     )
     v = store.register("pixel-style", data, tags=["style"], aliases=["stable"])
     store.get("pixel-style@stable"), store.blob_path(v)
+    store.load_version(v, module_names)  # bytes hashed as read; BlobDamaged (DATA_LOSS) if damaged
+    store.verify()  # every version re-read the same way: the damaged ones, orphans, temp files
 
 ``db_url`` defaults to ``<home>/store/adapters.sqlite3``. ``open_store(StoreSettings.from_env())``
 opens the store the ``LORALOOM_*`` variables describe (PostgreSQL, S3 blobs).
@@ -23,6 +25,7 @@ _HOMES = {
     "AdapterFacts": "adapters.store.models",
     "AdapterPage": "adapters.store.models",
     "AdapterVersion": "adapters.store.models",
+    "Damage": "adapters.store.models",
     "ResolvedVersion": "adapters.store.models",
     "VerifyReport": "adapters.store.models",
     "NAME_PATTERN": "adapters.store.names",
@@ -56,6 +59,7 @@ __all__ = [
     "AdapterVersion",
     "BlobInfo",
     "BlobStorage",
+    "Damage",
     "LocalBlobStorage",
     "ResolvedVersion",
     "StoreSettings",

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from adapters.errors import AdapterInvalid, NotFound
-from adapters.store.hashing import check_sha256, copy_hashed, fsync_dir, stale_files
+from adapters.store.hashing import check_sha256, copy_hashed, fsync_dir, hash_stream, stale_files
 
 
 @dataclass(frozen=True)
@@ -64,6 +64,11 @@ class BlobStorage(ABC):
     def partials(self, *, older_than_s: float = 0.0, remove: bool = False) -> list[str]:
         """Leftovers of interrupted writes older than ``older_than_s``; removed when ``remove``."""
         return []
+
+    def drop_cached(self, sha256: str) -> bool:
+        """Forget a local copy of a remote blob (it failed its check; the next read fetches it
+        again); False when there is none, as for storage that is local to begin with."""
+        return False
 
 
 class LocalBlobStorage(BlobStorage):
@@ -110,20 +115,51 @@ class LocalBlobStorage(BlobStorage):
             temp.unlink(missing_ok=True)
 
     def put_file(self, path: Path, sha256: str) -> BlobInfo:
-        """Hard-link ``path`` into place (no copy) when it is on the same file system."""
+        """Hard-link ``path`` into place (no copy) when it is on the same file system.
+
+        A blob already there is kept if it still hashes to its name and replaced otherwise,
+        so uploading the same file again repairs a damaged blob.
+        """
         final = self._final(sha256)
         final.parent.mkdir(exist_ok=True)
         try:
             os.chmod(path, 0o444)
             os.link(path, final)
         except FileExistsError:
-            pass
+            if not self._intact(final, sha256):
+                self._replace(path, final)
         except OSError as exc:
             if exc.errno not in (errno.EXDEV, errno.EPERM, errno.EMLINK, errno.ENOTSUP):
                 raise
             return super().put_file(path, sha256)
         fsync_dir(final.parent)
         return BlobInfo(final.name, final.stat().st_size)
+
+    @staticmethod
+    def _intact(final: Path, sha256: str) -> bool:
+        try:
+            with open(final, "rb") as stream:
+                return hash_stream(stream)[0] == sha256
+        except FileNotFoundError:
+            return False
+
+    def _replace(self, path: Path, final: Path) -> None:
+        """Put ``path``'s bytes (already checked by the caller) over a damaged blob, atomically."""
+        temp = self.tmp / f"{secrets.token_hex(8)}{self.TEMP_SUFFIX}"
+        try:
+            try:
+                os.link(path, temp)
+            except OSError:
+                with open(path, "rb") as source:
+                    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o444)
+                    try:
+                        copy_hashed(source, fd)
+                    finally:
+                        os.close(fd)
+            os.replace(temp, final)
+            fsync_dir(final.parent)
+        finally:
+            temp.unlink(missing_ok=True)
 
     def open(self, sha256: str) -> BinaryIO:
         try:

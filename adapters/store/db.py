@@ -1,16 +1,25 @@
-"""The metadata database: engines for SQLite and PostgreSQL, schema upgrades, retried transactions.
+"""The metadata database: engines for SQLite and PostgreSQL, schema upgrades, retried transactions,
+and the one place that tells "the database cannot be reached" from a fault (``Reachability``).
 
 SQLite: WAL journal, foreign keys on, and every transaction is ``BEGIN
 IMMEDIATE`` so writers queue on the busy timeout instead of failing half way
 (a deferred transaction that upgrades to a write lock fails at once in WAL
 mode). PostgreSQL: READ COMMITTED; row locks order competing writers, and a
 transaction-scoped advisory lock serializes concurrent first opens.
+
+Unreachable: connection failures, disconnects (``OperationalError``,
+``InterfaceError``, any DBAPI error that invalidated its connection), an
+exhausted pool, and on SQLite a file that cannot be opened, read or locked in
+time become ``adapters.errors.StoreUnreachable`` (gRPC UNAVAILABLE: retry), never
+INTERNAL; every other database error stays what it is (a bug, INTERNAL).
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import random
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -22,9 +31,12 @@ from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy import Connection, Engine, create_engine, event, text
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import ArgumentError, DBAPIError, IntegrityError, OperationalError
+from sqlalchemy.exc import ArgumentError, DBAPIError, IntegrityError, InterfaceError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 
-from adapters.errors import FailedPrecondition, InvalidArgument
+from adapters.errors import FailedPrecondition, InvalidArgument, StoreUnreachable
+
+log = logging.getLogger(__name__)
 
 MIGRATIONS = Path(__file__).with_name("migrations")
 SUPPORTED_BACKENDS = ("sqlite", "postgresql")
@@ -161,10 +173,11 @@ def current_revision(engine: Engine) -> str | None:
         return MigrationContext.configure(connection).get_current_revision()
 
 
-def upgrade(engine: Engine) -> None:
-    """Bring the schema to the newest revision; safe when several processes open a new store at once."""
+def upgrade(engine: Engine, revision: str = "head") -> None:
+    """Bring the schema to ``revision`` (the newest by default); safe when several processes
+    open a new store at once."""
     current = current_revision(engine)
-    if current == head_revision():
+    if current == head_revision() and revision in ("head", current):
         return
     if current is not None and current not in {script.revision for script in _scripts().walk_revisions()}:
         raise FailedPrecondition(
@@ -175,7 +188,16 @@ def upgrade(engine: Engine) -> None:
         if connection.dialect.name == "postgresql":
             connection.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _SCHEMA_LOCK_KEY})
         # SQLite: BEGIN IMMEDIATE already holds the write lock; the loser re-reads the head and does nothing.
-        command.upgrade(_alembic_config(connection), "head")
+        command.upgrade(_alembic_config(connection), revision)
+
+
+def downgrade(engine: Engine, revision: str) -> None:
+    """Take the schema back to ``revision`` (``"base"``: no tables), under the same lock as
+    ``upgrade``. What a revision added is dropped with its data: back up first."""
+    with engine.begin() as connection:
+        if connection.dialect.name == "postgresql":
+            connection.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _SCHEMA_LOCK_KEY})
+        command.downgrade(_alembic_config(connection), revision)
 
 
 def _is_transient(exc: DBAPIError) -> bool:
@@ -200,3 +222,85 @@ def run_transaction(engine: Engine, work: Callable[[Connection], T], *, attempts
                 raise
             time.sleep(min(0.5, 0.01 * 2**attempt) * (0.5 + random.random()))
     raise AssertionError("unreachable")
+
+
+# ---------------------------------------------------------------------- reachability
+
+# PostgreSQL SQLSTATEs besides class 08 (connection exception) that mean "not now":
+# admin shutdown, crash shutdown, cannot connect now (starting up), too many connections.
+_UNREACHABLE_SQLSTATES = frozenset({"57P01", "57P02", "57P03", "53300"})
+# SQLite: the file cannot be opened or read, or stayed locked past the busy timeout.
+_SQLITE_UNREACHABLE = (
+    "unable to open database",
+    "disk i/o error",
+    "database is locked",
+    "database is busy",
+    "database or disk is full",
+)
+UNREACHABLE_MESSAGE = (
+    "the adapter store's database is unreachable right now; retry in a few seconds "
+    "(the server's log says why)"
+)
+
+
+def is_unreachable(exc: BaseException) -> bool:
+    """Whether ``exc`` means the database cannot be reached now (a retry later may work)
+    rather than a fault in a statement or the schema."""
+    if isinstance(exc, PoolTimeout):  # no pooled connection came free in time
+        return True
+    if not isinstance(exc, DBAPIError):
+        return False
+    if exc.connection_invalidated or isinstance(exc, InterfaceError):
+        return True
+    if not isinstance(exc, OperationalError):
+        return False
+    sqlstate = getattr(exc.orig, "sqlstate", None)
+    if sqlstate:
+        return sqlstate.startswith("08") or sqlstate in _UNREACHABLE_SQLSTATES
+    if type(exc.orig).__module__.startswith("sqlite3"):
+        message = str(exc.orig).lower()
+        return any(part in message for part in _SQLITE_UNREACHABLE)
+    return True  # psycopg: a failed connect or a dropped connection carries no SQLSTATE
+
+
+class Reachability:
+    """Turns unreachable-database errors into ``StoreUnreachable`` and logs each outage once.
+
+    ``with reach.guard(): ...`` around every call that talks to the database; the first
+    failure of an outage is logged as a warning with its cause, the first success after
+    it says the database is back.
+    """
+
+    def __init__(self, location: str) -> None:
+        self.location = location
+        self.down = False
+        self._lock = threading.Lock()
+
+    @contextlib.contextmanager
+    def guard(self) -> Iterator[None]:
+        try:
+            yield
+        except (DBAPIError, PoolTimeout) as exc:
+            if not is_unreachable(exc):
+                raise
+            self._went_down(exc)
+            raise StoreUnreachable(UNREACHABLE_MESSAGE) from exc
+        if self.down:
+            self._came_back()
+
+    def _went_down(self, exc: BaseException) -> None:
+        with self._lock:
+            first, self.down = not self.down, True
+        if first:
+            cause = str(getattr(exc, "orig", None) or exc).strip().splitlines()
+            log.warning(
+                "the store's database %s is unreachable: %s; store calls answer UNAVAILABLE until it is back",
+                self.location,
+                cause[0] if cause else type(exc).__name__,
+            )
+
+    def _came_back(self) -> None:
+        with self._lock:
+            was, self.down = self.down, False
+        if was:
+            log.warning("the store's database %s is reachable again", self.location)

@@ -81,14 +81,25 @@ class AdapterFacts:
 
 
 @dataclass(frozen=True)
+class Damage:
+    """One damaged version: its ref (``name@3``), its blob's sha256 and why (``missing``,
+    ``sha256_mismatch`` or ``undecodable``, as in ``adapters.store.integrity``)."""
+
+    ref: str
+    sha256: str
+    reason: str
+
+
+@dataclass(frozen=True)
 class VerifyReport:
     """The result of ``AdapterStore.verify``.
 
-    ``missing`` / ``corrupt``: sha256s that versions use whose blob is absent or
-    no longer hashes to its name (``broken_versions`` lists those versions).
-    ``orphans``: blobs no version uses (left by an interrupted register or
-    delete). ``partials``: temp files of interrupted writes. ``removed``: what a
-    ``repair`` run deleted. ``ok`` means every visible version is intact.
+    ``missing`` / ``corrupt`` / ``undecodable``: sha256s that versions use whose blob
+    is absent, no longer hashes to its name (or has another size), or hashes right but
+    cannot be decoded as an adapter; ``broken_versions`` lists those versions and
+    ``damage`` each with its reason. ``orphans``: blobs no version uses (left by an
+    interrupted register or delete). ``partials``: temp files of interrupted writes.
+    ``removed``: what a ``repair`` run deleted. ``ok`` means every visible version is intact.
     """
 
     checked: int
@@ -98,10 +109,12 @@ class VerifyReport:
     orphans: tuple[str, ...] = ()
     partials: tuple[str, ...] = ()
     removed: tuple[str, ...] = ()
+    undecodable: tuple[str, ...] = ()
+    damage: tuple[Damage, ...] = ()
 
     @property
     def ok(self) -> bool:
-        return not self.missing and not self.corrupt
+        return not self.missing and not self.corrupt and not self.undecodable
 
     @property
     def clean(self) -> bool:

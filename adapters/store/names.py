@@ -21,11 +21,20 @@ LATEST = "latest"
 MAX_VERSION = 2**31 - 1
 
 
+SHOWN_CHARS = 40
+
+
+def excerpt(value: object) -> str:
+    """``repr(value)``, cut to a few dozen characters: error messages travel in gRPC trailers (8 KiB)."""
+    text = repr(value)
+    return text if len(text) <= SHOWN_CHARS else f"{text[:SHOWN_CHARS]}... ({len(text)} characters)"
+
+
 def check_name(name: object, what: str = "adapter name") -> str:
     """Return ``name`` if it matches NAME_PATTERN, else raise InvalidArgument."""
     if not isinstance(name, str) or not _NAME.fullmatch(name):
         raise InvalidArgument(
-            f"invalid {what} {name!r}: use 1-64 characters from a-z, 0-9, '.', '_', '-', "
+            f"invalid {what} {excerpt(name)}: use 1-64 characters from a-z, 0-9, '.', '_', '-', "
             "starting with a letter or digit (for example 'pixel-style' or 'cat_v2')"
         )
     return name
@@ -50,7 +59,7 @@ def check_tag(tag: object) -> str:
 
 def check_version(version: object) -> int:
     if isinstance(version, bool) or not isinstance(version, int) or not 1 <= version <= MAX_VERSION:
-        raise InvalidArgument(f"invalid version {version!r}: versions are integers from 1")
+        raise InvalidArgument(f"invalid version {excerpt(version)}: versions are integers from 1")
     return version
 
 
@@ -73,7 +82,9 @@ class AdapterRef:
 def parse_ref(ref: str) -> AdapterRef:
     """Parse ``name``, ``name@3``, ``name@alias`` or ``name@latest``."""
     if not isinstance(ref, str):
-        raise InvalidArgument(f"invalid adapter reference {ref!r}: expected 'name', 'name@3' or 'name@alias'")
+        raise InvalidArgument(
+            f"invalid adapter reference {excerpt(ref)}: expected 'name', 'name@3' or 'name@alias'"
+        )
     name, sep, selector = ref.partition("@")
     check_name(name)
     if not sep:
@@ -81,14 +92,14 @@ def parse_ref(ref: str) -> AdapterRef:
     if _DIGITS.fullmatch(selector):
         if not _VERSION.fullmatch(selector) or int(selector) > MAX_VERSION:
             raise InvalidArgument(
-                f"invalid version in {ref!r}: versions are integers from 1 without leading zeros"
+                f"invalid version in {excerpt(ref)}: versions are integers from 1 without leading zeros"
             )
         return AdapterRef(name, version=int(selector))
     if selector == LATEST:
         return AdapterRef(name)
     if not _NAME.fullmatch(selector):
         raise InvalidArgument(
-            f"invalid adapter reference {ref!r}: after '@' put a version number or an alias "
+            f"invalid adapter reference {excerpt(ref)}: after '@' put a version number or an alias "
             "(for example 'pixel-style@3' or 'pixel-style@stable')"
         )
     return AdapterRef(name, alias=selector)

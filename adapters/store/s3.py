@@ -218,6 +218,19 @@ class S3BlobStorage(BlobStorage):
 
     # ------------------------------------------------------------------ cache
 
+    def drop_cached(self, sha256: str) -> bool:
+        """Remove the local copy (it failed its check on a read); the next read downloads it again."""
+        sha256 = check_sha256(sha256)
+        with self._lock:
+            size = self._lru.pop(sha256, None)
+            if size is not None:
+                self._cached_bytes -= size
+            self._handed_out.pop(sha256, None)
+            final = self._cached(sha256)
+            present = final.exists()
+            final.unlink(missing_ok=True)
+        return present or size is not None
+
     @property
     def cached_bytes(self) -> int:
         return self._cached_bytes

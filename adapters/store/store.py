@@ -15,6 +15,12 @@ Register, in order (each step is a stage the ``on_stage`` hook sees):
 A version is therefore visible only once its blob is complete, its hash
 checked and its contents validated; a crash at any point leaves at most a
 staging file or an unused blob, which ``verify(repair=True)`` removes.
+
+Reads: ``read_blob`` and ``load_version`` hash a version's bytes as they are read
+and refuse them unless they match its recorded sha256; a missing, mismatching or
+undecodable blob is ``BlobDamaged`` (DATA_LOSS) naming the version, counted in
+``load_failures`` (see ``adapters.store.integrity``). An unreachable database is
+``StoreUnreachable`` (UNAVAILABLE) from every method (see ``db.Reachability``).
 """
 
 from __future__ import annotations
@@ -23,26 +29,44 @@ import base64
 import binascii
 import builtins
 import contextlib
+import functools
 import io
 import json
+import logging
 import os
 import secrets
+import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 from sqlalchemy import Connection, Engine, and_, delete, func, literal, or_, select, union_all
 from sqlalchemy.dialects import postgresql, sqlite
 
-from adapters.errors import AdapterIncompatible, AdapterInvalid, InvalidArgument, NotFound
+from adapters.errors import AdapterIncompatible, AdapterInvalid, BlobDamaged, InvalidArgument, NotFound
 from adapters.formats.base_ref import normalize_architecture
 from adapters.home import data_home
 from adapters.store import db
 from adapters.store.blobs import BlobStorage, LocalBlobStorage
-from adapters.store.hashing import check_sha256, copy_hashed, hash_stream, stale_files
-from adapters.store.models import AdapterFacts, AdapterPage, AdapterVersion, ResolvedVersion, VerifyReport
+from adapters.store.hashing import check_sha256, copy_hashed, stale_files
+from adapters.store.integrity import (
+    MISSING,
+    SHA256_MISMATCH,
+    UNDECODABLE,
+    LoadFailures,
+    decode_check,
+    read_checked,
+)
+from adapters.store.models import (
+    AdapterFacts,
+    AdapterPage,
+    AdapterVersion,
+    Damage,
+    ResolvedVersion,
+    VerifyReport,
+)
 from adapters.store.names import (
     AdapterRef,
     check_alias,
@@ -55,6 +79,11 @@ from adapters.store.schema import adapters, aliases, blobs, version_tags, versio
 from adapters.store.settings import MiB, StoreSettings
 from adapters.store.validation import Validator, make_validator
 
+if TYPE_CHECKING:
+    from adapters.canonical import LoraAdapter
+
+log = logging.getLogger(__name__)
+
 DEFAULT_MAX_BLOB_BYTES = 4 * 1024**3
 MAX_DESCRIPTION_CHARS = 10_000
 MAX_TRIGGER_WORDS = 64
@@ -66,6 +95,28 @@ STAGING_SUFFIX = ".part"
 
 StageHook = Callable[[str], None]
 AdapterData = bytes | bytearray | memoryview | BinaryIO | os.PathLike
+StoredVersion = AdapterVersion | ResolvedVersion
+
+
+def _database(method):
+    """``method`` under the store's ``db.Reachability`` guard: an unreachable database is
+    ``StoreUnreachable`` (UNAVAILABLE), whatever the call."""
+
+    @functools.wraps(method)
+    def guarded(self, *args, **kwargs):
+        with self._reach.guard():
+            return method(self, *args, **kwargs)
+
+    return guarded
+
+
+class _Damaged(Exception):
+    """A blob failed a check (internal: the caller names the version in a BlobDamaged)."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(detail)
+        self.reason = reason
+        self.detail = detail
 
 
 @dataclass(frozen=True)
@@ -112,6 +163,10 @@ class AdapterStore:
         """
         self.engine: Engine = db.make_engine(db_url)
         self.backend = self.engine.dialect.name
+        self._reach = db.Reachability(self.location)
+        self.load_failures = LoadFailures()
+        self._reported: set[tuple[str, str]] = set()
+        self._reported_lock = threading.Lock()
         self.blobs = blob_storage
         self.staging_dir = Path(staging_dir)
         self.staging_dir.mkdir(parents=True, exist_ok=True)
@@ -119,7 +174,8 @@ class AdapterStore:
         self.max_blob_bytes = max_blob_bytes
         self._on_stage = on_stage
         try:
-            db.upgrade(self.engine)
+            with self._reach.guard():
+                db.upgrade(self.engine)
         except BaseException:
             self.engine.dispose()
             raise
@@ -179,6 +235,7 @@ class AdapterStore:
 
     # ------------------------------------------------------------------ register
 
+    @_database
     def register(
         self,
         name: str,
@@ -314,6 +371,7 @@ class AdapterStore:
 
     # ------------------------------------------------------------------ read
 
+    @_database
     def get(self, ref: str | AdapterRef) -> AdapterVersion:
         """Resolve ``name`` (newest version), ``name@3``, ``name@alias`` or ``name@latest``."""
         parsed = parse_ref(ref) if isinstance(ref, str) else ref
@@ -333,6 +391,7 @@ class AdapterStore:
                 raise self._not_found(conn, adapter_id, parsed)
             return self._to_versions(conn, [row])[0]
 
+    @_database
     def resolve(self, refs: Sequence[str | AdapterRef]) -> builtins.list[ResolvedVersion]:
         """The exact version each reference points at now, in one SQL statement for all of them.
 
@@ -353,15 +412,88 @@ class AdapterStore:
         return [ResolvedVersion(rows[i].name, rows[i].version, rows[i].sha256) for i in range(len(parsed))]
 
     def blob_path(self, version: AdapterVersion | str) -> Path:
-        """A local file with the version's bytes (read-only; do not modify it)."""
+        """A local file with the version's bytes (read-only; do not modify it). Not checked:
+        read it into memory with ``read_blob`` / ``load_version``, which are."""
         resolved = version if isinstance(version, AdapterVersion) else self.get(version)
         return self.blobs.path(resolved.sha256)
 
     def open_blob(self, version: AdapterVersion | str) -> BinaryIO:
-        """A binary stream of the version's bytes; the caller closes it."""
+        """A binary stream of the version's bytes; the caller closes it. Not checked (a copy
+        that streams elsewhere): read it into memory with ``read_blob`` / ``load_version``."""
         resolved = version if isinstance(version, AdapterVersion) else self.get(version)
         return self.blobs.open(resolved.sha256)
 
+    def read_blob(self, version: StoredVersion) -> bytearray:
+        """The version's bytes, hashed as they are read and checked against its recorded sha256.
+
+        One buffer of the blob's size, filled in place (no second copy, no second read).
+        A remote storage's local copy that fails is dropped and fetched once more first.
+        Raises ``BlobDamaged`` (DATA_LOSS) naming the version when the blob is missing or
+        its bytes do not hash to the recorded sha256.
+        """
+        try:
+            return self._read_checked(version.sha256)
+        except _Damaged as damage:
+            raise self._damaged(version, damage) from None
+
+    def load_version(self, version: StoredVersion, module_names: Iterable[str] | None = None) -> LoraAdapter:
+        """The version parsed (``adapters.formats.load_adapter``) from its checked bytes.
+
+        Raises ``BlobDamaged`` as ``read_blob`` does, and when bytes that hash right cannot
+        be decoded (reason ``undecodable``: a stored version was valid when it was registered).
+        """
+        from adapters.formats import load_adapter
+
+        data = self.read_blob(version)
+        try:
+            return load_adapter(data, module_names=module_names)
+        except AdapterInvalid as exc:
+            damage = _Damaged(UNDECODABLE, f"hash to the recorded sha256 but cannot be decoded ({exc})")
+            raise self._damaged(version, damage) from None
+
+    def _read_checked(self, sha256: str) -> bytearray:
+        for attempt in (1, 2):
+            try:
+                with self.blobs.open(sha256) as stream:
+                    data, digest = read_checked(stream)
+            except NotFound:
+                raise _Damaged(MISSING, "are missing from the blob storage") from None
+            except AdapterInvalid:  # a remote object that does not hash to its key
+                raise _Damaged(SHA256_MISMATCH, "do not hash to the recorded sha256") from None
+            if digest == sha256:
+                return data
+            del data
+            if attempt == 1 and self.blobs.drop_cached(sha256):
+                continue  # the local copy was damaged: fetch it again
+            raise _Damaged(SHA256_MISMATCH, f"hash to {digest[:16]}..., not the recorded sha256")
+        raise AssertionError("unreachable")
+
+    def _damaged(self, version: StoredVersion, damage: _Damaged) -> BlobDamaged:
+        """Count and log (once per blob and reason) a failed load; the error for the caller."""
+        self.load_failures.record(damage.reason)
+        key = (version.sha256, damage.reason)
+        with self._reported_lock:
+            first = key not in self._reported
+            self._reported.add(key)
+        if first:
+            log.error(
+                "adapter %s is damaged (%s): blob %s %s in %r; run `loraloom adapters verify`",
+                version.ref,
+                damage.reason,
+                version.sha256,
+                damage.detail,
+                self.blobs,
+            )
+        return BlobDamaged(
+            f"adapter {version.ref} is damaged on this server, not by this request: its stored bytes "
+            f"(blob {version.sha256}) {damage.detail}. An operator should run `loraloom adapters verify` "
+            "(VerifyStore) to list the damaged versions, then upload the file again or delete the version",
+            reason=damage.reason,
+            ref=version.ref,
+            sha256=version.sha256,
+        )
+
+    @_database
     def versions_of(self, name: str) -> tuple[AdapterVersion, ...]:
         """Every version of ``name``, oldest first."""
         name = check_name(name)
@@ -374,6 +506,7 @@ class AdapterStore:
 
     # ------------------------------------------------------------------ aliases
 
+    @_database
     def set_alias(self, name: str, alias: str, version: int) -> AdapterVersion:
         """Point ``name@alias`` at ``version`` (creating the alias or moving it)."""
         name, alias, version = check_name(name), check_alias(alias), check_version(version)
@@ -400,6 +533,7 @@ class AdapterStore:
             )
         )
 
+    @_database
     def remove_alias(self, name: str, alias: str) -> None:
         name, alias = check_name(name), check_alias(alias)
 
@@ -415,6 +549,7 @@ class AdapterStore:
 
     # ------------------------------------------------------------------ delete
 
+    @_database
     def delete(self, name: str, version: int | None = None) -> tuple[AdapterVersion, ...]:
         """Delete one version, or the whole name with all its versions and aliases.
 
@@ -465,8 +600,10 @@ class AdapterStore:
 
     # ------------------------------------------------------------------ verify
 
+    @_database
     def verify(self, *, repair: bool = False, grace_s: float = 3600.0) -> VerifyReport:
-        """Re-hash every blob a version uses; find missing and corrupt blobs, orphans and temp files.
+        """Re-read every blob a version uses as ``load_version`` does (sha256, size, decoding);
+        find missing, corrupt and undecodable blobs, orphans and temp files.
 
         With ``repair``: remove orphan blobs (safe against concurrent registrations:
         each goes under its row lock) and temp files older than ``grace_s`` (younger
@@ -488,18 +625,15 @@ class AdapterStore:
         for row in rows:
             users.setdefault(row.sha256, []).append(f"{row.name}@{row.version}")
             sizes[row.sha256] = int(row.size_bytes)
-        missing: builtins.list[str] = []
-        corrupt: builtins.list[str] = []
+        found: dict[str, builtins.list[str]] = {MISSING: [], SHA256_MISMATCH: [], UNDECODABLE: []}
+        damage: builtins.list[Damage] = []
         for sha256 in sorted(users):
-            try:
-                with self.blobs.open(sha256) as stream:
-                    digest, size = hash_stream(stream)
-            except NotFound:
-                missing.append(sha256)
-                continue
-            if digest != sha256 or size != sizes[sha256]:
-                corrupt.append(sha256)
-        broken = sorted(ref for sha256 in (*missing, *corrupt) for ref in users[sha256])
+            reason = self._check_blob(sha256, sizes[sha256])
+            if reason is not None:
+                found[reason].append(sha256)
+                damage.extend(Damage(ref, sha256, reason) for ref in users[sha256])
+        missing, corrupt, undecodable = found[MISSING], found[SHA256_MISMATCH], found[UNDECODABLE]
+        broken = sorted(item.ref for item in damage)
 
         orphans = sorted((stored | blob_rows) - set(users))
         removed: builtins.list[str] = []
@@ -522,7 +656,23 @@ class AdapterStore:
             orphans=tuple(orphans),
             partials=tuple(partials),
             removed=tuple(removed),
+            undecodable=tuple(undecodable),
+            damage=tuple(sorted(damage, key=lambda item: item.ref)),
         )
+
+    def _check_blob(self, sha256: str, size_bytes: int) -> str | None:
+        """Why the blob is damaged (a reason of ``adapters.store.integrity``), or None when intact."""
+        try:
+            data = self._read_checked(sha256)
+        except _Damaged as damage:
+            return damage.reason
+        if len(data) != size_bytes:
+            return SHA256_MISMATCH
+        try:
+            decode_check(data)
+        except AdapterInvalid:
+            return UNDECODABLE
+        return None
 
     def _staging_partials(self, older_than_s: float, remove: bool) -> builtins.list[str]:
         pattern = f"*{STAGING_SUFFIX}"
@@ -530,6 +680,7 @@ class AdapterStore:
 
     # ------------------------------------------------------------------ list
 
+    @_database
     def list(
         self,
         prefix: str | None = None,

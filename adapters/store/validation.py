@@ -14,6 +14,7 @@ from pathlib import Path
 
 from adapters.canonical import BaseModelRef, LoraAdapter, ModuleShapes
 from adapters.errors import AdapterInvalid
+from adapters.formats.base_ref import ADAPTER_TYPE_KEY
 from adapters.store.models import AdapterFacts
 
 Validator = Callable[[Path], AdapterFacts]
@@ -28,7 +29,7 @@ def facts_of(adapter: LoraAdapter, format: str) -> AdapterFacts:
         components=tuple(sorted(adapter.components)),
         format=format,
         base=adapter.base,
-        metadata=dict(adapter.metadata),
+        metadata={**adapter.metadata, ADAPTER_TYPE_KEY: adapter.kind},
     )
 
 
@@ -37,7 +38,9 @@ def facts_of(adapter: LoraAdapter, format: str) -> AdapterFacts:
 _NO_BASE_MODEL = frozenset({"unet.__no_base_model__"})
 
 
-def make_validator(shapes: ModuleShapes | None = None, base: BaseModelRef | None = None) -> Validator:
+def make_validator(
+    shapes: ModuleShapes | None = None, base: BaseModelRef | None = None, *, max_rank: int | None = None
+) -> Validator:
     """A validator built on ``adapters.formats`` and ``adapters.validation``.
 
     Always: the safe ``.safetensors`` parse (pre-check, finite values, pickle refused)
@@ -61,7 +64,10 @@ def make_validator(shapes: ModuleShapes | None = None, base: BaseModelRef | None
         if shapes is not None:
             from adapters.validation import validate_against_base
 
-            validate_against_base(adapter, shapes, base)
+            if max_rank is None:
+                validate_against_base(adapter, shapes, base)
+            else:
+                validate_against_base(adapter, shapes, base, max_rank=max_rank)
             if adapter.base is None and base is not None:
                 adapter.base = BaseModelRef(base.architecture)
         return facts_of(adapter, format)

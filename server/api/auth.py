@@ -1,7 +1,7 @@
 """Bearer tokens with two scopes, checked by a server interceptor before any loraloom.v1 call.
 
 Scopes: ``generate`` (Generate, GenerateStream) and ``manage`` (upload, delete, alias,
-load/unload adapters). Read-only calls (list/get adapters, resident list, server info)
+load/unload adapters, verify the store). Read-only calls (list/get adapters, resident list, server info)
 take a token of either scope. Health and reflection need none (kubelet probes).
 
 Token table: one entry per line, ``<token> <scope>[,<scope>]`` (``#`` comments), from
@@ -35,6 +35,7 @@ METHOD_SCOPES: dict[str, frozenset[str]] = {
     "SetAlias": frozenset({MANAGE}),
     "LoadAdapter": frozenset({MANAGE}),
     "UnloadAdapter": frozenset({MANAGE}),
+    "VerifyStore": frozenset({MANAGE}),
     "ListAdapters": READ,
     "GetAdapter": READ,
     "ListResidentAdapters": READ,

@@ -7,7 +7,9 @@ import re
 import uuid
 from typing import Any
 
-from adapters.blend import Merge
+import numpy as np
+
+from adapters.blend import Merge, PartWeights, Weight
 from adapters.errors import InvalidArgument
 from server.api.pb.loraloom.v1 import adapters_pb2, generate_pb2, server_pb2
 from server.engine.types import (
@@ -45,13 +47,32 @@ def generate_request(
         guidance_scale=message.guidance_scale if message.HasField("guidance_scale") else DEFAULT_GUIDANCE,
         seed=message.seed if message.HasField("seed") else None,
         num_images=message.num_images or 1,
-        adapters=[(spec.ref, spec.weight if spec.HasField("weight") else 1.0) for spec in message.adapters],
+        adapters=[(spec.ref, adapter_weight(spec)) for spec in message.adapters],
         preview_every=message.preview_every,
         deadline=deadline,
         request_id=request_id(message.request_id),
         sampler=message.sampler or DEFAULT_SAMPLER,
         merge=merge(message),
     )
+
+
+def adapter_weight(spec: generate_pb2.AdapterSpec) -> Weight:
+    """An AdapterSpec's weight: ``weight`` (unset: 1.0) for both parts unless a part has its own.
+
+    The wire carries float32; each value is read back as the shortest decimal that float32 value
+    stands for (0.8, not 0.800000011920929), so ``weight: 0.8`` and ``<lora:name:0.8>`` in the
+    prompt are one blend: one signature, one plan, the same weights.
+    """
+    return PartWeights.of(
+        wire_float(spec.weight) if spec.HasField("weight") else 1.0,
+        text_encoder=wire_float(spec.text_encoder_weight) if spec.HasField("text_encoder_weight") else None,
+        unet=wire_float(spec.unet_weight) if spec.HasField("unet_weight") else None,
+    )
+
+
+def wire_float(value: float) -> float:
+    """A float32 wire value as the shortest decimal that rounds to it."""
+    return float(str(np.float32(value)))
 
 
 def merge(message: generate_pb2.GenerateRequest) -> Merge:
@@ -172,6 +193,21 @@ def cache_stats(stats: EngineStats) -> adapters_pb2.CacheStats:
     )
 
 
+def verify_report(report) -> adapters_pb2.VerifyStoreResponse:
+    """An ``adapters.store.VerifyReport`` on the wire (leftover temp files as counts, not paths)."""
+    removed = set(report.removed)
+    return adapters_pb2.VerifyStoreResponse(
+        checked=report.checked,
+        damaged=[
+            adapters_pb2.DamagedVersion(ref=item.ref, sha256=item.sha256, reason=item.reason)
+            for item in report.damage
+        ],
+        orphans=[sha256 for sha256 in report.orphans if sha256 not in removed],
+        partials=len(report.partials),
+        removed=len(removed),
+    )
+
+
 def resident_list(listing: ResidentListing) -> adapters_pb2.ListResidentAdaptersResponse:
     return adapters_pb2.ListResidentAdaptersResponse(
         adapters=[resident_adapter(item) for item in listing.adapters], cache=cache_stats(listing.cache)
@@ -200,6 +236,9 @@ def server_info(info: ServerInfo) -> server_pb2.ServerInfo:
             max_images=info.limits.max_images,
             max_adapters=info.limits.max_adapters,
             max_size=info.limits.max_size,
+            max_prompt_bytes=info.limits.max_prompt_bytes,
+            max_rank=info.limits.max_rank,
+            max_abs_weight=info.limits.max_abs_weight,
         ),
         cache=cache_stats(info.cache),
         queue=server_pb2.QueueStats(
@@ -238,7 +277,12 @@ def parameters(params: GenerationParameters) -> generate_pb2.GenerationParameter
         merge=blend_merge(params.merge),
         adapters=[
             generate_pb2.AppliedAdapter(
-                name=item.name, version=item.version, sha256=item.sha256, weight=item.weight
+                name=item.name,
+                version=item.version,
+                sha256=item.sha256,
+                weight=item.weight,
+                text_encoder_weight=item.text_encoder_weight,
+                unet_weight=item.unet_weight,
             )
             for item in params.adapters
         ],

@@ -4,7 +4,8 @@ Health (``grpc.health.v1``): the empty service name is liveness (SERVING while t
 process serves), ``loraloom.v1.Loraloom`` is readiness (SERVING once the base model
 is loaded and warmed up, NOT_SERVING from the moment a drain starts).
 ``GateInterceptor`` refuses loraloom.v1 calls with UNAVAILABLE while not ready or
-draining, and counts the calls in flight so a drain can wait for them.
+draining, and counts the calls in flight so a drain can wait for them; those still in
+flight when the grace is over are ended with UNAVAILABLE (``end_calls``).
 """
 
 from __future__ import annotations
@@ -29,6 +30,8 @@ class Lifecycle:
         self.ready = False
         self.draining = False
         self.inflight = 0
+        self.ending = False
+        self._calls: set[asyncio.Task] = set()
         self._idle = asyncio.Event()
         self._idle.set()
 
@@ -39,6 +42,17 @@ class Lifecycle:
     async def mark_ready(self) -> None:
         self.ready = True
         await self.health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
+
+    async def report_memory(self, ready: bool) -> None:
+        """Readiness follows the engine's memory health (``server.readiness``): NOT_SERVING after
+        repeated out-of-memory failures, so traffic moves elsewhere; calls are still accepted."""
+        if self.ready and not self.draining:
+            status = (
+                health_pb2.HealthCheckResponse.SERVING
+                if ready
+                else health_pb2.HealthCheckResponse.NOT_SERVING
+            )
+            await self.health.set(SERVICE_NAME, status)
 
     async def begin_drain(self) -> None:
         """Readiness goes NOT_SERVING now; new loraloom.v1 calls get UNAVAILABLE from here on."""
@@ -53,6 +67,17 @@ class Lifecycle:
             return False
         return True
 
+    def end_calls(self) -> int:
+        """The grace is over: each loraloom.v1 call in flight ends now with UNAVAILABLE.
+
+        Its task is cancelled; a Generate's cancellation also stops its engine work at the
+        next step. Returns how many calls were ended.
+        """
+        self.ending = True
+        for task in self._calls:
+            task.cancel()
+        return len(self._calls)
+
     async def stopped(self) -> None:
         await self.health.enter_graceful_shutdown()
 
@@ -63,12 +88,15 @@ class Lifecycle:
             return "the server is starting (base model not loaded and warmed up yet); retry shortly"
         return None
 
-    def enter(self) -> None:
+    def enter(self, task: asyncio.Task | None = None) -> None:
         self.inflight += 1
         self._idle.clear()
+        if task is not None:
+            self._calls.add(task)
 
-    def leave(self) -> None:
+    def leave(self, task: asyncio.Task | None = None) -> None:
         self.inflight -= 1
+        self._calls.discard(task)
         if self.inflight == 0:
             self._idle.set()
 
@@ -83,17 +111,25 @@ class GateInterceptor(ServiceInterceptor):
         return _gated(handler, self.lifecycle)
 
 
+ENDED = "the server shut down while this call ran (its grace period is over); retry on another replica"
+
+
 def _gated(handler: grpc.RpcMethodHandler, lifecycle: Lifecycle) -> grpc.RpcMethodHandler:
     def unary(behaviour):
         async def wrapped(request, context):
             reason = lifecycle.refusal()
             if reason:
                 await context.abort(grpc.StatusCode.UNAVAILABLE, reason, trailing_metadata=ANSWERED)
-            lifecycle.enter()
+            task = asyncio.current_task()
+            lifecycle.enter(task)
             try:
                 return await behaviour(request, context)
+            except asyncio.CancelledError:
+                if not lifecycle.ending:
+                    raise
+                await context.abort(grpc.StatusCode.UNAVAILABLE, ENDED, trailing_metadata=ANSWERED)
             finally:
-                lifecycle.leave()
+                lifecycle.leave(task)
 
         return wrapped
 
@@ -102,12 +138,17 @@ def _gated(handler: grpc.RpcMethodHandler, lifecycle: Lifecycle) -> grpc.RpcMeth
             reason = lifecycle.refusal()
             if reason:
                 await context.abort(grpc.StatusCode.UNAVAILABLE, reason, trailing_metadata=ANSWERED)
-            lifecycle.enter()
+            task = asyncio.current_task()
+            lifecycle.enter(task)
             try:
                 async for response in behaviour(request, context):
                     yield response
+            except asyncio.CancelledError:
+                if not lifecycle.ending:
+                    raise
+                await context.abort(grpc.StatusCode.UNAVAILABLE, ENDED, trailing_metadata=ANSWERED)
             finally:
-                lifecycle.leave()
+                lifecycle.leave(task)
 
         return wrapped
 

@@ -5,13 +5,26 @@ Per call (interceptor): ``loraloom_requests_total{method,code}`` and
 ``loraloom_queue_wait_seconds``, ``loraloom_swap_duration_seconds``,
 ``loraloom_adapter_requests_total{adapter}``. At scrape time, from the engine's and
 scheduler's own ``stats()``: queue depth, running requests, swaps and swap time, adapter
-cache hits/misses/evictions/bytes, and the S3 blob cache's when the store uses one.
+cache hits/misses/evictions/bytes, the S3 blob cache's when the store uses one, and
+``loraloom_adapter_load_failures_total{reason}`` (stored versions that failed to load:
+``sha256_mismatch``, ``missing``, ``undecodable``; from the store's own counts).
 Each server has its own registry, so several servers may share a process (tests).
+
+Label policy: every label takes values from a small fixed set, never raw client text.
+``method`` and ``code`` are the service's methods and gRPC's codes; ``reason`` is one of
+three. ``adapter`` counts successful generations only, by the names of the adapters
+actually applied (versions that exist in the store, as the result reports them; a
+request's raw references never become labels, so unknown names add no series). The
+first ``MAX_ADAPTER_SERIES`` (50) distinct names a server applies get a series of their
+own for the server's lifetime; every later name counts under ``adapter="_other"`` (no
+adapter can be named so: names start with a letter or digit). Series never move between
+names, so ``rate()`` stays right; a restart starts the count afresh.
 """
 
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 from collections.abc import Iterator
 
@@ -22,13 +35,18 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from server.api.errors import ServiceInterceptor, rewrap
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+MAX_ADAPTER_SERIES = 50
+OTHER_ADAPTERS = "_other"
 
 
 class Metrics:
     """The server's metrics; ``attach(service)`` once the service exists, ``serve(host, port)`` to expose."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, max_adapter_series: int = MAX_ADAPTER_SERIES) -> None:
         self.registry = CollectorRegistry()
+        self.max_adapter_series = max_adapter_series
+        self._adapter_labels: set[str] = set()
+        self._labels_lock = threading.Lock()
         self.requests = Counter(
             "loraloom_requests",
             "gRPC calls by method and status code.",
@@ -56,7 +74,8 @@ class Metrics:
         )
         self.adapter_requests = Counter(
             "loraloom_adapter_requests",
-            "Generation requests per adapter name.",
+            f"Successful generations per applied adapter name (the first {max_adapter_series} "
+            f"names; later ones under {OTHER_ADAPTERS!r}).",
             ["adapter"],
             registry=self.registry,
         )
@@ -73,13 +92,23 @@ class Metrics:
             observers.append(self.observe)
 
     def observe(self, request, result=None, error: BaseException | None = None) -> None:
-        for name in {ref.split("@", 1)[0].split(":", 1)[0] for ref, _weight in request.adapters}:
-            self.adapter_requests.labels(adapter=name).inc()
-        if result is None:
+        if result is None:  # failed: its references may name nothing; they never become labels
             return
+        for name in {applied.name for applied in result.parameters.adapters}:
+            self.adapter_requests.labels(adapter=self._adapter_label(name)).inc()
         self.queue_wait.observe(result.timings.queue_ms / 1000.0)
         if result.timings.swap_ms > 0:
             self.swap_time.observe(result.timings.swap_ms / 1000.0)
+
+    def _adapter_label(self, name: str) -> str:
+        """``name`` while it is among the first ``max_adapter_series`` names seen, else ``_other``."""
+        with self._labels_lock:
+            if name in self._adapter_labels:
+                return name
+            if len(self._adapter_labels) < self.max_adapter_series:
+                self._adapter_labels.add(name)
+                return name
+        return OTHER_ADAPTERS
 
     def serve(self, host: str, port: int) -> int:
         """Start the /metrics HTTP endpoint on a daemon thread; the bound port."""
@@ -141,6 +170,17 @@ class _StatsCollector:
         yield GaugeMetricFamily(
             "loraloom_adapter_cache_entries", "Adapters in the cache.", value=engine.entries
         )
+        failures = getattr(service.store, "load_failures", None)
+        if failures is not None:
+            family = CounterMetricFamily(
+                "loraloom_adapter_load_failures",
+                "Stored adapter versions that failed to load, by reason (the server's data is damaged: "
+                "run `loraloom adapters verify`).",
+                labels=["reason"],
+            )
+            for reason, count in failures.snapshot().items():
+                family.add_metric([reason], count)
+            yield family
         blob_stats = getattr(service.store.blobs, "cache_stats", None)
         if blob_stats is not None:
             stats = blob_stats()

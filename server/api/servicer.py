@@ -149,6 +149,10 @@ class LoraloomServicer(service_pb2_grpc.LoraloomServicer):
         version = await asyncio.to_thread(service.set_alias, request.name, request.alias, request.version)
         return convert.adapter_version(version)
 
+    async def VerifyStore(self, request, context):
+        report = await asyncio.to_thread(self.service.verify_store, request.repair)
+        return convert.verify_report(report)
+
     async def LoadAdapter(self, request, context):
         resident = await asyncio.to_thread(self.service.load_adapter, request.ref, request.pin)
         return convert.resident_adapter(resident)

@@ -5,7 +5,9 @@ input. A swap writes ``W0 + B @ A`` (from the pristine base, never from the
 previous blend) into the buffers of the modules the blend touches and restores
 those the previous blend touched; nothing is rebound. With bf16 buffers the
 blend is computed in float32 and rounded once, and a restore rounds ``W0`` the
-same way as at the start, so the base comes back bit for bit.
+same way as at the start, so the base comes back bit for bit. Bias buffers (keys
+``<key>.bias``, for full-weight diffs that change a bias) stay float32 whatever
+``dtype`` the weights have: a runtime reads them as it read its constant biases.
 """
 
 from __future__ import annotations
@@ -15,26 +17,34 @@ from collections.abc import Mapping
 import torch
 
 from adapters.blend import add_update
-from server.engine.plan import BlendPlan, one_thread
+from server.engine.plan import BIAS_SUFFIX, BlendPlan, one_thread
+
+
+def is_bias_key(key: str) -> bool:
+    return key.endswith(BIAS_SUFFIX)
 
 
 class HostWeights:
-    """Buffers (``dtype``) over the float32 ``pristine`` weights (canonical key -> tensor, not copied)."""
+    """Buffers (``dtype``; biases float32) over the float32 ``pristine`` tensors (canonical key ->
+    tensor, not copied)."""
 
     def __init__(self, pristine: Mapping[str, torch.Tensor], dtype: torch.dtype = torch.float32) -> None:
         self.pristine = dict(pristine)
         self.dtype = dtype
-        self._buffers = {key: w.to(dtype, copy=True) for key, w in self.pristine.items()}
+        self._buffers = {
+            key: w.to(torch.float32 if is_bias_key(key) else dtype, copy=True)
+            for key, w in self.pristine.items()
+        }
         # Per key, as matrices: (W0, the buffer, float32 scratch for bf16 buffers); a swap
         # then costs one or two kernels per module and no view arithmetic.
-        bf16 = dtype == torch.bfloat16
-        largest = max((w.numel() for w in self.pristine.values()), default=0)
-        scratch = torch.empty(largest if bf16 else 0, dtype=torch.float32)
+        bf16 = {key for key, buffer in self._buffers.items() if buffer.dtype == torch.bfloat16}
+        largest = max((self.pristine[key].numel() for key in bf16), default=0)
+        scratch = torch.empty(largest, dtype=torch.float32)
         self._matrices = {
             key: (
                 w.view(w.shape[0], -1),
                 self._buffers[key].view(w.shape[0], -1),
-                scratch[: w.numel()].view(w.shape[0], -1) if bf16 else None,
+                scratch[: w.numel()].view(w.shape[0], -1) if key in bf16 else None,
             )
             for key, w in self.pristine.items()
         }

@@ -3,8 +3,10 @@
 Two layouts, both named by the canonical module key (``unet.<module path>``):
 
 * ``weights="inputs"``: every adapter-targetable weight is a *graph input* named by
-  its key, shaped like the torch weight. A runtime binds them once to buffers and
-  a hot-swap writes new values into those buffers (ONNX Runtime backend).
+  its key, shaped like the torch weight, and so is each such layer's bias (named
+  ``<key>.bias``: full-weight diffs may change it). A runtime binds them once to
+  buffers and a hot-swap writes new values into those buffers (ONNX Runtime and
+  OpenVINO backends).
 * ``weights="initializers"``: the weights stay initializers (for TensorRT, which
   refits initializers). Exported with ``do_constant_folding=False`` so the
   exporter never folds a weight into an anonymous transposed constant; each
@@ -32,13 +34,14 @@ from torch import nn
 
 from adapters.errors import InvalidArgument
 from adapters.home import cache_dir
+from server.engine.plan import bias_key
 from server.models.shapes import lora_targets
 
 SAMPLE = "sample"
 TIMESTEP = "timestep"
 HIDDEN = "encoder_hidden_states"
 OUTPUT = "noise"
-EXPORT_FORMAT = 1  # bump when the graph layout below changes
+EXPORT_FORMAT = 2  # bump when the graph layout below changes (2: biases of the targets are inputs)
 
 
 @dataclass(frozen=True)
@@ -53,17 +56,38 @@ class ExportSettings:
 
 @dataclass(frozen=True)
 class ExportedUnet:
-    """An exported UNet: the file and the canonical keys of its named weights (in input order)."""
+    """An exported UNet: the file and the canonical keys of its named weights (in input order), and
+    with ``weights="inputs"`` the keys of the bias inputs (``bias_key``: ``<key>.bias``)."""
 
     path: Path
     weight_keys: tuple[str, ...]
     settings: ExportSettings
     cached: bool
+    bias_keys: tuple[str, ...] = ()
 
 
 def unet_targets(pipeline) -> dict[str, nn.Module]:
     """The UNet's adapter-targetable modules, keyed ``unet.<module path>`` (sorted)."""
     return {key: module for key, module in sorted(lora_targets(pipeline).items()) if key.startswith("unet.")}
+
+
+def bias_targets(targets: dict[str, nn.Module]) -> dict[str, nn.Module]:
+    """The targets that have a bias, keyed by their bias key (``<key>.bias``), in ``targets``' order."""
+    return {
+        bias_key(key): module for key, module in targets.items() if getattr(module, "bias", None) is not None
+    }
+
+
+def target_tensors(targets: dict[str, nn.Module]) -> dict[str, torch.Tensor]:
+    """The float32 base tensors behind the inputs: every target's weight, then their biases."""
+    tensors = {key: module.weight.detach().to(torch.float32).contiguous() for key, module in targets.items()}
+    tensors.update(
+        {
+            key: module.bias.detach().to(torch.float32).contiguous()
+            for key, module in bias_targets(targets).items()
+        }
+    )
+    return tensors
 
 
 def export_key(fingerprint: str, settings: ExportSettings) -> str:
@@ -76,22 +100,26 @@ def export_key(fingerprint: str, settings: ExportSettings) -> str:
 
 
 class _WeightsAsInputs(nn.Module):
-    """Calls the UNet with the target weights swapped for traced inputs."""
+    """Calls the UNet with the target weights (then the biases of ``biased``) swapped for traced inputs."""
 
-    def __init__(self, unet: nn.Module, modules: list[nn.Module]) -> None:
+    def __init__(
+        self, unet: nn.Module, modules: list[nn.Module], biased: list[nn.Module] | None = None
+    ) -> None:
         super().__init__()
         self.unet = unet
         self.targets = modules
+        self.biased = biased or []
 
-    def forward(self, sample, timestep, hidden, *weights):
-        saved = [module._parameters["weight"] for module in self.targets]
+    def forward(self, sample, timestep, hidden, *tensors):
+        slots = [(module, "weight") for module in self.targets] + [(module, "bias") for module in self.biased]
+        saved = [module._parameters[name] for module, name in slots]
         try:
-            for module, weight in zip(self.targets, weights, strict=True):
-                module._parameters["weight"] = weight
+            for (module, name), tensor in zip(slots, tensors, strict=True):
+                module._parameters[name] = tensor
             return self.unet(sample, timestep, encoder_hidden_states=hidden, return_dict=False)[0]
         finally:
-            for module, weight in zip(self.targets, saved, strict=True):
-                module._parameters["weight"] = weight
+            for (module, name), tensor in zip(slots, saved, strict=True):
+                module._parameters[name] = tensor
 
 
 class _Plain(nn.Module):
@@ -123,10 +151,13 @@ def export_unet(
     settings = settings or ExportSettings()
     targets = unet_targets(pipeline)
     keys = tuple(targets)
+    biased = bias_targets(targets) if settings.weights == "inputs" else {}
     root = (folder or cache_dir() / "onnx") / export_key(fingerprint, settings)
     path = root / "unet.onnx"
     if path.is_file():
-        return ExportedUnet(path=path, weight_keys=keys, settings=settings, cached=True)
+        return ExportedUnet(
+            path=path, weight_keys=keys, settings=settings, cached=True, bias_keys=tuple(biased)
+        )
     unet = pipeline.unet.eval()
     inputs = example_inputs(unet)
     dynamic = {name: {0: "batch"} for name in (SAMPLE, TIMESTEP, HIDDEN, OUTPUT)}
@@ -134,9 +165,10 @@ def export_unet(
     staging = Path(tempfile.mkdtemp(prefix=".export-", dir=root.parent))
     try:
         if settings.weights == "inputs":
-            model: nn.Module = _WeightsAsInputs(unet, list(targets.values()))
+            model: nn.Module = _WeightsAsInputs(unet, list(targets.values()), list(biased.values()))
             weights = tuple(module.weight.detach() for module in targets.values())
-            args, names = (*inputs, *weights), [SAMPLE, TIMESTEP, HIDDEN, *keys]
+            biases = tuple(module.bias.detach() for module in biased.values())
+            args, names = (*inputs, *weights, *biases), [SAMPLE, TIMESTEP, HIDDEN, *keys, *biased]
         else:
             model, args, names = _Plain(unet), inputs, [SAMPLE, TIMESTEP, HIDDEN]
         with torch.no_grad(), warnings.catch_warnings():
@@ -160,7 +192,7 @@ def export_unet(
                 raise
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    return ExportedUnet(path=path, weight_keys=keys, settings=settings, cached=False)
+    return ExportedUnet(path=path, weight_keys=keys, settings=settings, cached=False, bias_keys=tuple(biased))
 
 
 def initializer_key_map(onnx_path: Path, canonical_keys: tuple[str, ...] | list[str]) -> dict[str, str]:

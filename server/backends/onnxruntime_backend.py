@@ -28,6 +28,7 @@ from server.backends.onnx_export import (
     TIMESTEP,
     ExportSettings,
     export_unet,
+    target_tensors,
     unet_targets,
 )
 from server.backends.pipeline_view import PipelineView, unet_config
@@ -43,9 +44,11 @@ class OrtUnet:
         unet = pipeline.unet
         self.exported = export_unet(pipeline, fingerprint, ExportSettings(weights="inputs"), folder=folder)
         targets = unet_targets(pipeline)
-        # The base's own tensors (copied once: the torch model may be swapped by the engine).
-        pristine = {key: m.weight.detach().float().contiguous().clone() for key, m in targets.items()}
+        # The base's own tensors, weights and biases (copied once: the torch model may be swapped by the
+        # engine).
+        pristine = {key: tensor.clone() for key, tensor in target_tensors(targets).items()}
         self._weights = HostWeights(pristine)
+        self.bias_keys = frozenset(self.exported.bias_keys)
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         if threads:

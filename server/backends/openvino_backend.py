@@ -14,10 +14,11 @@ computes in float32 and rounds once into the buffer.
 Two compiled variants share the buffers. The CPU plugin repacks a 3x3
 convolution's weights on every call when they are an input (measured on
 ``small``: +20 % per step), so the *lean* variant holds the spatial
-convolutions as constants at their base values and takes only the other
-targets as inputs; it runs while the blend leaves every spatial convolution at
-its base (attention/linear LoRA, the usual kind). A blend that touches one
-(LoCon-style) runs on the *full* variant, where every target is an input. Both
+convolutions, and every target's bias, as constants at their base values and
+takes only the other targets as inputs; it runs while the blend leaves every
+spatial convolution and bias at its base (attention/linear LoRA, the usual
+kind). A blend that touches one (LoCon-style, or a full diff that changes
+biases) runs on the *full* variant, where every target and bias is an input. Both
 are compiled for static shapes, once per (variant, input shapes) the first time
 it is used, and kept.
 
@@ -88,13 +89,16 @@ class OvUnet:
         self._active = 0
         self._recent = [0]  # slot indices, least recently used first
         self._spatial = frozenset(key for key, w in self.weights.pristine.items() if is_spatial(w))
+        self.bias_keys = frozenset(self.exported.bias_keys)
+        # Constants in the lean variant: what a usual blend leaves at its base.
+        self._lean_constants = self._spatial | self.bias_keys
         self._targets = targets
         self._source = core().read_model(str(self.exported.path))
         self._models: dict[str, Any] = {}
         self._compiled: dict[tuple, Any] = {}
         self._requests: dict[tuple, Any] = {}
         self._lock = threading.Lock()
-        self.variant = LEAN if self._spatial else FULL
+        self.variant = LEAN if self._lean_constants else FULL
         self.config = unet_config(pipeline.unet)
         self.device = torch.device("cpu")
         self.dtype = torch.float32
@@ -136,7 +140,7 @@ class OvUnet:
         model = self._source.clone()
         if variant == LEAN:
             by_name = {p.output(0).get_any_name(): p for p in model.get_parameters()}
-            for key in self._spatial:
+            for key in sorted(self._lean_constants):
                 parameter = by_name[key]
                 constant = ov.opset13.constant(self.weights.pristine[key].numpy(), shared_memory=True)
                 parameter.output(0).replace(constant.output(0))
@@ -193,7 +197,8 @@ class OvUnet:
         self._recent.remove(chosen)
         self._recent.append(chosen)
         touched = self.weights.touched
-        self.variant = FULL if touched & self._spatial else (LEAN if self._spatial else FULL)
+        lean = self._lean_constants
+        self.variant = FULL if touched & lean else (LEAN if lean else FULL)
         return written
 
     # ------------------------------------------------------------ forward

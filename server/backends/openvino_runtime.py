@@ -4,6 +4,9 @@ Precision ``"fp32"`` runs float32 throughout (parity with torch within float
 rounding). ``"bf16"`` asks the CPU plugin for bfloat16 inference
 (``INFERENCE_PRECISION_HINT``); it needs native BF16 (AVX512-BF16 or AMX) and
 falls back to fp32, with a log line, on a CPU without it.
+
+OpenVINO's usage telemetry is off in every process that reaches OpenVINO through
+this module (``disable_telemetry``): a server never phones home.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import json
 import logging
 import os
 import shutil
+import sys
 import tempfile
 import threading
 from collections.abc import Callable
@@ -28,8 +32,64 @@ log = logging.getLogger(__name__)
 PRECISIONS = ("fp32", "bf16")
 
 
+TELEMETRY_PACKAGE = "openvino_telemetry"
+TELEMETRY_STUB = "openvino.tools.ovc.telemetry_stub"
+# The converter's modules that bind ``openvino_telemetry`` as ``tm`` at import.
+_TELEMETRY_USERS = (
+    "openvino.tools.ovc.convert_impl",
+    "openvino.tools.ovc.telemetry_utils",
+    "openvino.tools.ovc.utils",
+    "openvino.tools.ovc.main",
+)
+
+
+def disable_telemetry() -> str:
+    """Turn OpenVINO's usage telemetry off in this process; returns how, for the log.
+
+    ``import openvino`` imports its model converter (ovc), which sends a usage event to
+    Google Analytics through the ``openvino_telemetry`` package at import, and more at
+    every ``convert_model`` (version, parameters, each converted operation). Its only opt-outs are a consent
+    file (``~/intel/openvino_telemetry`` holding 0; when the file is missing, ovc counts
+    that as consent) and ``CI=true``; there is no OpenVINO variable for it. Each event is
+    posted from a child forked off the calling thread that OpenVINO terminates after 3 s:
+    in a threaded server such a child can hang on a copied lock or a DNS lookup, and it
+    inherits asyncio's signal set-up (see ``server.api.process``).
+
+    ovc falls back to its own no-op stub (``openvino.tools.ovc.telemetry_stub``) when
+    ``openvino_telemetry`` cannot be imported. Before openvino is imported, the package is
+    blocked (``sys.modules[...] = None``), so that fallback is taken: call this first (the
+    server does, before anything imports torch or OpenVINO). If the converter is already
+    imported (its import event is then gone), its modules are pointed at the stub and the
+    live instance is silenced. Nothing is written to the user's home, no variable is set.
+    """
+    if sys.modules.get(TELEMETRY_PACKAGE) is None:  # not imported yet, or blocked already
+        sys.modules[TELEMETRY_PACKAGE] = None  # type: ignore[assignment]  # its import raises ImportError
+        return f"{TELEMETRY_PACKAGE} blocked: ovc uses its no-op stub"
+    import importlib
+
+    stub = importlib.import_module(TELEMETRY_STUB)  # (this imports ovc if it was not yet)
+    for name in _TELEMETRY_USERS:
+        module = sys.modules.get(name)
+        if module is not None and getattr(module, "tm", stub) is not stub:
+            module.tm = stub
+    real = sys.modules[TELEMETRY_PACKAGE]
+    instance = getattr(getattr(real, "Telemetry", None), "_SingletonMetaClass__single_instance", None)
+    if instance is not None:
+        instance.consent = False
+    return "ovc was imported already: pointed at its no-op stub"
+
+
+def telemetry_enabled() -> bool:
+    """Whether OpenVINO's converter would send usage events from this process (imports openvino)."""
+    import openvino.tools.ovc.convert_impl as convert_impl
+    import openvino.tools.ovc.telemetry_utils as telemetry_utils
+
+    return any(module.tm.__name__ != TELEMETRY_STUB for module in (convert_impl, telemetry_utils))
+
+
 def openvino() -> Any:
-    """The ``openvino`` module, or a ``FailedPrecondition`` saying how to install it."""
+    """The ``openvino`` module (telemetry off), or a ``FailedPrecondition`` saying how to install it."""
+    disable_telemetry()
     try:
         import openvino as ov
     except ImportError as error:

@@ -1,11 +1,11 @@
 """The CLIP text encoder on OpenVINO (CPU), its adapter targets as inputs swapped in place.
 
 Text-encoder LoRA keys must keep applying, so the encoder is converted with
-every adapter-targetable weight as a named graph input (like the UNet's
-``weights="inputs"`` export) bound once to ``SharedWeights`` buffers; a swap
-writes the blend into them. On ``small`` it encodes a prompt 4x faster than
-torch in bf16 (10.6 vs 43.8 ms; fp32 21.3 ms), and it keeps torch's thread
-pool out of the generation loop.
+every adapter-targetable weight, and each such layer's bias (``<key>.bias``, for
+full-weight diffs), as a named graph input (like the UNet's ``weights="inputs"``
+export) bound once to ``SharedWeights`` buffers; a swap writes the blend into them.
+On ``small`` it encodes a prompt 4x faster than torch in bf16 (10.6 vs 43.8 ms;
+fp32 21.3 ms), and it keeps torch's thread pool out of the generation loop.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from server.backends.onnx_export import bias_targets
 from server.backends.openvino_runtime import (
     PerShape,
     compile_model,
@@ -34,7 +35,7 @@ from server.models.shapes import lora_targets
 
 log = logging.getLogger(__name__)
 
-IR_VERSION = 1  # bump when the converted graph changes
+IR_VERSION = 2  # bump when the converted graph changes (2: the targets' biases are inputs)
 COMPONENT = "text_encoder"
 IDS = "input_ids"
 
@@ -52,27 +53,31 @@ def supports(pipeline) -> bool:
 
 
 class _WeightsAsInputs(nn.Module):
-    """Calls the encoder with the target weights swapped for traced inputs; returns the hidden states."""
+    """Calls the encoder with the target weights, then the biases of ``biased``, swapped for traced
+    inputs; returns the hidden states."""
 
-    def __init__(self, encoder: nn.Module, modules: list[nn.Module]) -> None:
+    def __init__(self, encoder: nn.Module, modules: list[nn.Module], biased: list[nn.Module]) -> None:
         super().__init__()
         self.encoder = encoder
         self.targets = modules
+        self.biased = biased
 
-    def forward(self, ids, *weights):
-        saved = [module._parameters["weight"] for module in self.targets]
+    def forward(self, ids, *tensors):
+        slots = [(module, "weight") for module in self.targets] + [(module, "bias") for module in self.biased]
+        saved = [module._parameters[name] for module, name in slots]
         try:
-            for module, weight in zip(self.targets, weights, strict=True):
-                module._parameters["weight"] = weight
+            for (module, name), tensor in zip(slots, tensors, strict=True):
+                module._parameters[name] = tensor
             return self.encoder(ids)[0]
         finally:
-            for module, weight in zip(self.targets, saved, strict=True):
-                module._parameters["weight"] = weight
+            for (module, name), tensor in zip(slots, saved, strict=True):
+                module._parameters[name] = tensor
 
 
 def export_text_encoder(pipeline, fingerprint: str, *, folder: Path | None = None) -> Path:
-    """The encoder as OpenVINO IR with inputs ``input_ids`` and one per target key."""
+    """The encoder as OpenVINO IR with inputs ``input_ids``, one per target key and one per bias key."""
     targets = text_targets(pipeline)
+    biased = bias_targets(targets)
     encoder = getattr(pipeline, COMPONENT)
 
     def convert():
@@ -80,17 +85,18 @@ def export_text_encoder(pipeline, fingerprint: str, *, folder: Path | None = Non
         # compile with the weights as inputs (a bias fused into a weight-less FullyConnected).
         ids = torch.zeros(1, pipeline.tokenizer.model_max_length, dtype=torch.long)
         weights = tuple(module.weight.detach() for module in targets.values())
+        biases = tuple(module.bias.detach() for module in biased.values())
         with tempfile.TemporaryDirectory() as folder:
             path = Path(folder) / "text_encoder.onnx"
             with torch.no_grad(), warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 torch.onnx.export(
-                    _WeightsAsInputs(encoder.eval(), list(targets.values())),
-                    (ids, *weights),
+                    _WeightsAsInputs(encoder.eval(), list(targets.values()), list(biased.values())),
+                    (ids, *weights, *biases),
                     str(path),
                     dynamo=False,
                     do_constant_folding=False,
-                    input_names=[IDS, *targets],
+                    input_names=[IDS, *targets, *biased],
                     output_names=["hidden_states"],
                     opset_version=17,
                 )
@@ -115,7 +121,9 @@ class OvTextEncoder:
         self.threads = threads
         self.path = export_text_encoder(pipeline, fingerprint, folder=folder)
         dtype = torch.bfloat16 if self.precision == "bf16" else torch.float32
-        self.weights = SharedWeights(text_targets(pipeline), dtype)
+        targets = text_targets(pipeline)
+        self.weights = SharedWeights(targets, dtype)
+        self.bias_keys = frozenset(bias_targets(targets))
         model = core().read_model(str(self.path))
         self._model = declare_bf16_inputs(model, self.weights.keys) if dtype == torch.bfloat16 else model
         self._requests = PerShape(self._compile)
@@ -126,6 +134,10 @@ class OvTextEncoder:
     @property
     def compiled_shapes(self) -> tuple[tuple[int, ...], ...]:
         return self._requests.shapes
+
+    @property
+    def weight_keys(self) -> tuple[str, ...]:
+        return self.weights.keys
 
     def request(self, shape: tuple[int, ...]) -> Any:
         """The infer request for token ids of ``shape`` (compiled and bound the first time)."""

@@ -13,12 +13,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from server.backends.host_weights import HostWeights
+from server.backends.host_weights import HostWeights, is_bias_key
+from server.backends.onnx_export import target_tensors
 from server.backends.openvino_runtime import openvino
 
 
 class SharedWeights(HostWeights):
-    """The buffers of ``targets`` (canonical key -> module) in ``dtype``, each also an ``ov.Tensor``."""
+    """The buffers of ``targets`` (canonical key -> module) in ``dtype``, each also an ``ov.Tensor``:
+    every target's weight, and the bias of each that has one (``<key>.bias``, float32)."""
 
     def __init__(
         self,
@@ -31,10 +33,12 @@ class SharedWeights(HostWeights):
         # W0: the base's own float32 tensors, shared, not copied. Nothing writes into them in place
         # (the engine's fused path repoints parameters, and leaves a backend's modules alone).
         if pristine is None:
-            pristine = {key: m.weight.detach().to(torch.float32).contiguous() for key, m in targets.items()}
+            pristine = target_tensors(dict(targets))
         super().__init__(pristine, dtype)
-        ov_type = ov.Type.bf16 if dtype == torch.bfloat16 else ov.Type.f32
-        self.tensors = {key: _shared_tensor(ov, buffer, ov_type) for key, buffer in self._buffers.items()}
+        self.tensors = {
+            key: _shared_tensor(ov, buffer, ov.Type.bf16 if buffer.dtype == torch.bfloat16 else ov.Type.f32)
+            for key, buffer in self._buffers.items()
+        }
 
     def bind(self, request: Any, names: set[str]) -> None:
         """Set every tensor whose key is one of the request's input ``names`` (once per request)."""
@@ -51,11 +55,12 @@ def _shared_tensor(ov, buffer: torch.Tensor, ov_type) -> Any:
 
 
 def declare_bf16_inputs(model: Any, keys) -> Any:
-    """``model`` with the inputs named in ``keys`` taking bfloat16 tensors (converted in the graph)."""
+    """``model`` with the weight inputs named in ``keys`` taking bfloat16 tensors (converted in the
+    graph); bias inputs stay float32."""
     ov = openvino()
     present = {p.output(0).get_any_name() for p in model.get_parameters()}
     ppp = ov.preprocess.PrePostProcessor(model)
     for key in keys:
-        if key in present:
+        if key in present and not is_bias_key(key):
             ppp.input(key).tensor().set_element_type(ov.Type.bf16)
     return ppp.build()

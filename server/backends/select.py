@@ -16,7 +16,7 @@ import torch
 
 from adapters.errors import InvalidArgument
 from server.backends.pipeline_view import with_components
-from server.engine.plan import BlendPlan
+from server.engine.plan import BIAS_SUFFIX, BlendPlan
 
 # "tensorrt" exists (server.backends.tensorrt_backend) but is not selectable until it has run on a GPU.
 BACKENDS = ("torch", "onnxruntime", "openvino")
@@ -60,7 +60,14 @@ class Backend:
         return tuple(prefix for prefix, part in parts if part is not None)
 
     def owns(self, key: str) -> bool:
-        return key.startswith(self.prefixes) if self.prefixes else False
+        """A key of a component this backend runs; a bias key (``<key>.bias``) only where that
+        component takes the bias as an input (else the engine refuses a bias difference there)."""
+        if not self.prefixes or not key.startswith(self.prefixes):
+            return False
+        if not key.endswith(BIAS_SUFFIX):
+            return True
+        part = self.unet if key.startswith("unet.") else self.text_encoder
+        return key in getattr(part, "bias_keys", ())
 
     def apply(self, plan: BlendPlan | None) -> int:
         """Write ``plan`` (``None``: base) into this backend's weights; returns modules written."""

@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from adapters.blend import Dense, LowRank, Update, add_update
+from adapters.blend import Dense, LowRank, Rescaled, Update, add_update
 from adapters.errors import FailedPrecondition
 from adapters.home import cache_dir
 from server.backends.onnx_export import (
@@ -125,6 +125,8 @@ def refit_arrays(
 
 
 def _on_cpu(update: Update) -> Update:
+    if isinstance(update, Rescaled):
+        return Rescaled(_on_cpu(update.inner), update.scale.to("cpu", torch.float32))
     if isinstance(update, LowRank):
         return LowRank(update.down.to("cpu", torch.float32), update.up.to("cpu", torch.float32))
     return Dense(update.delta.to("cpu", torch.float32))

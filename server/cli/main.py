@@ -68,7 +68,11 @@ def generate(
     adapter: Annotated[
         list[str] | None,
         typer.Option(
-            "--adapter", "-a", help="Adapter of the blend, name\\[@version]\\[:weight]; repeatable."
+            "--adapter",
+            "-a",
+            help="Adapter of the blend, name\\[@version]\\[:weight]; repeatable. Per-part weights as "
+            "A1111: name:TE:UNET or name:te=0.8:unet=0.5 (text encoder, UNet; a part not given takes "
+            "the text-encoder weight).",
         ),
     ] = None,
     output: Annotated[
@@ -187,7 +191,8 @@ def info(server: Server = DEFAULT_SERVER, timeout: Timeout = 10.0, json: Json = 
         f"            fingerprint {base.fingerprint[:16]}",
         f"backend     {details.backend} on {details.device}, {details.dtype}",
         f"limits      queue {limits.max_queue}, steps {limits.max_steps}, images {limits.max_images}, "
-        f"adapters {limits.max_adapters}, size {limits.max_size} px, "
+        f"adapters {limits.max_adapters}, size {limits.max_size} px, rank {limits.max_rank}, "
+        f"prompt {output.size(limits.max_prompt_bytes)}, "
         f"message {output.size(limits.max_message_bytes)}, upload {output.size(limits.max_upload_bytes)}",
         f"cache       {cache.entries} adapters, {output.size(cache.used_bytes)} of "
         f"{output.size(cache.capacity_bytes)}, hits {cache.hits}, misses {cache.misses}, swaps {cache.swaps}",
@@ -244,13 +249,15 @@ def adapters_show(
 def _describe(item) -> str:
     from server.cli import output
 
+    kind = adapter_type(item.metadata)
     rows = [
         ("ref", item.ref),
         ("sha256", item.sha256),
         ("size", output.size(item.size_bytes)),
         ("base", f"{item.architecture} {item.base_fingerprint[:16]}".strip()),
-        ("rank", str(item.rank)),
-        ("format", item.format),
+        ("format", f"{kind} ({item.format} file)" if item.format else kind),
+        ("rank", "full" if kind == "diff" else str(item.rank)),
+        ("made by", _made_by(item.metadata)),
         ("components", ", ".join(item.components)),
         ("aliases", ", ".join(item.aliases)),
         ("tags", ", ".join(item.tags)),
@@ -260,6 +267,54 @@ def _describe(item) -> str:
         ("created (UTC)", output.when(item.created_at)),
     ]
     return "\n".join(f"{key:<14}{value}" for key, value in rows if value)
+
+
+# adapters.formats.base_ref.ADAPTER_TYPE_KEY, repeated: that package imports torch, which the
+# client commands never do.
+ADAPTER_TYPE_KEY = "loraloom.adapter_type"
+LYCORIS_ALGOS = {
+    "lora": "LoRA",
+    "locon": "LoCon",
+    "loha": "LoHa",
+    "lokr": "LoKr",
+    "full": "diff",
+    "diff": "diff",
+}
+
+
+def adapter_type(metadata: dict) -> str:
+    """LoRA, LoCon, LoHa, LoKr, diff or DoRA (...): what the server recorded when the version was
+    stored, else what the file's kohya metadata (``ss_network_module``/``ss_network_args``) says."""
+    recorded = metadata.get(ADAPTER_TYPE_KEY)
+    if recorded:
+        return str(recorded)
+    args = _network_args(metadata)
+    kind = "LoRA"
+    if "lycoris" in str(metadata.get("ss_network_module", "")):
+        kind = LYCORIS_ALGOS.get(str(args.get("algo", "lora")).lower(), str(args.get("algo")))
+    if str(args.get("dora_wd", "")).lower() == "true":
+        return "DoRA" if kind == "LoRA" else f"DoRA ({kind})"
+    return kind
+
+
+def _network_args(metadata: dict) -> dict:
+    import json
+
+    try:
+        args = json.loads(str(metadata.get("ss_network_args") or "{}"))
+    except ValueError:
+        return {}
+    return args if isinstance(args, dict) else {}
+
+
+def _made_by(metadata: dict) -> str:
+    """The tool that made the file, as kohya-style trainers record it: ``ss_network_module`` and
+    ``ss_network_args`` (as ``key=value``); empty when the file does not say."""
+    module = str(metadata.get("ss_network_module", "")).strip()
+    args = _network_args(metadata)
+    shown = ", ".join(f"{key}={value}" for key, value in args.items())
+    text = f"{module} ({shown})" if module and shown else module or shown
+    return text[:200]
 
 
 def _training(metadata: dict) -> str:
@@ -345,6 +400,51 @@ def adapters_alias(
 
     target = _call(server, timeout, lambda client: client.set_alias(name, alias, version))
     typer.echo(f"{name}@{alias} -> {target.ref}")
+
+
+VERIFY_DAMAGED_EXIT = 3
+_REASONS = {
+    "missing": "blob missing",
+    "sha256_mismatch": "bytes changed (sha256 mismatch)",
+    "undecodable": "not a readable adapter file",
+}
+
+
+@adapters_app.command("verify")
+def adapters_verify(
+    repair: Annotated[
+        bool,
+        typer.Option(help="Also remove orphan blobs and temp files older than an hour (never versions)."),
+    ] = False,
+    server: Server = DEFAULT_SERVER,
+    timeout: Timeout = 3600.0,
+    json: Json = False,
+) -> None:
+    """Check every stored version's bytes on the server (sha256, size, decoding); list the damaged ones.
+
+    Exits with 3 when any version is damaged (upload its file again, or delete it), 1 when the
+    check itself failed. Needs a token with the manage scope.
+    """
+    from server.cli import output
+
+    report = _call(server, timeout, lambda client: client.verify_store(repair=repair))
+    if json:
+        typer.echo(output.as_json(report))
+    else:
+        for item in report.damaged:
+            typer.echo(f"damaged  {item.ref}  {_REASONS.get(item.reason, item.reason)}  sha256 {item.sha256}")
+        leftovers = f"{len(report.orphans)} orphan blob(s), {report.partials} temp file(s)"
+        removed = f", {report.removed} removed" if repair else ""
+        state = f"{len(report.damaged)} damaged version(s)" if report.damaged else "every version intact"
+        typer.echo(f"checked {report.checked} blob(s): {state}; {leftovers}{removed}")
+        if report.damaged:
+            typer.echo(
+                "upload each damaged version's file again (in a local blob folder the same bytes "
+                "repair its blob) or delete the version",
+                err=True,
+            )
+    if report.damaged:
+        raise typer.Exit(VERIFY_DAMAGED_EXIT)
 
 
 @adapters_app.command("load")

@@ -12,6 +12,7 @@ from server.client.types import (
     AdapterInfo,
     AdapterPage,
     AdapterSpec,
+    DamagedVersion,
     Done,
     GenerateResult,
     Image,
@@ -20,6 +21,7 @@ from server.client.types import (
     Queued,
     ResidentList,
     ServerInfo,
+    StoreReport,
     StreamEvent,
 )
 
@@ -29,6 +31,7 @@ __all__ = [
     "AdapterSpec",
     "AsyncClient",
     "Client",
+    "DamagedVersion",
     "Done",
     "GenerateResult",
     "Image",
@@ -38,5 +41,6 @@ __all__ = [
     "ResidentList",
     "ServerError",
     "ServerInfo",
+    "StoreReport",
     "StreamEvent",
 ]

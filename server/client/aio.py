@@ -181,6 +181,11 @@ class AsyncClient:
         request = adapters_pb2.SetAliasRequest(name=name, alias=alias, version=version)
         return convert.adapter_info(await self._call(self._stub.SetAlias, request, timeout))
 
+    async def verify_store(self, *, repair: bool = False, timeout: float | None = None) -> types.StoreReport:
+        """See ``Client.verify_store``."""
+        request = adapters_pb2.VerifyStoreRequest(repair=repair)
+        return convert.store_report(await self._call(self._stub.VerifyStore, request, timeout))
+
     async def load_adapter(self, ref: str, *, pin: bool = False, timeout: float | None = None):
         request = adapters_pb2.LoadAdapterRequest(ref=ref, pin=pin)
         return convert.resident_adapter(await self._call(self._stub.LoadAdapter, request, timeout))

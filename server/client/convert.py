@@ -18,13 +18,20 @@ FORMATS = {
 
 
 def adapter_specs(adapters: Iterable[str | types.AdapterSpec | tuple[str, float]] | None):
+    """AdapterSpec messages; per-part weights are sent only when the parts differ."""
     specs = []
     for item in adapters or ():
         if isinstance(item, str):
             item = types.AdapterSpec.parse(item)
         elif isinstance(item, tuple):
             item = types.AdapterSpec(item[0], float(item[1]))
-        specs.append(generate_pb2.AdapterSpec(ref=item.ref, weight=item.weight))
+        te, unet = item.parts
+        if te == unet:
+            specs.append(generate_pb2.AdapterSpec(ref=item.ref, weight=te))
+        else:
+            specs.append(
+                generate_pb2.AdapterSpec(ref=item.ref, weight=unet, text_encoder_weight=te, unet_weight=unet)
+            )
     return specs
 
 
@@ -126,7 +133,16 @@ def parameters(message: generate_pb2.GenerationParameters) -> types.Parameters:
         sampler=message.sampler,
         num_images=message.num_images,
         adapters=tuple(
-            records.AppliedAdapter(item.name, item.version, item.sha256, item.weight)
+            records.AppliedAdapter(
+                item.name,
+                item.version,
+                item.sha256,
+                item.weight,
+                text_encoder_weight=item.text_encoder_weight
+                if item.HasField("text_encoder_weight")
+                else None,
+                unet_weight=item.unet_weight if item.HasField("unet_weight") else None,
+            )
             for item in message.adapters
         ),
         merge=message.merge.method or "linear",  # a server without merges leaves it empty
@@ -281,6 +297,16 @@ def resident_list(message: adapters_pb2.ListResidentAdaptersResponse) -> types.R
     )
 
 
+def store_report(message: adapters_pb2.VerifyStoreResponse) -> types.StoreReport:
+    return types.StoreReport(
+        checked=message.checked,
+        damaged=[types.DamagedVersion(item.ref, item.sha256, item.reason) for item in message.damaged],
+        orphans=list(message.orphans),
+        partials=message.partials,
+        removed=message.removed,
+    )
+
+
 def server_info(message: server_pb2.ServerInfo) -> types.ServerInfo:
     base = message.base_model
     limits = message.limits
@@ -305,6 +331,9 @@ def server_info(message: server_pb2.ServerInfo) -> types.ServerInfo:
             max_images=limits.max_images,
             max_adapters=limits.max_adapters,
             max_size=limits.max_size,
+            max_prompt_bytes=limits.max_prompt_bytes,
+            max_rank=limits.max_rank,
+            max_abs_weight=limits.max_abs_weight,
         ),
         cache=cache_stats(message.cache),
         queue=records.QueueStats(

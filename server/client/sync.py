@@ -93,9 +93,10 @@ class Client:
     ) -> types.GenerateResult:
         """Generate images. With ``on_event`` the call streams and reports each event as it comes.
 
-        ``options``: adapters (``"name[@version][:weight]"`` strings, ``AdapterSpec`` or
-        ``(ref, weight)``), negative_prompt, steps, guidance_scale, seed, width, height,
-        num_images, image_format ("png" or "jpeg"), preview_every, request_id, sampler.
+        ``options``: adapters (``"name[@version][:weight]"`` strings, also ``"name:0.8:0.5"`` for
+        text-encoder and UNet weights; ``AdapterSpec`` or ``(ref, weight)``), negative_prompt,
+        steps, guidance_scale, seed, width, height, num_images, image_format ("png" or "jpeg"),
+        preview_every, request_id, sampler.
 
         ``merge``: how the blend's adapters combine, one of ``types.MERGE_METHODS``: "linear"
         (the weighted sum), "ties" (keep each adapter's largest deltas, elect a sign per
@@ -213,6 +214,12 @@ class Client:
     def set_alias(self, name: str, alias: str, version: int, *, timeout: float | None = None):
         request = adapters_pb2.SetAliasRequest(name=name, alias=alias, version=version)
         return convert.adapter_info(self._call(self._stub.SetAlias, request, timeout))
+
+    def verify_store(self, *, repair: bool = False, timeout: float | None = None) -> types.StoreReport:
+        """Have the server re-read every stored version's blob (sha256, size, decoding) and list
+        the damaged ones; ``repair`` also removes leftovers. Needs the manage scope."""
+        request = adapters_pb2.VerifyStoreRequest(repair=repair)
+        return convert.store_report(self._call(self._stub.VerifyStore, request, timeout))
 
     # The engine's adapter cache
 

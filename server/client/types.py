@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from adapters.errors import InvalidArgument
+from adapters.weights import PartWeights, parse_weights
 from server.records import AppliedAdapter, QueueStats, ResidentAdapter
 
 # How a blend's adapters combine (GenerateRequest.merge): the weighted sum, or PEFT's TIES and
@@ -19,33 +20,46 @@ MERGE_METHODS = ("linear", "ties", "dare_linear", "dare_ties")
 
 @dataclass(frozen=True)
 class AdapterSpec:
-    """One adapter of a blend: a reference and a weight.
+    """One adapter of a blend: a reference and a weight, optionally one per part of the model.
 
     A reference is ``name`` (the newest version), ``name@3`` (a version) or ``name@alias``.
+    ``text_encoder_weight``/``unet_weight`` (A1111's ``<lora:name:te:unet>``) override
+    ``weight`` on the text encoder(s) / the UNet; ``None``: ``weight``.
     """
 
     ref: str
     weight: float = 1.0
+    text_encoder_weight: float | None = None
+    unet_weight: float | None = None
 
     @classmethod
     def parse(cls, text: str) -> AdapterSpec:
-        """Parse ``name[@version][:weight]``, e.g. ``style@2:0.8``."""
+        """Parse ``name[@version][:weight]``, e.g. ``style@2:0.8``, or with per-part weights
+        ``style:0.8:0.5`` (text encoder, UNet) and ``style:te=0.8:unet=0.5`` (A1111's rules: a
+        part not given takes the text-encoder weight)."""
         text = text.strip()
-        ref, weight = text, 1.0
-        head, sep, tail = text.rpartition(":")
-        if sep:
-            try:
-                weight = float(tail)
-            except ValueError:
-                raise InvalidArgument(
-                    f"bad adapter weight {tail!r} in {text!r}: use name[@version][:weight], e.g. style@2:0.8"
-                ) from None
-            ref = head
+        ref, sep, rest = text.partition(":")
         if not ref:
             raise InvalidArgument(f"empty adapter reference in {text!r}: use name[@version][:weight]")
-        if ":" in ref:
-            raise InvalidArgument(f"{text!r} has more than one ':weight': use name[@version][:weight]")
+        if not sep:
+            return cls(ref=ref)
+        try:
+            weight = parse_weights(rest.split(":"), f"adapter {text!r}")
+        except InvalidArgument as error:
+            raise InvalidArgument(
+                f"bad adapter weight in {text!r}: use name[@version][:weight], e.g. style@2:0.8, or "
+                f"name:TE:UNET / name:te=0.8:unet=0.5 ({error})"
+            ) from None
+        if isinstance(weight, PartWeights):
+            return cls(ref, weight.unet, text_encoder_weight=weight.text_encoder, unet_weight=weight.unet)
         return cls(ref=ref, weight=weight)
+
+    @property
+    def parts(self) -> tuple[float, float]:
+        """``(text encoder, UNet)`` weights."""
+        te = self.weight if self.text_encoder_weight is None else self.text_encoder_weight
+        unet = self.weight if self.unet_weight is None else self.unet_weight
+        return te, unet
 
 
 @dataclass(frozen=True)
@@ -184,6 +198,32 @@ class ResidentList:
 
 
 @dataclass(frozen=True)
+class DamagedVersion:
+    """A stored version the server cannot serve: ``reason`` is ``missing``, ``sha256_mismatch``
+    or ``undecodable``."""
+
+    ref: str
+    sha256: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class StoreReport:
+    """What VerifyStore found: ``damaged`` versions (sorted by ref), leftover ``orphans``
+    (sha256s) and ``partials`` (temp files), and how many leftovers a repair ``removed``."""
+
+    checked: int
+    damaged: list[DamagedVersion] = field(default_factory=list)
+    orphans: list[str] = field(default_factory=list)
+    partials: int = 0
+    removed: int = 0
+
+    @property
+    def ok(self) -> bool:
+        return not self.damaged
+
+
+@dataclass(frozen=True)
 class BaseModelInfo:
     name: str = ""
     source: str = ""
@@ -201,6 +241,9 @@ class Limits:
     max_images: int = 0
     max_adapters: int = 0
     max_size: int = 0
+    max_prompt_bytes: int = 0
+    max_rank: int = 0
+    max_abs_weight: float = 0.0
 
 
 @dataclass(frozen=True)

@@ -23,6 +23,8 @@ from server.engine.types import GenerationSettings
 StepCallback = Callable[[int, int, torch.Tensor], None]
 # Called before each step with (step index, total steps); may raise to stop the run.
 BeforeStep = Callable[[int, int], None]
+# Called before the costly stages besides the steps ("encode", "decode"); may raise to stop the run.
+BeforeStage = Callable[[str], None]
 
 
 @dataclass(frozen=True)
@@ -84,6 +86,7 @@ def denoise_batch(
     *,
     before_step: BeforeStep | None = None,
     after_step: BatchStepCallback | None = None,
+    before_stage: BeforeStage | None = None,
     output_type: str = "pil",
 ) -> list[DenoiseOutput]:
     """Run several jobs of one ``batch_key`` as one batch; one output per job.
@@ -102,6 +105,8 @@ def denoise_batch(
     count = sum(counts)
     cfg = first.guidance_scale > 1.0 and unet.config.time_cond_proj_dim is None
 
+    if before_stage is not None:
+        before_stage("encode")
     started = time.perf_counter()
     positive, negative = [], []
     for job, n in zip(jobs, counts, strict=True):
@@ -148,6 +153,8 @@ def denoise_batch(
                 after_step(number, index + 1, total, latents[offset : offset + n])
     denoise_ms = _ms(started)
 
+    if before_stage is not None:
+        before_stage("decode")
     started = time.perf_counter()
     decoded = vae.decode(latents / vae.config.scaling_factor, return_dict=False, generator=generators)[0]
     images = pipeline.image_processor.postprocess(

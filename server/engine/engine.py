@@ -21,16 +21,24 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from adapters.blend import LINEAR, Merge
+from adapters.blend import LINEAR, Merge, Weight, as_weight
 from adapters.canonical import BaseModelRef
-from adapters.errors import Cancelled, DeadlineExceeded, LoraloomError, NotFound, ResourceExhausted
+from adapters.errors import (
+    AdapterIncompatible,
+    Cancelled,
+    DeadlineExceeded,
+    LoraloomError,
+    NotFound,
+    OutOfMemory,
+    ResourceExhausted,
+)
 from adapters.store.names import parse_ref
 from adapters.validation import validate_against_base
 from server.engine.cache import ByteLRU
 from server.engine.compiled import CompileSettings, compile_engine_unet
 from server.engine.denoise import BeforeStep, DenoiseOutput, denoise_batch
 from server.engine.fuse import FusedWeights, PreparedAdapter
-from server.engine.plan import BlendPlan, EngineBackend, TorchBackend
+from server.engine.plan import BlendPlan, EngineBackend, TorchBackend, bias_key
 from server.engine.preview import latent_preview
 from server.engine.request import NormalizedRequest, check_blend, normalize
 from server.engine.resolvers import AdapterResolver, MemoryResolver, resolve_one
@@ -125,8 +133,11 @@ class Engine:
         self._before_step = before_step
         self._fused = FusedWeights(targets)
         self._backend: EngineBackend = backend or TorchBackend()
-        # Keys the backend writes itself; the fused torch path writes the rest.
-        self._backend_keys = frozenset(key for key in targets if self._backend.owns(key))
+        # Keys the backend writes itself; the fused torch path writes the rest. A layer's bias
+        # (written by adapters with bias differences) is the backend's only if it says so.
+        self._backend_keys = frozenset(key for key in targets if self._backend.owns(key)) | frozenset(
+            bias_key(key) for key in targets if self._backend.owns(bias_key(key))
+        )
         if compile:  # in place and lazy: graphs are built on the first request of each shape
             compile_engine_unet(self.pipeline, self._backend.name, compile)
         self.backend = self._backend.name
@@ -191,9 +202,10 @@ class Engine:
         factor = int(getattr(self.pipeline, "vae_scale_factor", 8))
         return normalize(request, self.limits, resolution=self.resolution, size_factor=factor)
 
-    def resolve_blend(self, adapters: Sequence[tuple[str, float]], merge: Merge = LINEAR) -> ResolvedBlend:
-        """Resolve refs to exact versions with one resolver call (one statement for a store)."""
-        adapters = tuple((str(ref), float(weight)) for ref, weight in adapters)
+    def resolve_blend(self, adapters: Sequence[tuple[str, Weight]], merge: Merge = LINEAR) -> ResolvedBlend:
+        """Resolve refs to exact versions with one resolver call (one statement for a store).
+        A weight is a float or ``PartWeights`` (text encoder, UNet)."""
+        adapters = tuple((str(ref), as_weight(weight)) for ref, weight in adapters)
         check_blend(adapters, self.limits)
         resolved = self.resolver.resolve([ref for ref, _ in adapters]) if adapters else []
         return ResolvedBlend.of(zip(resolved, (w for _, w in adapters), strict=True), merge)
@@ -250,12 +262,13 @@ class Engine:
             self._misses += 1
         adapter = resolved.load(self.module_names)
         try:
-            validate_against_base(adapter, self._shapes, self._base_ref)
+            validate_against_base(adapter, self._shapes, self._base_ref, max_rank=self.limits.max_rank)
         except LoraloomError as error:
             raise type(error)(f"adapter {resolved.ref}: {error}") from None
         prepared = self._fused.prepare(
             adapter, name=resolved.name, version=resolved.version, sha256=resolved.sha256
         )
+        self._check_backend_writes(prepared)
         with self._cache_lock:
             existing = self._cache.peek(key)
             if existing is not None:
@@ -263,7 +276,23 @@ class Engine:
             self._cache.put(key, prepared, prepared.nbytes)
         return prepared
 
-    def _plan(self, blend: ResolvedBlend, prepared: Sequence[tuple[PreparedAdapter, float]]) -> BlendPlan:
+    def _check_backend_writes(self, prepared: PreparedAdapter) -> None:
+        """Refuse a bias difference on a layer the backend runs but whose bias it cannot write."""
+        refused = sorted(
+            key
+            for key, module in prepared.modules.items()
+            if module.bias is not None
+            and key in self._backend_keys
+            and bias_key(key) not in self._backend_keys
+        )
+        if refused:
+            raise AdapterIncompatible(
+                f"adapter {prepared.name}@{prepared.version} changes the biases of {len(refused)} layer(s) "
+                f"(e.g. {refused[0]}), which the {self._backend.label} backend cannot write; serve it "
+                "with --backend torch"
+            )
+
+    def _plan(self, blend: ResolvedBlend, prepared: Sequence[tuple[PreparedAdapter, Weight]]) -> BlendPlan:
         signature = blend.signature
         with self._cache_lock:
             plan = self._plans.get(signature)
@@ -285,13 +314,13 @@ class Engine:
                     log.debug("blend plan of %d bytes not cached", plan.nbytes)
         return plan
 
-    def _prepare_blend(self, blend: ResolvedBlend) -> tuple[list[tuple[PreparedAdapter, float]], float]:
+    def _prepare_blend(self, blend: ResolvedBlend) -> tuple[list[tuple[PreparedAdapter, Weight]], float]:
         """Load (outside the run lock) what a blend needs; returns (prepared, ms)."""
         started = time.perf_counter()
         prepared = [(self._prepared(resolved), weight) for resolved, weight in blend.entries]
         return prepared, (time.perf_counter() - started) * 1000.0
 
-    def _swap(self, blend: ResolvedBlend, prepared: Sequence[tuple[PreparedAdapter, float]]) -> float:
+    def _swap(self, blend: ResolvedBlend, prepared: Sequence[tuple[PreparedAdapter, Weight]]) -> float:
         """Write the blend into the weights (caller holds the run lock); returns ms (0: already there)."""
         if blend.signature == self._fused.signature:
             return 0.0
@@ -312,7 +341,7 @@ class Engine:
         return plan.only(plan.updates.keys() - self._backend_keys)
 
     def activate(
-        self, blend: ResolvedBlend | Sequence[tuple[str, float]]
+        self, blend: ResolvedBlend | Sequence[tuple[str, Weight]]
     ) -> tuple[ResolvedBlend, float, float]:
         """Write a blend (refs are resolved; ``[]``: the base) into the weights now;
         returns (the resolved blend, load ms, swap ms)."""
@@ -375,6 +404,7 @@ class Engine:
             return [failed[number] for number in range(len(entries))]
         prepared, load_ms = self._prepare_blend(first.blend)
         outputs: dict[int, DenoiseOutput] = {}
+        out_of_memory: str | None = None
         with self._run_lock:
             swap_ms = self._swap(first.blend, prepared)
             live = check_all()
@@ -384,6 +414,10 @@ class Engine:
                     raise _Stopped
                 if self._before_step is not None:
                     self._before_step(index, total)
+
+            def before_stage(_stage: str) -> None:
+                if not check_all():
+                    raise _Stopped
 
             def after_step(position: int, done: int, total: int, latents: Any) -> None:
                 number = live[position]
@@ -403,10 +437,17 @@ class Engine:
                         [jobs[n].settings for n in live],
                         before_step=before_step,
                         after_step=after_step,
+                        before_stage=before_stage,
                     )
                     outputs = dict(zip(live, batch, strict=True))
                 except _Stopped:
                     pass
+                except Exception as error:
+                    if not is_out_of_memory(error):
+                        raise
+                    out_of_memory = str(error)  # raised below, once the failed frames are released
+        if out_of_memory is not None:
+            raise _out_of_memory(jobs, live, out_of_memory)
         check_all()  # a request cancelled during the last step or the decode fails too
         signature = signature_id(first.blend.signature)
         return [
@@ -419,6 +460,39 @@ class Engine:
 
 class _Stopped(Exception):
     """Every request of a batch was cancelled or ran out of time: stop denoising."""
+
+
+OOM_RETRY_S = 5.0
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    """Torch's CUDA out-of-memory, a failed CPU allocation, or Python's ``MemoryError``."""
+    import torch
+
+    if isinstance(error, MemoryError | torch.OutOfMemoryError):
+        return True
+    text = str(error)
+    return isinstance(error, RuntimeError) and (
+        "out of memory" in text or "can't allocate memory" in text or "not enough memory" in text
+    )
+
+
+def _out_of_memory(jobs: Sequence[Job], live: Sequence[int], error: str) -> OutOfMemory:
+    """The request's memory is released (its tensors go with the frames), then the error for the client."""
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    settings = jobs[live[0]].settings
+    log.warning("out of memory at %dx%d x%d: %s", settings.width, settings.height, len(live), error)
+    return OutOfMemory(
+        f"the server ran out of memory generating {settings.num_images} image(s) of "
+        f"{settings.width}x{settings.height}; retry later, or ask for fewer or smaller images",
+        retry_after_s=OOM_RETRY_S,
+    )
 
 
 def _result(

@@ -18,11 +18,19 @@ from adapters.blend import Update
 
 Signature = tuple[tuple[str, float], ...]
 
+BIAS_SUFFIX = ".bias"
+
+
+def bias_key(key: str) -> str:
+    """The plan key of a module's bias (its weight's key is the module key itself)."""
+    return key + BIAS_SUFFIX
+
 
 @dataclass
 class BlendPlan:
-    """One blend, ready to write: per module its ``Update`` (a stacked low-rank pair or a dense
-    delta), and optionally the blend's materialized weights (then a swap only repoints)."""
+    """One blend, ready to write: per module its ``Update`` (a stacked low-rank pair, a dense
+    delta or a DoRA rescale; a bias difference under ``bias_key(key)``), and optionally the
+    blend's materialized weights (then a swap only repoints)."""
 
     signature: Signature
     updates: Mapping[str, Update]
@@ -47,7 +55,8 @@ class EngineBackend(Protocol):
     """What runs the denoising loop's components, hot-swapped by ``apply``.
 
     ``name``/``precision``/``label`` describe it; ``owns(key)`` says which adapter keys
-    it writes itself (the engine's fused path writes the rest into the torch modules);
+    it writes itself (the engine's fused path writes the rest into the torch modules); a
+    module's bias key (``bias_key``) is owned only by a backend that writes biases;
     ``view(pipeline)`` is the pipeline to run (with the backend's components in place).
     """
 

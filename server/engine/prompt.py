@@ -1,16 +1,20 @@
-"""The prompt syntax SD users type: ``<lora:name:0.8>``, ``<lora:name@3:0.8>``, ``<lora:name>``.
+"""The prompt syntax SD users type: ``<lora:name:0.8>``, ``<lora:name@3:0.8>``, ``<lora:name>``,
+and A1111's per-part weights ``<lora:name:0.8:0.5>`` (text encoder, UNet) and
+``<lora:name:te=0.8:unet=0.5>`` (``adapters.weights.parse_weights``: a part not given
+takes the text-encoder weight, else 1.0).
 
 Each tag becomes one ``(ref, weight)`` entry of the blend (weight 1.0 when
-omitted) and is removed from the text. A pure module: no torch, no store.
+omitted; ``PartWeights`` when the parts differ) and is removed from the text. A
+pure module: no torch, no store.
 """
 
 from __future__ import annotations
 
-import math
 import re
 from dataclasses import dataclass
 
 from adapters.errors import InvalidArgument
+from adapters.weights import Weight, parse_weights
 
 # <lora:REF> or <lora:REF:WEIGHT>; REF is anything without ':', '<', '>' or whitespace.
 _TAG = re.compile(r"<lora:([^:<>\s]*)(?::([^<>]*))?>", re.IGNORECASE)
@@ -22,36 +26,22 @@ class ParsedPrompt:
     """The prompt with its tags removed, and the tags as ``(ref, weight)`` in order of appearance."""
 
     text: str
-    adapters: tuple[tuple[str, float], ...]
+    adapters: tuple[tuple[str, Weight], ...]
 
 
 def parse_prompt(prompt: str) -> ParsedPrompt:
     """Split ``<lora:...>`` tags out of ``prompt``; raise ``InvalidArgument`` on a malformed tag."""
-    adapters: list[tuple[str, float]] = []
+    adapters: list[tuple[str, Weight]] = []
 
     def take(match: re.Match[str]) -> str:
         ref, weight_text = match.group(1), match.group(2)
         if not ref:
             raise InvalidArgument(f"prompt tag {match.group(0)!r} names no adapter: write <lora:name:0.8>")
-        adapters.append((ref, _weight(match.group(0), weight_text)))
+        fields = [] if weight_text is None else weight_text.split(":")
+        adapters.append((ref, parse_weights(fields, f"prompt tag {match.group(0)!r}")))
         return " "
 
     text = _TAG.sub(take, prompt)
     text = _SPACES.sub(" ", text)
     text = re.sub(r"\s+([,.;])", r"\1", text).strip()
     return ParsedPrompt(text=text, adapters=tuple(adapters))
-
-
-def _weight(tag: str, text: str | None) -> float:
-    if text is None or not text.strip():
-        return 1.0
-    try:
-        weight = float(text.strip())
-    except ValueError:
-        raise InvalidArgument(
-            f"prompt tag {tag!r}: weight {text!r} is not a number; write <lora:name:0.8> "
-            "(separate text-encoder/UNet weights are not supported)"
-        ) from None
-    if not math.isfinite(weight):
-        raise InvalidArgument(f"prompt tag {tag!r}: weight must be a finite number")
-    return weight

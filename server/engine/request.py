@@ -9,7 +9,7 @@ import math
 import secrets
 from dataclasses import dataclass
 
-from adapters.blend import Merge
+from adapters.blend import Merge, Weight, as_weight, parts_of
 from adapters.errors import InvalidArgument
 from server.engine.prompt import parse_prompt
 from server.engine.samplers import check_sampler
@@ -24,7 +24,7 @@ class NormalizedRequest:
     """A validated request: exact settings, the blend as asked (refs, not yet versions), run options."""
 
     settings: GenerationSettings
-    adapters: tuple[tuple[str, float], ...]
+    adapters: tuple[tuple[str, Weight], ...]
     merge: Merge
     options: RunOptions
 
@@ -36,6 +36,13 @@ def normalize(
     width and height must be multiples of ``size_factor``)."""
     if not isinstance(request.prompt, str) or not request.prompt.strip():
         raise InvalidArgument("prompt is empty: say what to draw")
+    for label, text in (("prompt", request.prompt), ("negative_prompt", request.negative_prompt or "")):
+        size = len(text.encode("utf-8", "surrogatepass"))
+        if size > limits.max_prompt_bytes:
+            raise InvalidArgument(
+                f"{label} is {size} bytes; at most {limits.max_prompt_bytes} are allowed (the text "
+                "encoder reads only the first 77 tokens): shorten it"
+            )
     parsed = parse_prompt(request.prompt)
     negative = parse_prompt(request.negative_prompt or "")
     if negative.adapters:
@@ -61,7 +68,7 @@ def normalize(
     seed = request.seed if request.seed is not None else secrets.randbelow(2**32)
     if not 0 <= int(seed) <= MAX_SEED - count:
         raise InvalidArgument(f"seed {seed} is out of range: use 0 to {MAX_SEED - count}")
-    adapters = (*((str(r), float(w)) for r, w in request.adapters), *parsed.adapters)
+    adapters = (*((str(r), as_weight(w)) for r, w in request.adapters), *parsed.adapters)
     check_blend(adapters, limits)
     if request.preview_every < 0:
         raise InvalidArgument("preview_every must be >= 0")
@@ -80,16 +87,18 @@ def normalize(
     return NormalizedRequest(settings, adapters, request.merge, options)
 
 
-def check_blend(adapters: tuple[tuple[str, float], ...], limits: Limits) -> None:
-    """The one check of a blend as asked: refs present, weights finite and bounded, not too many."""
+def check_blend(adapters: tuple[tuple[str, Weight], ...], limits: Limits) -> None:
+    """The one check of a blend as asked: refs present, weights (each part's) finite and bounded,
+    not too many."""
     for ref, weight in adapters:
         if not ref:
             raise InvalidArgument("an adapter reference is empty: give 'name', 'name@3' or 'name@alias'")
-        if not math.isfinite(weight) or abs(weight) > limits.max_abs_weight:
-            raise InvalidArgument(
-                f"adapter {ref!r} weight {weight} is out of range: use -{limits.max_abs_weight:g} "
-                f"to {limits.max_abs_weight:g}"
-            )
+        for value in parts_of(weight):
+            if not math.isfinite(value) or abs(value) > limits.max_abs_weight:
+                raise InvalidArgument(
+                    f"adapter {ref!r} weight {value} is out of range: use -{limits.max_abs_weight:g} "
+                    f"to {limits.max_abs_weight:g}"
+                )
     if len(adapters) > limits.max_adapters:
         raise InvalidArgument(
             f"{len(adapters)} adapters in one blend; at most {limits.max_adapters} are allowed"

@@ -4,7 +4,12 @@ The engine depends only on the ``AdapterResolver`` protocol. ``StoreResolver``
 serves from ``adapters.store.AdapterStore``: a whole blend's references cost one
 SQL statement, and a small cache answers repeats without any (alias moves,
 uploads and deletes through this server drop its entries at once; those made by
-other replicas show after ``ttl_s``). ``MemoryResolver`` holds adapters
+other replicas show after ``ttl_s``). While the store's database is unreachable
+(``Unavailable``) it serves the last resolution it knows of each reference, however
+old (stale-if-error; logged once per outage): resolved and resident adapters keep
+generating, only references never resolved fail. A version's bytes are read with
+``AdapterStore.load_version``: hashed as read and checked against the recorded
+sha256 (a damaged blob is DATA_LOSS naming the version). ``MemoryResolver`` holds adapters
 registered in-process (from files, bytes or ``LoraAdapter`` objects), for tests,
 benchmarks and embedding the engine without a store.
 """
@@ -12,6 +17,7 @@ benchmarks and embedding the engine without a store.
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import threading
 import time
@@ -20,12 +26,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
 from adapters.canonical import LoraAdapter
-from adapters.errors import InvalidArgument, NotFound
+from adapters.errors import InvalidArgument, NotFound, Unavailable
 from adapters.store.names import parse_ref
 from server.engine.types import ResolvedAdapter
 
 if TYPE_CHECKING:
     from adapters.store import AdapterStore
+
+log = logging.getLogger(__name__)
 
 RESOLVE_CACHE_ENTRIES = 4096
 
@@ -49,7 +57,8 @@ def _load_source(source: bytes | Path, module_names) -> LoraAdapter:
 
 
 class StoreResolver:
-    """Resolves through an ``AdapterStore`` (cached ``ttl_s``); ``load()`` parses the version's blob."""
+    """Resolves through an ``AdapterStore`` (cached ``ttl_s``, stale-if-error); ``load()`` parses
+    the version's checked blob."""
 
     def __init__(
         self, store: AdapterStore, *, ttl_s: float = 2.0, clock: Callable[[], float] = time.monotonic
@@ -57,8 +66,11 @@ class StoreResolver:
         self.store = store
         self.ttl_s = ttl_s
         self._clock = clock
+        # ref -> (resolution, fresh until); kept past that as the fallback while the store is down
         self._cache: dict[str, tuple[ResolvedAdapter, float]] = {}
         self._lock = threading.Lock()
+        self.outage = False  # the store was unreachable on the last lookup
+        self.stale_served = 0  # references answered from a stale entry, since start
 
     def resolve(self, refs: Sequence[str]) -> list[ResolvedAdapter]:
         now = self._clock()
@@ -70,15 +82,39 @@ class StoreResolver:
                     found[ref] = hit[0]
         missing = list(dict.fromkeys(ref for ref in refs if ref not in found))
         if missing:
-            fresh = dict(zip(missing, map(self._resolved, self.store.resolve(missing)), strict=True))
+            try:
+                versions = self.store.resolve(missing)
+            except Unavailable as error:
+                found.update(self._stale(missing, error))
+                return [found[ref] for ref in refs]
+            if self.outage:
+                self.outage = False
+                log.warning("the adapter store answers again; references are resolved afresh")
+            fresh = dict(zip(missing, map(self._resolved, versions), strict=True))
             found.update(fresh)
-            if self.ttl_s > 0:
-                with self._lock:
-                    if len(self._cache) > RESOLVE_CACHE_ENTRIES:
-                        self._cache.clear()
-                    for ref, resolved in fresh.items():
-                        self._cache[ref] = (resolved, now + self.ttl_s)
+            with self._lock:  # kept even with ttl_s 0: the fallback while the store is unreachable
+                if len(self._cache) > RESOLVE_CACHE_ENTRIES:
+                    self._cache.clear()
+                for ref, resolved in fresh.items():
+                    self._cache[ref] = (resolved, now + self.ttl_s)
         return [found[ref] for ref in refs]
+
+    def _stale(self, refs: Sequence[str], error: Unavailable) -> dict[str, ResolvedAdapter]:
+        """The last resolution of each of ``refs`` while the store is unreachable; ``error`` when
+        one of them was never resolved."""
+        with self._lock:
+            known = {ref: self._cache[ref][0] for ref in refs if ref in self._cache}
+        if len(known) < len(refs):
+            raise error
+        self.stale_served += len(known)
+        if not self.outage:
+            self.outage = True
+            log.warning(
+                "the adapter store is unreachable (%s); serving references as last resolved "
+                "(names may point at newer versions meanwhile) until it answers again",
+                error,
+            )
+        return known
 
     def invalidate(self, name: str | None = None) -> None:
         """Forget what ``name``'s references (or all, with ``None``) resolved to."""
@@ -90,12 +126,12 @@ class StoreResolver:
                 del self._cache[ref]
 
     def _resolved(self, version) -> ResolvedAdapter:
-        store, sha256 = self.store, version.sha256
+        store = self.store
 
         def load(names: frozenset[str] | None) -> LoraAdapter:
-            return _load_source(store.blobs.path(sha256), names)
+            return store.load_version(version, names)  # hashed as read; BlobDamaged if damaged
 
-        return ResolvedAdapter(name=version.name, version=version.version, sha256=sha256, loader=load)
+        return ResolvedAdapter(name=version.name, version=version.version, sha256=version.sha256, loader=load)
 
 
 class MemoryResolver:

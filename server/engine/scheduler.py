@@ -17,8 +17,10 @@ asyncio loop's) thread. ``submit`` only enqueues.
 from __future__ import annotations
 
 import logging
+import statistics
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
@@ -31,6 +33,30 @@ from server.settings import SchedulerSettings
 log = logging.getLogger(__name__)
 
 ProgressCallback = Callable[[Progress], None]
+
+
+RETRY_MIN_S = 0.5
+RETRY_MAX_S = 60.0
+RECENT = 16
+
+
+class StepCosts:
+    """Recent per-step and per-request (encode, decode, swap) costs; estimates by their medians."""
+
+    def __init__(self) -> None:
+        self._step_s: deque[float] = deque(maxlen=RECENT)
+        self._rest_s: deque[float] = deque(maxlen=RECENT)
+
+    def observe(self, steps: int, timings) -> None:
+        self._step_s.append(timings.denoise_ms / 1000.0 / max(steps, 1))
+        rest = timings.encode_ms + timings.decode_ms + timings.load_ms + timings.swap_ms
+        self._rest_s.append(rest / 1000.0)
+
+    def estimate(self, steps: int) -> float:
+        """Seconds a request of ``steps`` takes (1 s before anything was observed)."""
+        if not self._step_s:
+            return 1.0
+        return statistics.median(self._step_s) * steps + statistics.median(self._rest_s)
 
 
 @dataclass(eq=False)
@@ -83,7 +109,8 @@ class Scheduler:
         self._running: list[_Item] = []
         self._closed = False
         self._seq = 0
-        self._service_s = 1.0
+        self._costs = StepCosts()
+        self._running_since = 0.0
         self._completed = self._failed = self._cancelled = self._rejected = 0
         self._worker = threading.Thread(target=self._loop, name="loraloom-engine", daemon=True)
         self._worker.start()
@@ -108,9 +135,9 @@ class Scheduler:
             dropped = self._purge_locked()
             if len(self._queue) >= self.max_queue:
                 self._rejected += 1
-                retry = max(0.5, self._service_s * (len(self._queue) + 1))
+                retry = self._retry_after_locked()
                 raise ResourceExhausted(
-                    f"the queue is full ({self.max_queue} requests waiting); retry in about {retry:.0f} s",
+                    f"the queue is full ({self.max_queue} requests waiting); retry in about {retry:.1f} s",
                     retry_after_s=retry,
                 )
             self._seq += 1
@@ -134,8 +161,19 @@ class Scheduler:
                 max_queue=self.max_queue,
             )
 
-    def close(self, drain: bool = True, timeout: float = 30.0) -> None:
-        """Stop accepting; ``drain``: finish what is queued (up to ``timeout`` s), else fail it at once."""
+    def close(self, drain: bool = True, timeout: float = 30.0) -> bool:
+        """Stop accepting and end the worker; True once it has ended (False: still inside a step).
+
+        ``drain``: finish what is queued first, for up to ``timeout`` s. Then (at once
+        without ``drain``) what is still queued fails with ``Unavailable`` and the running
+        requests' stop flags are set, so they fail at their next step or stage. The worker
+        is waited for until ``timeout`` s after the call (with ``drain``, at least 5 s
+        more for the step it is in). A step runs in native code (torch, OpenVINO) that
+        cannot be interrupted: a caller that must exit on time checks the result (or
+        ``stopped``) and, if False, exits without tearing the interpreter down under the
+        running step (see ``server.api.process``).
+        """
+        started = time.monotonic()
         with self._cond:
             self._closed = True
             self._cond.notify_all()
@@ -149,7 +187,14 @@ class Scheduler:
         for item in abandoned:
             if item.future.set_running_or_notify_cancel():
                 item.future.set_exception(Unavailable("the server shut down before this request ran"))
-        self._worker.join(max(1.0, timeout if not drain else 5.0))
+        left = timeout - (time.monotonic() - started)
+        self._worker.join(max(5.0, left) if drain else max(0.0, left))
+        return self.stopped
+
+    @property
+    def stopped(self) -> bool:
+        """Whether the worker thread has ended (after ``close``)."""
+        return not self._worker.is_alive()
 
     # ------------------------------------------------------------ worker
 
@@ -199,6 +244,8 @@ class Scheduler:
         if not live:
             return
         started = time.perf_counter()
+        with self._cond:
+            self._running_since = started
         self._current_key = live[0].key
         entries = [
             BatchEntry(
@@ -217,7 +264,6 @@ class Scheduler:
             for item in live:
                 item.future.set_exception(Cancelled("the worker was interrupted"))
             raise
-        elapsed = time.perf_counter() - started
         for item, outcome in zip(live, outcomes, strict=True):
             if isinstance(outcome, Exception):
                 with self._cond:
@@ -231,8 +277,18 @@ class Scheduler:
             else:
                 with self._cond:
                     self._completed += 1
-                    self._service_s = 0.8 * self._service_s + 0.2 * elapsed / len(live)
+                    self._costs.observe(item.job.settings.steps, outcome.timings)
                 item.future.set_result(outcome)
+
+    def _retry_after_locked(self) -> float:
+        """When a queue slot frees: the running batch's remaining time, from the observed cost of a
+        denoising step and of the rest of a request (medians of recent requests, so one slow first
+        request does not inflate it), clamped to [0.5, 60] s."""
+        if not self._running:
+            return RETRY_MIN_S
+        steps = max(item.job.settings.steps for item in self._running)
+        left = self._costs.estimate(steps) - (time.perf_counter() - self._running_since)
+        return min(max(left, RETRY_MIN_S), RETRY_MAX_S)
 
     def _pick_locked(self) -> _Item:
         """The next item: continue the current run, else start a new one (see the module docstring)."""

@@ -55,3 +55,68 @@ def diffusers_file(adapter: LoraAdapter, pipeline) -> bytes:
     from adapters.formats import to_diffusers
 
     return to_diffusers(adapter, flat_text_encoder=not hasattr(pipeline.text_encoder, "text_model"))
+
+
+def factorization(dimension: int) -> tuple[int, int]:
+    """LyCORIS' split of a dimension into two factors ``m <= n`` for LoKr (``factor=-1``: as balanced
+    as the divisors allow; a prime gives ``(1, dimension)``)."""
+    m, n = 1, dimension
+    while m < n:
+        candidate = m + 1
+        while dimension % candidate:
+            candidate += 1
+        if candidate + dimension // candidate > m + n:
+            break
+        m, n = candidate, dimension // candidate
+    return (m, n) if m <= n else (n, m)
+
+
+def random_lycoris(
+    shapes: ModuleShapes,
+    kind: str,
+    *,
+    seed: int,
+    rank: int = 8,
+    targets: list[str] | None = None,
+    strength: float = 0.05,
+) -> LoraAdapter:
+    """A LoHa (``kind="loha"``) or LoKr (``"lokr"``) over ``targets`` (default ``attention_targets``)
+    with LyCORIS' layout at network dim ``rank`` (alpha = rank / 2), deterministic in ``seed``.
+
+    LoKr splits each dimension as LyCORIS does (``factorization``): ``w1`` is the small full
+    factor, ``w2`` a low-rank pair when ``rank`` is under half its size, else full.
+    """
+    from adapters.canonical import LohaModule, LokrModule
+
+    generator = torch.Generator().manual_seed(seed)
+
+    def randn(*shape: int, scale: float = 1.0) -> torch.Tensor:
+        return torch.randn(shape, generator=generator) * scale
+
+    modules: dict[str, LoraModule | LohaModule | LokrModule] = {}
+    for key in targets if targets is not None else attention_targets(shapes):
+        out, *rest = (int(d) for d in shapes[key])
+        n = 1
+        for dim in rest:
+            n *= dim
+        if kind == "loha":
+            modules[key] = LohaModule(
+                w1_a=randn(out, rank, scale=strength**0.5),
+                w1_b=randn(rank, n, scale=n**-0.5),
+                w2_a=randn(out, rank, scale=strength**0.5),
+                w2_b=randn(rank, n, scale=n**-0.5),
+                alpha=rank / 2,
+            )
+            continue
+        (a, b), (c, d) = factorization(out), factorization(rest[0])
+        kernel = n // rest[0]
+        w1 = randn(a, c, scale=strength**0.5)
+        if rank < max(b, d) / 2:
+            w2 = {
+                "w2_a": randn(b, rank, scale=strength**0.5),
+                "w2_b": randn(rank, d * kernel, scale=(d * kernel) ** -0.5),
+            }
+        else:
+            w2 = {"w2": randn(b, d, *rest[1:], scale=strength**0.5 * (d * kernel) ** -0.5)}
+        modules[key] = LokrModule(alpha=rank / 2, w1=w1, **w2)
+    return LoraAdapter(modules=modules, metadata={"loraloom.synthetic_seed": str(seed)})

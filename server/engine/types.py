@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any
 
-from adapters.blend import LINEAR, Blend, Merge
+from adapters.blend import LINEAR, Blend, Merge, PartWeights, Weight, add_weights, as_weight, is_zero
 from adapters.canonical import LoraAdapter
 from server.records import AppliedAdapter, QueueStats, ResidentAdapter
 from server.settings import Limits
@@ -52,8 +52,9 @@ class GenerateRequest:
 
     ``width``/``height`` of ``None`` mean the base model's resolution; ``seed`` of
     ``None`` means pick one (reported in the result). Image ``i`` uses ``seed + i``.
-    ``adapters`` is the blend as ``(ref, weight)`` pairs; ``<lora:name:0.8>`` tags in
-    the prompt are added to it and removed from the text; ``merge`` says how they
+    ``adapters`` is the blend as ``(ref, weight)`` pairs, a weight a float or ``PartWeights``
+    (text encoder, UNet); ``<lora:name:0.8>`` / ``<lora:name:0.8:0.5>`` tags in the prompt
+    are added to it and removed from the text; ``merge`` says how they
     combine. ``deadline`` is a ``time.monotonic()`` value; ``preview_every`` > 0
     attaches a cheap preview to every n-th progress event.
     """
@@ -67,7 +68,7 @@ class GenerateRequest:
     seed: int | None = None
     sampler: str = DEFAULT_SAMPLER
     num_images: int = 1
-    adapters: list[tuple[str, float]] = field(default_factory=list)
+    adapters: list[tuple[str, Weight]] = field(default_factory=list)
     merge: Merge = LINEAR
     preview_every: int = 0
     deadline: float | None = None
@@ -131,20 +132,21 @@ class ResolvedAdapter:
 
 @dataclass(frozen=True)
 class ResolvedBlend:
-    """A blend resolved to exact versions: the same version named twice has its weights summed,
-    zero weights are dropped. ``signature`` identifies the weights it produces."""
+    """A blend resolved to exact versions: the same version named twice has its weights summed
+    (part by part), zero weights are dropped. ``signature`` identifies the weights it produces."""
 
-    entries: tuple[tuple[ResolvedAdapter, float], ...] = ()
+    entries: tuple[tuple[ResolvedAdapter, Weight], ...] = ()
     merge: Merge = LINEAR
 
     @classmethod
     def of(cls, pairs, merge: Merge = LINEAR) -> ResolvedBlend:
         """From ``(ResolvedAdapter, weight)`` pairs, in the order given (first naming wins)."""
-        merged: dict[str, tuple[ResolvedAdapter, float]] = {}
+        merged: dict[str, tuple[ResolvedAdapter, Weight]] = {}
         for resolved, weight in pairs:
             previous = merged.get(resolved.sha256)
-            merged[resolved.sha256] = (resolved, float(weight) + (previous[1] if previous else 0.0))
-        entries = tuple((r, w) for r, w in merged.values() if w != 0.0)
+            total = add_weights(previous[1], weight) if previous else as_weight(weight)
+            merged[resolved.sha256] = (resolved, total)
+        entries = tuple((r, w) for r, w in merged.values() if not is_zero(w))
         return cls(entries, merge if entries else LINEAR)
 
     @cached_property
@@ -154,12 +156,20 @@ class ResolvedBlend:
     @property
     def applied(self) -> tuple[AppliedAdapter, ...]:
         """The adapters as reported back, in signature order."""
-        return tuple(
-            sorted(
-                (AppliedAdapter(r.name, r.version, r.sha256, w) for r, w in self.entries),
-                key=lambda a: (a.sha256, a.weight),
-            )
+        return tuple(sorted((_applied(r, w) for r, w in self.entries), key=lambda a: (a.sha256, a.weight)))
+
+
+def _applied(resolved: ResolvedAdapter, weight: Weight) -> AppliedAdapter:
+    if isinstance(weight, PartWeights):
+        return AppliedAdapter(
+            resolved.name,
+            resolved.version,
+            resolved.sha256,
+            weight.unet,
+            text_encoder_weight=weight.text_encoder,
+            unet_weight=weight.unet,
         )
+    return AppliedAdapter(resolved.name, resolved.version, resolved.sha256, float(weight))
 
 
 @dataclass(frozen=True)

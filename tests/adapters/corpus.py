@@ -208,7 +208,7 @@ def build_corpus(folder: Path, shapes: Mapping[str, tuple[int, ...]]) -> list[Co
         "non-finite value",
     )
 
-    # Adapter types that are not LoRA.
+    # LyCORIS kinds, broken; and adapter types loraloom does not apply.
     stem = "lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn1_to_q"
     add(
         "loha",
@@ -216,23 +216,23 @@ def build_corpus(folder: Path, shapes: Mapping[str, tuple[int, ...]]) -> list[Co
             {
                 f"{stem}.hada_w1_a": torch.ones(64, 4),
                 f"{stem}.hada_w1_b": torch.ones(4, 64),
-                f"{stem}.hada_w2_a": torch.ones(64, 4),
+                f"{stem}.hada_w2_a": torch.ones(32, 4),
                 f"{stem}.hada_w2_b": torch.ones(4, 64),
                 f"{stem}.alpha": torch.tensor(4.0),
             }
         ),
-        "LoHa",
+        r"the two LoHa factors build weights of shapes \[64, 64\] and \[32, 64\]",
     )
     add(
         "lokr",
         _factor_file(
             {
-                f"{stem}.lokr_w1": torch.ones(8, 8),
+                f"{stem}.lokr_w1_a": torch.ones(8, 2),
                 f"{stem}.lokr_w2": torch.ones(8, 8),
                 f"{stem}.alpha": torch.tensor(4.0),
             }
         ),
-        "LoKr",
+        "needs either lokr_w1 or both lokr_w1_a and lokr_w1_b",
     )
     add(
         "dora",
@@ -240,10 +240,44 @@ def build_corpus(folder: Path, shapes: Mapping[str, tuple[int, ...]]) -> list[Co
             {
                 f"{stem}.lora_down.weight": torch.ones(4, 64),
                 f"{stem}.lora_up.weight": torch.ones(64, 4),
-                f"{stem}.dora_scale": torch.ones(1, 64),
+                f"{stem}.dora_scale": torch.ones(1, 63),
             }
         ),
-        "DoRA",
+        r"dora_scale has shape \[1, 63\], which is neither one value per output row",
+    )
+    add(
+        "mixed_kinds",
+        _factor_file(
+            {
+                f"{stem}.lora_down.weight": torch.ones(4, 64),
+                f"{stem}.lora_up.weight": torch.ones(64, 4),
+                f"{stem}.lokr_w1": torch.ones(8, 8),
+                f"{stem}.lokr_w2": torch.ones(8, 8),
+            }
+        ),
+        "mixes LoRA and LoKr tensors",
+    )
+    add(
+        "bias_diff_alone",
+        _factor_file({f"{stem}.diff_b": torch.ones(64)}),
+        r"has a bias difference \(diff_b\) but no weight difference",
+    )
+    add(
+        "oft",
+        _factor_file({f"{stem}.oft_blocks": torch.ones(4, 16, 16), f"{stem}.alpha": torch.tensor(1.0)}),
+        r"OFT \(orthogonal fine-tuning\).*merge it into its base model",
+    )
+    add(
+        "glora",
+        _factor_file(
+            {
+                f"{stem}.a1.weight": torch.ones(4, 64),
+                f"{stem}.a2.weight": torch.ones(64, 4),
+                f"{stem}.b1.weight": torch.ones(4, 64),
+                f"{stem}.b2.weight": torch.ones(64, 4),
+            }
+        ),
+        r"GLoRA \(LyCORIS generalized LoRA\)",
     )
     add(
         "lycoris_algo_metadata",
@@ -251,7 +285,7 @@ def build_corpus(folder: Path, shapes: Mapping[str, tuple[int, ...]]) -> list[Co
             {f"{stem}.lora_down.weight": torch.ones(4, 64), f"{stem}.lora_up.weight": torch.ones(64, 4)},
             {"ss_network_module": "lycoris.kohya", "ss_network_args": '{"algo": "ia3"}'},
         ),
-        "LyCORIS 'ia3' network",
+        r"LyCORIS 'ia3' network \(\(IA\)\^3",
     )
 
     # Structurally broken LoRAs.
@@ -281,7 +315,7 @@ def build_corpus(folder: Path, shapes: Mapping[str, tuple[int, ...]]) -> list[Co
                 f"{stem}.hypernet_bias": torch.ones(64),
             }
         ),
-        "are not LoRA factors or alphas",
+        "are not adapter factors or alphas",
     )
     add(
         "peft_without_config",

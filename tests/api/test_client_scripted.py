@@ -15,6 +15,7 @@ import pytest
 from adapters import errors
 from server.api.pb.loraloom.v1 import adapters_pb2, generate_pb2, service_pb2
 from server.client import AdapterSpec, Client, Done, ImageReady, Progress, Queued, ServerError
+from server.client.convert import adapter_specs
 
 SERVICE = service_pb2.DESCRIPTOR.services_by_name["Loraloom"]
 
@@ -220,7 +221,26 @@ def test_adapter_spec_parse(text, ref, weight):
     assert AdapterSpec.parse(text) == AdapterSpec(ref, weight)
 
 
-@pytest.mark.parametrize("text", ["style:heavy", ":0.5", "", "style:0.5:0.3"])
+@pytest.mark.parametrize(
+    ("text", "parts"),
+    [
+        ("style:0.8:0.5", (0.8, 0.5)),  # A1111: text encoder, UNet
+        ("style@2:te=0:unet=0.7", (0.0, 0.7)),
+        ("style:unet=0.5", (1.0, 0.5)),
+        ("style:te=0.5", (0.5, 0.5)),  # A1111: the UNet takes the text encoder's weight
+    ],
+)
+def test_adapter_spec_parse_per_part_weights(text, parts):
+    spec = AdapterSpec.parse(text)
+    assert spec.parts == parts
+    (message,) = adapter_specs([spec])
+    if parts[0] == parts[1]:
+        assert not message.HasField("text_encoder_weight") and message.weight == pytest.approx(parts[0])
+    else:
+        assert (message.text_encoder_weight, message.unet_weight) == pytest.approx(parts)
+
+
+@pytest.mark.parametrize("text", ["style:heavy", ":0.5", "", "style:0.5:0.3:0.1", "style:dyn=4"])
 def test_adapter_spec_parse_rejects_nonsense(text):
     with pytest.raises(errors.InvalidArgument):
         AdapterSpec.parse(text)

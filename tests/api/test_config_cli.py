@@ -172,6 +172,44 @@ def test_adapters_show_says_how_an_adapter_was_trained():
         description="",
         created_at=1.79e9,
         training_metadata={"steps": "360", "images": "512", "seconds": "104.2", "base_model": "toy"},
+        metadata={"loraloom.adapter_type": "LoCon"},
     )
     assert "trained       360 steps, 512 images, 104 s, on toy" in _describe(item)
+    assert "format        LoCon (canonical file)" in _describe(item)
     assert "trained" not in _describe(SimpleNamespace(**{**vars(item), "training_metadata": {}}))
+
+
+def test_adapters_show_says_what_a_file_is_and_what_made_it():
+    """Versions stored before the server recorded the type: told from kohya's ss_network_* keys."""
+    from types import SimpleNamespace
+
+    from server.cli.main import _describe
+
+    def shown(metadata: dict) -> dict[str, str]:
+        item = SimpleNamespace(
+            ref="x@1",
+            sha256="ab" * 32,
+            size_bytes=1,
+            architecture="sd_v1",
+            base_fingerprint="",
+            rank=16,
+            format="kohya",
+            components=("unet",),
+            aliases=(),
+            tags=(),
+            trigger_words=(),
+            description="",
+            created_at=0.0,
+            training_metadata={},
+            metadata=metadata,
+        )
+        return {line[:14].strip(): line[14:] for line in _describe(item).splitlines()}  # "key<14>value"
+
+    lycoris = {"ss_network_module": "lycoris.kohya", "ss_network_args": '{"algo": "lokr", "dora_wd": "True"}'}
+    rows = shown(lycoris)
+    assert (rows["format"], rows["rank"]) == ("DoRA (LoKr) (kohya file)", "16")
+    assert rows["made by"] == "lycoris.kohya (algo=lokr, dora_wd=True)"
+    assert shown({"ss_network_module": "networks.lora"})["format"] == "LoRA (kohya file)"
+    full = shown({"ss_network_module": "lycoris.kohya", "ss_network_args": '{"algo": "full"}'})
+    assert (full["format"], full["rank"]) == ("diff (kohya file)", "full")
+    assert shown({})["format"] == "LoRA (kohya file)" and "made by" not in shown({})

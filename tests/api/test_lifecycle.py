@@ -83,33 +83,64 @@ def test_start_ready_drain_transitions(tmp_path):
 
 @pytest.mark.slow
 def test_drain_past_the_grace_period_cancels_and_stops(tmp_path):
+    """Past the grace, the calls in flight (running and queued, unary and streaming) are answered
+    UNAVAILABLE at once, the engine stops at its next step, and the stop takes under a second."""
     from server.api.app import ServerThread
     from server.bootstrap import build_service
 
     seam = StepSeam(delay_s=0.2)
     config = micro_config(tmp_path, warmup=False)
     running = ServerThread(config, lambda cfg: build_service(cfg, before_step=seam)).start()
-    outcome: list[object] = []
+    outcome: dict[str, object] = {}
 
-    def long_request() -> None:
+    def long_request(name: str, **options) -> None:
         with Client(running.address, timeout=60) as client:
             try:
-                outcome.append(client.generate("x", steps=100))
+                outcome[name] = client.generate("x", steps=100, **options)
             except errors.LoraloomError as error:
-                outcome.append(error)
+                outcome[name] = error
 
-    caller = threading.Thread(target=long_request)
-    caller.start()
+    callers = [
+        threading.Thread(target=long_request, args=("running",)),
+        threading.Thread(target=long_request, args=("queued",), kwargs={"on_event": lambda event: None}),
+    ]
+    callers[0].start()
     while not seam.calls:
         time.sleep(0.01)
+    callers[1].start()
+    with Client(running.address, timeout=10) as client:
+        while client.server_info().queue.queued < 1:
+            time.sleep(0.01)
     started = time.monotonic()
-    assert running.drain(0.5) is False  # the request could not finish in time
+    assert running.drain(0.5) is False  # the requests could not finish in time
     stopped_at = time.monotonic()
-    caller.join(30)
-    assert stopped_at - started < 10
-    assert len(outcome) == 1 and isinstance(outcome[0], errors.LoraloomError)
+    for caller in callers:
+        caller.join(30)
+    assert stopped_at - started < 0.5 + 1.0
+    assert set(outcome) == {"running", "queued"}
+    for error in outcome.values():  # the server answered (not a dropped connection), and said why
+        assert isinstance(error, errors.Unavailable) and not isinstance(error, Unreachable), error
+        assert "shut down" in str(error)
     time.sleep(0.5)
     assert seam.steps_after(stopped_at) <= 1  # the engine stopped too
+
+
+def test_a_library_exit_while_loading_fails_the_start(tmp_path, caplog):
+    """``sys.exit(0)`` in a library while the model loads: a failed start (exit 1, logged), never exit 0."""
+    import asyncio
+
+    from server.api.app import ServerThread, StartupError, serve
+
+    def exiting_factory(config):
+        raise SystemExit(0)
+
+    with pytest.raises(StartupError, match="SystemExit"):
+        ServerThread(micro_config(tmp_path), exiting_factory).start(30)
+    with caplog.at_level("ERROR", logger="loraloom.server"):
+        assert asyncio.run(serve(micro_config(tmp_path), exiting_factory)) == 1
+    assert any(
+        "could not start: loading the model ended with SystemExit(0)" in r.message for r in caplog.records
+    )
 
 
 def _info_with_retries(address: str):

@@ -51,9 +51,12 @@ def test_metrics_move_with_real_requests(metered, micro_shapes, caplog):
     with Client(metered.address, timeout=60, token="tok") as client:
         client.upload_adapter(adapter_bytes(micro_shapes, seed=1, rank=32), "big-a")
         client.upload_adapter(adapter_bytes(micro_shapes, seed=2, rank=32), "big-b")
+        client.upload_adapter(adapter_bytes(micro_shapes, seed=3, rank=32), "big-c")
+        # Two of these fit the 1 MiB cache, three do not: miss, hit, two misses (c evicts a), miss.
         with caplog.at_level(logging.INFO, logger="loraloom.requests"):
-            for name in ("big-a", "big-a", "big-b", "big-a"):  # miss, hit, miss (evicts a), miss
-                client.generate(PROMPT, adapters=[f"{name}:0.7"], steps=1, seed=5, request_id=f"req-{name}")
+            for names in (["big-a"], ["big-a"], ["big-b", "big-c"], ["big-a"]):
+                blend = [f"{name}:0.7" for name in names]
+                client.generate(PROMPT, adapters=blend, steps=1, seed=5, request_id=f"req-{names[0]}")
         with pytest.raises(errors.NotFound):
             client.generate(PROMPT, adapters=["nobody:1"], steps=1)
     with Client(metered.address, timeout=10, token="wrong") as bad, pytest.raises(ServerError) as caught:
@@ -72,7 +75,7 @@ def test_metrics_move_with_real_requests(metered, micro_shapes, caplog):
         time.sleep(0.1)
     assert value(after, "loraloom_requests_total", method="Generate", code="OK") == 4
     assert value(after, "loraloom_requests_total", method="Generate", code="NOT_FOUND") == 1
-    assert value(after, "loraloom_requests_total", method="UploadAdapter", code="OK") == 2
+    assert value(after, "loraloom_requests_total", method="UploadAdapter", code="OK") == 3
     assert value(after, "loraloom_requests_total", method="GetServerInfo", code="UNAUTHENTICATED") == 1
     assert value(after, "loraloom_request_duration_seconds_count", method="Generate") == 5
     assert value(after, "loraloom_request_duration_seconds_sum", method="Generate") > 0
@@ -89,7 +92,7 @@ def test_metrics_move_with_real_requests(metered, micro_shapes, caplog):
     )
     assert value(after, "loraloom_adapter_requests_total", adapter="big-a") == 3
     assert value(after, "loraloom_adapter_requests_total", adapter="big-b") == 1
-    assert value(after, "loraloom_adapter_requests_total", adapter="nobody") == 1
+    assert ("loraloom_adapter_requests_total", (("adapter", "nobody"),)) not in after  # failed: no series
     assert ("loraloom_queue_depth", ()) in after and ("loraloom_requests_running", ()) in after
 
     records = [record for record in caplog.records if record.name == "loraloom.requests"]
@@ -104,3 +107,59 @@ def test_metrics_move_with_real_requests(metered, micro_shapes, caplog):
     forged = logging.makeLogRecord({"msg": "generated", "prompt": 'a cat\nERROR x=1 "y"', "adapters": []})
     (line,) = TextFormatter().format(forged).splitlines()  # quoted: no second line, no bare x=1
     assert 'prompt="a cat\\nERROR x=1 \\"y\\""' in line and 'adapters=""' in line
+
+
+def _series(samples, name: str) -> set[tuple]:
+    return {labels for sample, labels in samples if sample == name}
+
+
+def test_client_strings_never_become_label_values(metered, micro_shapes):
+    """150 calls with unknown or malformed adapter names: no new series anywhere; the
+    per-adapter counter counts only what a successful generation applied."""
+    with Client(metered.address, timeout=60, token="tok") as client:
+        client.upload_adapter(adapter_bytes(micro_shapes, seed=7), "known")
+        client.generate(PROMPT, adapters=["known:0.5"], steps=1, seed=1)
+        before = scrape(metered)
+        for index in range(150):
+            ref = f"ghost-{index}" if index % 3 else f"Not A Name {index}!"
+            with pytest.raises((errors.NotFound, errors.InvalidArgument)):
+                client.generate(PROMPT, adapters=[f"{ref}:0.5"], steps=1)
+        with pytest.raises(errors.NotFound):
+            client.generate(PROMPT, adapters=["known@99:0.5"], steps=1)
+    after = scrape(metered)
+    assert {labels for _, labels in after} - {labels for _, labels in before} <= {
+        (("code", "INVALID_ARGUMENT"), ("method", "Generate"))
+    }
+    adapters = _series(after, "loraloom_adapter_requests_total")
+    assert all(dict(labels)["adapter"] in {"big-a", "big-b", "big-c", "known"} for labels in adapters), (
+        adapters
+    )
+    assert value(after, "loraloom_adapter_requests_total", adapter="known") == 1
+
+
+def test_per_adapter_series_are_capped():
+    """The first N applied names get a series each for the server's life; later ones count
+    under ``_other`` (which no adapter can be named)."""
+    from types import SimpleNamespace
+
+    from prometheus_client import generate_latest
+
+    from server.api.metrics import OTHER_ADAPTERS, Metrics
+
+    metrics = Metrics(max_adapter_series=3)
+
+    def generated(*names: str):
+        applied = [SimpleNamespace(name=name) for name in names]
+        timings = SimpleNamespace(queue_ms=1.0, swap_ms=0.0)
+        return SimpleNamespace(parameters=SimpleNamespace(adapters=applied), timings=timings)
+
+    for names in (["a"], ["b", "a"], ["c"], ["d"], ["e", "a"], ["d"]):
+        metrics.observe(SimpleNamespace(adapters=[]), generated(*names))
+    metrics.observe(SimpleNamespace(adapters=[("f", 1.0)]), None, errors.NotFound("f"))
+    counts = {
+        sample.labels["adapter"]: sample.value
+        for family in text_string_to_metric_families(generate_latest(metrics.registry).decode())
+        for sample in family.samples
+        if sample.name == "loraloom_adapter_requests_total"
+    }
+    assert counts == {"a": 3, "b": 1, "c": 1, OTHER_ADAPTERS: 3}

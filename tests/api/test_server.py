@@ -35,6 +35,11 @@ def test_server_info_and_health(client):
     assert len(info.base_model.fingerprint) == 64
     assert (info.backend, info.device, info.dtype) == ("torch", "cpu", "float32")
     assert info.limits.max_queue == 2 and info.limits.max_message_bytes == 64 << 20
+    assert (info.limits.max_prompt_bytes, info.limits.max_rank, info.limits.max_abs_weight) == (
+        16384,
+        1024,
+        10.0,
+    )
     assert info.queue.completed >= 1  # the warm-up
     assert client.health("") == "SERVING"
     assert client.health() == "SERVING"
@@ -241,10 +246,16 @@ def test_full_queue_is_resource_exhausted_with_a_retry_hint(client, seam, runnin
 
 
 def test_upload_of_a_large_adapter_in_chunks(client, micro_shapes):
-    data = adapter_bytes(micro_shapes, seed=9, rank=2900)  # ~50 MB
+    """~50 MB in 1 MiB chunks reaches the store whole (its sha256 checks out), and is then refused:
+    rank 2900 on 32-wide layers is only memory (the micro model cannot hold a legitimate 50 MB LoRA)."""
+    data = adapter_bytes(micro_shapes, seed=9, rank=2900)
     assert len(data) > 48 << 20
-    created = client.upload_adapter(data, "large", chunk_size=1 << 20)
-    assert created.size_bytes == len(data) and created.sha256 == hashlib.sha256(data).hexdigest()
+    with pytest.raises(errors.InvalidArgument, match="rank 2900"):
+        client.upload_adapter(data, "large", chunk_size=1 << 20)
+    assert [a.name for a in client.list_adapters().adapters if a.name == "large"] == []
+    small = adapter_bytes(micro_shapes, seed=9, rank=8)
+    created = client.upload_adapter(small, "large", chunk_size=1 << 10)
+    assert created.size_bytes == len(small) and created.sha256 == hashlib.sha256(small).hexdigest()
     client.delete_adapter("large")
 
 

@@ -14,6 +14,7 @@ from server.backends.onnx_export import (
     export_key,
     export_unet,
     initializer_key_map,
+    target_tensors,
     unet_targets,
 )
 from server.models.shapes import module_shapes
@@ -38,6 +39,12 @@ def test_weights_as_inputs_cover_every_unet_target(micro_pipeline, export_folder
     assert set(exported.weight_keys) == set(shapes) and shapes
     for key, shape in shapes.items():
         assert inputs[key] == shape, key
+    # Each target's bias is an input too (full-weight diffs may change it): ``<key>.bias``.
+    targets = unet_targets(micro_pipeline)
+    biased = {f"{key}.bias": m.bias for key, m in targets.items() if m.bias is not None}
+    assert set(exported.bias_keys) == set(biased) and biased
+    for key, bias in biased.items():
+        assert inputs[key] == tuple(bias.shape), key
     assert inputs["sample"][0] == "batch"
 
 
@@ -73,7 +80,7 @@ def test_onnxruntime_equals_torch(tiny_pipeline, export_folder, batch):
         expected = unet(sample, timestep, encoder_hidden_states=hidden, return_dict=False)[0].numpy()
     session = ort.InferenceSession(str(exported.path), providers=["CPUExecutionProvider"])
     feed = {"sample": sample.numpy(), "timestep": timestep.numpy(), "encoder_hidden_states": hidden.numpy()}
-    feed |= {key: module.weight.detach().numpy() for key, module in unet_targets(tiny_pipeline).items()}
+    feed |= {key: tensor.numpy() for key, tensor in target_tensors(unet_targets(tiny_pipeline)).items()}
     got = session.run(None, feed)[0]
     assert got.shape == expected.shape
     assert np.abs(got - expected).max() < TOLERANCE

@@ -1,15 +1,22 @@
 from __future__ import annotations
 
 import copy
+import time
 
 import numpy as np
 import pytest
 import torch
 
 from adapters.canonical import LoraAdapter, LoraModule
-from adapters.errors import AdapterIncompatible, InvalidArgument, NotFound, ResourceExhausted
+from adapters.errors import (
+    AdapterIncompatible,
+    DeadlineExceeded,
+    InvalidArgument,
+    NotFound,
+    ResourceExhausted,
+)
 from server.engine import Engine, GenerateRequest, MemoryResolver
-from tests.engine.conftest import base_from
+from tests.engine.conftest import base_from, make_engine
 
 
 def test_own_loop_gives_the_pipelines_images(micro_pipeline, micro_engine):
@@ -143,3 +150,71 @@ def test_load_pin_unload_and_the_byte_bound(micro_pipeline, micro_adapters):
     small.load("ink", pin=True)
     with pytest.raises(ResourceExhausted):
         small.load("neon")
+
+
+def test_prompts_are_bounded_in_bytes(micro_engine):
+    limit = micro_engine.limits.max_prompt_bytes
+    micro_engine.normalize(GenerateRequest("é" * (limit // 2), steps=1))  # 2 bytes each: at the limit
+    for field in ("prompt", "negative_prompt"):
+        asked = {"prompt": "a fox", field: "a" * (limit + 1)}
+        with pytest.raises(InvalidArgument, match=f"{field} is {limit + 1} bytes"):
+            micro_engine.normalize(GenerateRequest(**asked, steps=1))
+
+
+def test_a_deadline_is_checked_before_the_text_encoder(micro_pipeline, micro_adapters):
+    """A request whose deadline passes while it waits for the engine never reaches the encoder."""
+    from server.engine.engine import BatchEntry
+
+    engine = make_engine(micro_pipeline, "micro", micro_adapters)
+    encoded: list[str] = []
+    original = engine.pipeline.text_encoder.forward
+    engine.pipeline.text_encoder.forward = lambda *a, **k: encoded.append("encode") or original(*a, **k)
+    job = engine.job(GenerateRequest("a fox", steps=2, seed=1, deadline=time.monotonic() + 0.05))
+    time.sleep(0.1)
+    (outcome,) = engine.generate_batch([BatchEntry(job)])
+    assert isinstance(outcome, DeadlineExceeded) and encoded == []
+
+
+@pytest.mark.parametrize("failure", [torch.OutOfMemoryError("CUDA out of memory"), MemoryError()])
+def test_out_of_memory_is_resource_exhausted_and_the_next_request_is_served(
+    micro_pipeline, micro_adapters, failure
+):
+    from adapters.errors import OutOfMemory
+
+    seam = {"fail": True}
+
+    def step(index: int, total: int) -> None:
+        if seam["fail"]:
+            seam["fail"] = False
+            raise failure
+
+    engine = make_engine(micro_pipeline, "micro", micro_adapters, before_step=step)
+    with pytest.raises(OutOfMemory, match="ran out of memory") as caught:
+        engine.generate(GenerateRequest("a fox", steps=2, seed=1, adapters=[("ink", 1.0)]))
+    assert isinstance(caught.value, ResourceExhausted) and caught.value.retry_after_s > 0
+    assert caught.value.__context__ is None  # the failed run's frames (and tensors) are released
+    assert engine.generate(GenerateRequest("a fox", steps=2, seed=1)).images
+
+
+def test_a_rank_above_the_cap_is_refused_and_one_above_the_weights_dimensions_kept_dense(micro_pipeline):
+    """LyCORIS' full preset puts its conv dim on SD's 4-channel conv_out: such a module is served,
+    its update kept dense (fewer bytes than its factors); the server's cap still refuses."""
+    from adapters.blend import prepare_module
+    from adapters.canonical import LoraAdapter, LoraModule
+    from adapters.errors import AdapterInvalid
+    from adapters.validation import validate_against_base
+    from server.models.shapes import module_shapes
+
+    shapes = module_shapes(micro_pipeline)
+    key, shape = next((k, s) for k, s in shapes.items() if len(s) == 2)
+    small = min(shape)
+
+    def adapter(rank: int) -> LoraAdapter:
+        module = LoraModule(down=torch.zeros(rank, shape[1]), up=torch.zeros(shape[0], rank), alpha=1.0)
+        return LoraAdapter(modules={key: module})
+
+    validate_against_base(adapter(small + 1), shapes)
+    assert prepare_module(adapter(small + 1).modules[key], shape).low_rank is None
+    assert prepare_module(adapter(small // 2).modules[key], shape).low_rank is not None
+    with pytest.raises(AdapterInvalid, match="limit of 2"):
+        validate_against_base(adapter(3), shapes, max_rank=2)

@@ -1,12 +1,13 @@
 from __future__ import annotations
 
+import logging
 import threading
 
 import numpy as np
 import pytest
 from sqlalchemy import event
 
-from adapters.errors import InvalidArgument, NotFound
+from adapters.errors import BlobDamaged, InvalidArgument, NotFound, StoreUnreachable, Unavailable
 from adapters.formats import save_canonical, to_kohya
 from adapters.store import AdapterStore
 from server.engine import Engine, GenerateRequest, MemoryResolver, StoreResolver
@@ -132,3 +133,78 @@ def test_a_name_and_its_exact_version_are_one_group_and_one_swap(served):
     assert signatures[0] == signatures[1] == signatures[2] == signatures[4] != signatures[3]
     # neon (running) -> all four ink requests in one run -> neon: two swaps, not four.
     assert engine.stats().swaps - swaps == 2
+
+
+class FlakyStore:
+    """An AdapterStore whose database can be made unreachable (what a store raises then)."""
+
+    def __init__(self, store: AdapterStore) -> None:
+        self.store = store
+        self.down = False
+        self.lookups = 0
+
+    def resolve(self, refs):
+        self.lookups += 1
+        if self.down:
+            raise StoreUnreachable("the adapter store's database is unreachable right now; retry")
+        return self.store.resolve(refs)
+
+    def load_version(self, version, module_names=None):
+        return self.store.load_version(version, module_names)
+
+
+@pytest.mark.parametrize("ttl_s", [1.0, 0.0])
+def test_an_unreachable_store_is_answered_with_the_last_resolution(
+    tmp_path, micro_pipeline, micro_adapters, caplog, ttl_s
+):
+    """Stale-if-error: expired (or never cached, ttl 0) resolutions are served while the store is
+    down, logged once per outage; references never resolved fail UNAVAILABLE, not INTERNAL."""
+    from server.models.shapes import module_shapes
+
+    now = [0.0]
+    with AdapterStore.open(tmp_path / "home") as store:
+        store.register("ink", save_canonical(micro_adapters["ink"]))
+        store.register("neon", save_canonical(micro_adapters["neon"]))
+        flaky = FlakyStore(store)
+        resolver = StoreResolver(flaky, ttl_s=ttl_s, clock=lambda: now[0])
+        ink, neon = resolver.resolve(["ink", "neon@1"])
+
+        flaky.down = True
+        now[0] += 10.0  # past the TTL
+        with caplog.at_level(logging.WARNING, logger="server.engine.resolvers"):
+            for _ in range(3):
+                assert resolver.resolve(["neon@1", "ink"]) == [neon, ink]
+            for refs in (["ghost"], ["ink", "ghost"]):
+                with pytest.raises(Unavailable, match="unreachable") as caught:
+                    resolver.resolve(refs)
+                assert caught.value.code == "UNAVAILABLE"
+            # bytes come from the blob storage, not the database: a resolved adapter still loads
+            assert resolver.resolve(["ink"])[0].load(module_shapes(micro_pipeline)).modules
+            assert resolver.stale_served == 7 and resolver.outage
+            flaky.down = False
+            lookups = flaky.lookups
+            assert resolver.resolve(["ink"]) == [ink]
+            assert flaky.lookups == lookups + 1 and not resolver.outage
+        warnings = [record.getMessage() for record in caplog.records]
+        assert len(warnings) == 2, warnings
+        assert "unreachable" in warnings[0] and "answers again" in warnings[1]
+
+
+def test_a_damaged_blob_fails_its_requests_with_data_loss_and_spares_the_others(tmp_path, micro_pipeline):
+    from server.engine.synthetic import random_adapter
+    from server.models.shapes import module_shapes
+    from tests.store.damage import overwrite_tensor_bytes
+
+    shapes = module_shapes(micro_pipeline)
+    with AdapterStore.open(tmp_path / "home") as store:
+        damaged = store.register("ink", save_canonical(random_adapter(shapes, seed=1, rank=8)))
+        store.register("neon", save_canonical(random_adapter(shapes, seed=2, rank=8)))
+        overwrite_tensor_bytes(store.blobs.path(damaged.sha256), 0.25)
+        engine = Engine(base_from(micro_pipeline, "micro"), resolver=StoreResolver(store))
+        with pytest.raises(BlobDamaged, match="ink@1") as caught:
+            engine.generate(GenerateRequest("a fox <lora:ink:0.5>", steps=1, seed=2))
+        assert caught.value.code == "DATA_LOSS" and caught.value.reason == "sha256_mismatch"
+        with pytest.raises(BlobDamaged):
+            engine.load("ink")
+        assert engine.generate(GenerateRequest("a fox <lora:neon:0.5>", steps=1, seed=2)).images
+        assert store.load_failures.snapshot()["sha256_mismatch"] == 2

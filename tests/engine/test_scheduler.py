@@ -275,3 +275,33 @@ def test_batches_share_a_loop_and_match_unbatched_images(gated, micro_pipeline, 
         for batched, single in zip(result.images, solo.images, strict=True):
             difference = np.abs(np.asarray(batched, dtype=np.int16) - np.asarray(single, dtype=np.int16))
             assert difference.max() <= 1  # equal up to 8-bit rounding of ~1e-6 differences
+
+
+def test_the_retry_hint_is_when_a_slot_frees_not_a_seeded_average(micro_pipeline, micro_adapters):
+    """A slow first request (4 s: compilation, a cold cache) must not inflate the hint: a full
+    queue of ~0.5 s requests answers about the running one's remaining time."""
+    costs = {"first": True}
+
+    def steps(index: int, total: int) -> None:
+        if costs["first"]:
+            costs["first"] = False
+            time.sleep(4.0)
+        time.sleep(0.1)
+
+    engine = make_engine(micro_pipeline, "micro", micro_adapters, before_step=steps)
+    scheduler = Scheduler(engine, max_queue=3)
+    try:
+        scheduler.submit(engine.job(request("A", steps=5))).result(60)  # the slow first one
+        for seed in range(3):
+            scheduler.submit(engine.job(request("A", seed=seed, steps=5))).result(60)
+        running = scheduler.submit(engine.job(request("A", steps=5)))
+        time.sleep(0.1)
+        queued = [scheduler.submit(engine.job(request("B", seed=s, steps=5))) for s in range(3)]
+        with pytest.raises(ResourceExhausted) as refused:
+            scheduler.submit(engine.job(request("A", steps=5)))
+        # The running request has < 0.5 s left; an average seeded by the first would say 5+ s.
+        assert 0.5 <= refused.value.retry_after_s <= 1.0, refused.value.retry_after_s
+        for future in [running, *queued]:
+            future.result(60)
+    finally:
+        scheduler.close(drain=False, timeout=10)

@@ -2,20 +2,16 @@
 
 PostgreSQL: ``LORALOOM_TEST_POSTGRES_URL`` (a role that may CREATE DATABASE) if set;
 otherwise a throwaway cluster from ``/usr/lib/postgresql/*/bin`` (``.ci/postgres.sh``
-installs them) on a free 127.0.0.1 port for the session; otherwise those tests skip.
+installs them; see ``pgcluster.py``) on a free 127.0.0.1 port for the session; otherwise
+those tests skip.
 Every test gets its own fresh schema.
 """
 
 from __future__ import annotations
 
-import contextlib
-import glob
 import os
 import secrets
-import shutil
-import socket
 import subprocess
-import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -25,73 +21,10 @@ import torch
 from safetensors.torch import save
 
 from adapters.canonical import BaseModelRef
+from tests.store.pgcluster import bindir_or_skip, throwaway_cluster
 
 ENV_URL = "LORALOOM_TEST_POSTGRES_URL"
-INITDB_GLOB = "/usr/lib/postgresql/*/bin/initdb"
 MICRO_BASE = BaseModelRef("loraloom:micro")
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def _as_cluster_owner(argv: list[str]) -> list[str]:
-    """PostgreSQL refuses to run as root: run its tools as the ``postgres`` user then."""
-    if os.geteuid() == 0:
-        return ["runuser", "-u", "postgres", "--", *argv]
-    return argv
-
-
-@contextlib.contextmanager
-def _throwaway_cluster(bindir: Path) -> Iterator[str]:
-    # Not under pytest's tmp folder: that is private to root, and the server runs as postgres.
-    root = Path(tempfile.mkdtemp(prefix="loraloom-pg-"))
-    data = root / "data"
-    if os.geteuid() == 0:
-        shutil.chown(root, "postgres", "postgres")
-    try:
-        subprocess.run(
-            _as_cluster_owner(
-                [
-                    *(str(bindir / "initdb"), "-D", str(data), "-U", "postgres", "--auth=trust"),
-                    *("-E", "UTF8", "--no-sync", "--no-instructions"),
-                ]
-            ),
-            check=True,
-            capture_output=True,
-        )
-        for attempt in range(3):
-            port = _free_port()
-            options = (
-                f"-p {port} -h 127.0.0.1 -k '' -c fsync=off -c synchronous_commit=off "
-                "-c full_page_writes=off -c max_connections=200"
-            )
-            started = subprocess.run(
-                _as_cluster_owner(
-                    [
-                        *(str(bindir / "pg_ctl"), "-D", str(data), "-l", str(root / "server.log")),
-                        *("-o", options, "-w", "-t", "60", "start"),
-                    ]
-                ),
-                capture_output=True,
-                text=True,
-            )
-            if started.returncode == 0:
-                break
-            if attempt == 2:
-                log = (root / "server.log").read_text(errors="replace")[-2000:]
-                raise RuntimeError(f"could not start PostgreSQL: {started.stderr}\n{log}")
-        try:
-            yield f"postgresql+psycopg://postgres@127.0.0.1:{port}/postgres"
-        finally:
-            subprocess.run(
-                _as_cluster_owner([str(bindir / "pg_ctl"), "-D", str(data), "-m", "immediate", "stop"]),
-                capture_output=True,
-            )
-    finally:
-        shutil.rmtree(root, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
@@ -101,21 +34,8 @@ def postgres_server() -> Iterator[str]:
     if url:
         yield url
         return
-    initdbs = sorted(glob.glob(INITDB_GLOB))
-    if not initdbs:
-        pytest.skip(
-            f"no PostgreSQL: set {ENV_URL} or install the server binaries (.ci/postgres.sh) "
-            f"so {INITDB_GLOB} exists"
-        )
-    if os.geteuid() == 0:
-        import pwd
-
-        try:
-            pwd.getpwnam("postgres")
-        except KeyError:
-            pytest.skip(f"running as root with no 'postgres' user to run the server as; set {ENV_URL}")
-    with _throwaway_cluster(Path(initdbs[-1]).parent) as admin_url:
-        yield admin_url
+    with throwaway_cluster(bindir_or_skip(f"; or set {ENV_URL}")) as cluster:
+        yield cluster.url
 
 
 @pytest.fixture()

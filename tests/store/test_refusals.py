@@ -73,17 +73,10 @@ def bad_files(micro_shapes, lora):
             "rank",
         ),
         (
-            "loha",
-            _kohya(
-                **{
-                    f"{STEM}.hada_w1_a": torch.zeros(out_f, 2),
-                    f"{STEM}.hada_w1_b": torch.zeros(2, in_f),
-                    f"{STEM}.hada_w2_a": torch.zeros(out_f, 2),
-                    f"{STEM}.hada_w2_b": torch.zeros(2, in_f),
-                }
-            ),
+            "oft",
+            _kohya(**{f"{STEM}.oft_blocks": torch.zeros(2, in_f // 2, in_f // 2)}),
             AdapterInvalid,
-            "LoHa",
+            "OFT",
         ),
         (
             "wrong-shape",

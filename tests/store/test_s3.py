@@ -148,3 +148,44 @@ def test_store_on_s3_is_shared_between_two_openers(s3_settings, tmp_path, micro_
         assert second.blob_path("style").read_bytes() == data
         assert second.get("style").sha256 == version.sha256
         assert second.verify().ok
+
+
+def test_every_read_of_an_s3_blob_is_checked(s3_settings, tmp_path, micro_shapes):
+    """A damaged local copy is dropped and fetched again; a damaged or missing object is DATA_LOSS
+    naming the version, and verify reports it."""
+    from adapters.errors import BlobDamaged
+    from tests.store.damage import overwrite_tensor_bytes
+
+    settings = StoreSettings(
+        home=tmp_path / "a",
+        store_db_url=f"sqlite:///{tmp_path / 'shared.sqlite3'}",
+        s3_bucket=s3_settings.bucket,
+        s3_endpoint=s3_settings.endpoint_url,
+    )
+    data = kohya_file(micro_shapes, seed=3, rank=8, count=8)
+    with open_store(settings, validator=make_validator(micro_shapes, MICRO_BASE)) as store:
+        version = store.register("style", data)
+        store.register("other", kohya_file(micro_shapes, seed=4))
+        overwrite_tensor_bytes(store.blobs.path(version.sha256), 0.25)  # the replica's cached copy
+        assert bytes(store.read_blob(version)) == data
+        assert store.load_failures.snapshot()["sha256_mismatch"] == 0
+
+        tampered = bytearray(data)
+        tampered[-4:] = b"\0\0\0\0"
+        s3_client(s3_settings.endpoint_url).put_object(
+            Bucket=s3_settings.bucket, Key=store.blobs.key(version.sha256), Body=bytes(tampered)
+        )
+        store.blobs.drop_cached(version.sha256)
+        with pytest.raises(BlobDamaged) as caught:
+            store.load_version(version, micro_shapes)
+        assert (caught.value.reason, caught.value.ref) == ("sha256_mismatch", "style@1")
+        report = store.verify()
+        assert report.corrupt == (version.sha256,) and report.broken_versions == ("style@1",)
+
+        s3_client(s3_settings.endpoint_url).delete_object(
+            Bucket=s3_settings.bucket, Key=store.blobs.key(version.sha256)
+        )
+        with pytest.raises(BlobDamaged) as caught:
+            store.read_blob(version)
+        assert caught.value.reason == "missing"
+        assert store.load_version(store.get("other"), micro_shapes).modules

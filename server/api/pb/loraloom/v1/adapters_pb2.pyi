@@ -136,6 +136,36 @@ class SetAliasRequest(_message.Message):
     version: int
     def __init__(self, name: _Optional[str] = ..., alias: _Optional[str] = ..., version: _Optional[int] = ...) -> None: ...
 
+class VerifyStoreRequest(_message.Message):
+    __slots__ = ("repair",)
+    REPAIR_FIELD_NUMBER: _ClassVar[int]
+    repair: bool
+    def __init__(self, repair: _Optional[bool] = ...) -> None: ...
+
+class DamagedVersion(_message.Message):
+    __slots__ = ("ref", "sha256", "reason")
+    REF_FIELD_NUMBER: _ClassVar[int]
+    SHA256_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    ref: str
+    sha256: str
+    reason: str
+    def __init__(self, ref: _Optional[str] = ..., sha256: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
+
+class VerifyStoreResponse(_message.Message):
+    __slots__ = ("checked", "damaged", "orphans", "partials", "removed")
+    CHECKED_FIELD_NUMBER: _ClassVar[int]
+    DAMAGED_FIELD_NUMBER: _ClassVar[int]
+    ORPHANS_FIELD_NUMBER: _ClassVar[int]
+    PARTIALS_FIELD_NUMBER: _ClassVar[int]
+    REMOVED_FIELD_NUMBER: _ClassVar[int]
+    checked: int
+    damaged: _containers.RepeatedCompositeFieldContainer[DamagedVersion]
+    orphans: _containers.RepeatedScalarFieldContainer[str]
+    partials: int
+    removed: int
+    def __init__(self, checked: _Optional[int] = ..., damaged: _Optional[_Iterable[_Union[DamagedVersion, _Mapping]]] = ..., orphans: _Optional[_Iterable[str]] = ..., partials: _Optional[int] = ..., removed: _Optional[int] = ...) -> None: ...
+
 class LoadAdapterRequest(_message.Message):
     __slots__ = ("ref", "pin")
     REF_FIELD_NUMBER: _ClassVar[int]

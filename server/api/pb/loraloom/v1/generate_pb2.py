@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1aloraloom/v1/generate.proto\x12\x0bloraloom.v1\":\n\x0b\x41\x64\x61pterSpec\x12\x0b\n\x03ref\x18\x01 \x01(\t\x12\x13\n\x06weight\x18\x02 \x01(\x02H\x00\x88\x01\x01\x42\t\n\x07_weight\"I\n\nBlendMerge\x12\x0e\n\x06method\x18\x01 \x01(\t\x12\x0f\n\x07\x64\x65nsity\x18\x02 \x01(\x02\x12\x11\n\x04seed\x18\x03 \x01(\x04H\x00\x88\x01\x01\x42\x07\n\x05_seed\"\x82\x03\n\x0fGenerateRequest\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12\x17\n\x0fnegative_prompt\x18\x02 \x01(\t\x12*\n\x08\x61\x64\x61pters\x18\x03 \x03(\x0b\x32\x18.loraloom.v1.AdapterSpec\x12\r\n\x05steps\x18\x04 \x01(\r\x12\x1b\n\x0eguidance_scale\x18\x05 \x01(\x02H\x00\x88\x01\x01\x12\x11\n\x04seed\x18\x06 \x01(\x04H\x01\x88\x01\x01\x12\r\n\x05width\x18\x07 \x01(\r\x12\x0e\n\x06height\x18\x08 \x01(\r\x12\x12\n\nnum_images\x18\t \x01(\r\x12(\n\x06\x66ormat\x18\n \x01(\x0e\x32\x18.loraloom.v1.ImageFormat\x12\x15\n\rpreview_every\x18\x0b \x01(\r\x12\x12\n\nrequest_id\x18\x0c \x01(\t\x12\x0f\n\x07sampler\x18\r \x01(\t\x12&\n\x05merge\x18\x0e \x01(\x0b\x32\x17.loraloom.v1.BlendMergeB\x11\n\x0f_guidance_scaleB\x07\n\x05_seed\"U\n\x05Image\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\x11\n\tmime_type\x18\x02 \x01(\t\x12\r\n\x05width\x18\x03 \x01(\r\x12\x0e\n\x06height\x18\x04 \x01(\r\x12\x0c\n\x04seed\x18\x05 \x01(\x04\"S\n\x06Timing\x12\x10\n\x08queue_ms\x18\x01 \x01(\x01\x12\x0f\n\x07swap_ms\x18\x02 \x01(\x01\x12\x14\n\x0cinference_ms\x18\x03 \x01(\x01\x12\x10\n\x08total_ms\x18\x04 \x01(\x01\"O\n\x0e\x41ppliedAdapter\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\r\x12\x0e\n\x06sha256\x18\x03 \x01(\t\x12\x0e\n\x06weight\x18\x04 \x01(\x02\"\x8f\x02\n\x14GenerationParameters\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12\x17\n\x0fnegative_prompt\x18\x02 \x01(\t\x12\r\n\x05width\x18\x03 \x01(\r\x12\x0e\n\x06height\x18\x04 \x01(\r\x12\r\n\x05steps\x18\x05 \x01(\r\x12\x16\n\x0eguidance_scale\x18\x06 \x01(\x02\x12\x0c\n\x04seed\x18\x07 \x01(\x04\x12\x0f\n\x07sampler\x18\x08 \x01(\t\x12\x12\n\nnum_images\x18\t \x01(\r\x12-\n\x08\x61\x64\x61pters\x18\n \x03(\x0b\x32\x1b.loraloom.v1.AppliedAdapter\x12&\n\x05merge\x18\x0b \x01(\x0b\x32\x17.loraloom.v1.BlendMerge\"\xbf\x01\n\x10GenerateResponse\x12\"\n\x06images\x18\x01 \x03(\x0b\x32\x12.loraloom.v1.Image\x12#\n\x06timing\x18\x02 \x01(\x0b\x32\x13.loraloom.v1.Timing\x12\x17\n\x0f\x62lend_signature\x18\x03 \x01(\t\x12\x35\n\nparameters\x18\x04 \x01(\x0b\x32!.loraloom.v1.GenerationParameters\x12\x12\n\nrequest_id\x18\x05 \x01(\t\"\x1f\n\x0bQueuedEvent\x12\x10\n\x08position\x18\x01 \x01(\r\"W\n\rProgressEvent\x12\x0c\n\x04step\x18\x01 \x01(\r\x12\x13\n\x0btotal_steps\x18\x02 \x01(\r\x12#\n\x07preview\x18\x03 \x01(\x0b\x32\x12.loraloom.v1.Image\"\x9b\x01\n\nImageChunk\x12\r\n\x05index\x18\x01 \x01(\r\x12\x0e\n\x06offset\x18\x02 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\x12\x12\n\ntotal_size\x18\x04 \x01(\x04\x12\x0c\n\x04last\x18\x05 \x01(\x08\x12\x11\n\tmime_type\x18\x06 \x01(\t\x12\r\n\x05width\x18\x07 \x01(\r\x12\x0e\n\x06height\x18\x08 \x01(\r\x12\x0c\n\x04seed\x18\t \x01(\x04\"\x94\x01\n\tDoneEvent\x12#\n\x06timing\x18\x01 \x01(\x0b\x32\x13.loraloom.v1.Timing\x12\x17\n\x0f\x62lend_signature\x18\x02 \x01(\t\x12\x35\n\nparameters\x18\x03 \x01(\x0b\x32!.loraloom.v1.GenerationParameters\x12\x12\n\nrequest_id\x18\x04 \x01(\t\"\xd5\x01\n\x16GenerateStreamResponse\x12*\n\x06queued\x18\x01 \x01(\x0b\x32\x18.loraloom.v1.QueuedEventH\x00\x12.\n\x08progress\x18\x02 \x01(\x0b\x32\x1a.loraloom.v1.ProgressEventH\x00\x12.\n\x0bimage_chunk\x18\x03 \x01(\x0b\x32\x17.loraloom.v1.ImageChunkH\x00\x12&\n\x04\x64one\x18\x04 \x01(\x0b\x32\x16.loraloom.v1.DoneEventH\x00\x42\x07\n\x05\x65vent*X\n\x0bImageFormat\x12\x1c\n\x18IMAGE_FORMAT_UNSPECIFIED\x10\x00\x12\x14\n\x10IMAGE_FORMAT_PNG\x10\x01\x12\x15\n\x11IMAGE_FORMAT_JPEG\x10\x02\x42O\n\x0f\x64\x65v.loraloom.v1P\x01Z:github.com/loraloom/loraloom/gen/go/loraloom/v1;loraloomv1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1aloraloom/v1/generate.proto\x12\x0bloraloom.v1\"\x9e\x01\n\x0b\x41\x64\x61pterSpec\x12\x0b\n\x03ref\x18\x01 \x01(\t\x12\x13\n\x06weight\x18\x02 \x01(\x02H\x00\x88\x01\x01\x12 \n\x13text_encoder_weight\x18\x03 \x01(\x02H\x01\x88\x01\x01\x12\x18\n\x0bunet_weight\x18\x04 \x01(\x02H\x02\x88\x01\x01\x42\t\n\x07_weightB\x16\n\x14_text_encoder_weightB\x0e\n\x0c_unet_weight\"I\n\nBlendMerge\x12\x0e\n\x06method\x18\x01 \x01(\t\x12\x0f\n\x07\x64\x65nsity\x18\x02 \x01(\x02\x12\x11\n\x04seed\x18\x03 \x01(\x04H\x00\x88\x01\x01\x42\x07\n\x05_seed\"\x82\x03\n\x0fGenerateRequest\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12\x17\n\x0fnegative_prompt\x18\x02 \x01(\t\x12*\n\x08\x61\x64\x61pters\x18\x03 \x03(\x0b\x32\x18.loraloom.v1.AdapterSpec\x12\r\n\x05steps\x18\x04 \x01(\r\x12\x1b\n\x0eguidance_scale\x18\x05 \x01(\x02H\x00\x88\x01\x01\x12\x11\n\x04seed\x18\x06 \x01(\x04H\x01\x88\x01\x01\x12\r\n\x05width\x18\x07 \x01(\r\x12\x0e\n\x06height\x18\x08 \x01(\r\x12\x12\n\nnum_images\x18\t \x01(\r\x12(\n\x06\x66ormat\x18\n \x01(\x0e\x32\x18.loraloom.v1.ImageFormat\x12\x15\n\rpreview_every\x18\x0b \x01(\r\x12\x12\n\nrequest_id\x18\x0c \x01(\t\x12\x0f\n\x07sampler\x18\r \x01(\t\x12&\n\x05merge\x18\x0e \x01(\x0b\x32\x17.loraloom.v1.BlendMergeB\x11\n\x0f_guidance_scaleB\x07\n\x05_seed\"U\n\x05Image\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\x11\n\tmime_type\x18\x02 \x01(\t\x12\r\n\x05width\x18\x03 \x01(\r\x12\x0e\n\x06height\x18\x04 \x01(\r\x12\x0c\n\x04seed\x18\x05 \x01(\x04\"S\n\x06Timing\x12\x10\n\x08queue_ms\x18\x01 \x01(\x01\x12\x0f\n\x07swap_ms\x18\x02 \x01(\x01\x12\x14\n\x0cinference_ms\x18\x03 \x01(\x01\x12\x10\n\x08total_ms\x18\x04 \x01(\x01\"\xb3\x01\n\x0e\x41ppliedAdapter\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\r\x12\x0e\n\x06sha256\x18\x03 \x01(\t\x12\x0e\n\x06weight\x18\x04 \x01(\x02\x12 \n\x13text_encoder_weight\x18\x05 \x01(\x02H\x00\x88\x01\x01\x12\x18\n\x0bunet_weight\x18\x06 \x01(\x02H\x01\x88\x01\x01\x42\x16\n\x14_text_encoder_weightB\x0e\n\x0c_unet_weight\"\x8f\x02\n\x14GenerationParameters\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12\x17\n\x0fnegative_prompt\x18\x02 \x01(\t\x12\r\n\x05width\x18\x03 \x01(\r\x12\x0e\n\x06height\x18\x04 \x01(\r\x12\r\n\x05steps\x18\x05 \x01(\r\x12\x16\n\x0eguidance_scale\x18\x06 \x01(\x02\x12\x0c\n\x04seed\x18\x07 \x01(\x04\x12\x0f\n\x07sampler\x18\x08 \x01(\t\x12\x12\n\nnum_images\x18\t \x01(\r\x12-\n\x08\x61\x64\x61pters\x18\n \x03(\x0b\x32\x1b.loraloom.v1.AppliedAdapter\x12&\n\x05merge\x18\x0b \x01(\x0b\x32\x17.loraloom.v1.BlendMerge\"\xbf\x01\n\x10GenerateResponse\x12\"\n\x06images\x18\x01 \x03(\x0b\x32\x12.loraloom.v1.Image\x12#\n\x06timing\x18\x02 \x01(\x0b\x32\x13.loraloom.v1.Timing\x12\x17\n\x0f\x62lend_signature\x18\x03 \x01(\t\x12\x35\n\nparameters\x18\x04 \x01(\x0b\x32!.loraloom.v1.GenerationParameters\x12\x12\n\nrequest_id\x18\x05 \x01(\t\"\x1f\n\x0bQueuedEvent\x12\x10\n\x08position\x18\x01 \x01(\r\"W\n\rProgressEvent\x12\x0c\n\x04step\x18\x01 \x01(\r\x12\x13\n\x0btotal_steps\x18\x02 \x01(\r\x12#\n\x07preview\x18\x03 \x01(\x0b\x32\x12.loraloom.v1.Image\"\x9b\x01\n\nImageChunk\x12\r\n\x05index\x18\x01 \x01(\r\x12\x0e\n\x06offset\x18\x02 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\x12\x12\n\ntotal_size\x18\x04 \x01(\x04\x12\x0c\n\x04last\x18\x05 \x01(\x08\x12\x11\n\tmime_type\x18\x06 \x01(\t\x12\r\n\x05width\x18\x07 \x01(\r\x12\x0e\n\x06height\x18\x08 \x01(\r\x12\x0c\n\x04seed\x18\t \x01(\x04\"\x94\x01\n\tDoneEvent\x12#\n\x06timing\x18\x01 \x01(\x0b\x32\x13.loraloom.v1.Timing\x12\x17\n\x0f\x62lend_signature\x18\x02 \x01(\t\x12\x35\n\nparameters\x18\x03 \x01(\x0b\x32!.loraloom.v1.GenerationParameters\x12\x12\n\nrequest_id\x18\x04 \x01(\t\"\xd5\x01\n\x16GenerateStreamResponse\x12*\n\x06queued\x18\x01 \x01(\x0b\x32\x18.loraloom.v1.QueuedEventH\x00\x12.\n\x08progress\x18\x02 \x01(\x0b\x32\x1a.loraloom.v1.ProgressEventH\x00\x12.\n\x0bimage_chunk\x18\x03 \x01(\x0b\x32\x17.loraloom.v1.ImageChunkH\x00\x12&\n\x04\x64one\x18\x04 \x01(\x0b\x32\x16.loraloom.v1.DoneEventH\x00\x42\x07\n\x05\x65vent*X\n\x0bImageFormat\x12\x1c\n\x18IMAGE_FORMAT_UNSPECIFIED\x10\x00\x12\x14\n\x10IMAGE_FORMAT_PNG\x10\x01\x12\x15\n\x11IMAGE_FORMAT_JPEG\x10\x02\x42O\n\x0f\x64\x65v.loraloom.v1P\x01Z:github.com/loraloom/loraloom/gen/go/loraloom/v1;loraloomv1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -32,32 +32,32 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'loraloom.v1.generate_pb2', 
 if not _descriptor._USE_C_DESCRIPTORS:
   _globals['DESCRIPTOR']._loaded_options = None
   _globals['DESCRIPTOR']._serialized_options = b'\n\017dev.loraloom.v1P\001Z:github.com/loraloom/loraloom/gen/go/loraloom/v1;loraloomv1'
-  _globals['_IMAGEFORMAT']._serialized_start=1935
-  _globals['_IMAGEFORMAT']._serialized_end=2023
-  _globals['_ADAPTERSPEC']._serialized_start=43
-  _globals['_ADAPTERSPEC']._serialized_end=101
-  _globals['_BLENDMERGE']._serialized_start=103
-  _globals['_BLENDMERGE']._serialized_end=176
-  _globals['_GENERATEREQUEST']._serialized_start=179
-  _globals['_GENERATEREQUEST']._serialized_end=565
-  _globals['_IMAGE']._serialized_start=567
-  _globals['_IMAGE']._serialized_end=652
-  _globals['_TIMING']._serialized_start=654
-  _globals['_TIMING']._serialized_end=737
-  _globals['_APPLIEDADAPTER']._serialized_start=739
-  _globals['_APPLIEDADAPTER']._serialized_end=818
-  _globals['_GENERATIONPARAMETERS']._serialized_start=821
-  _globals['_GENERATIONPARAMETERS']._serialized_end=1092
-  _globals['_GENERATERESPONSE']._serialized_start=1095
-  _globals['_GENERATERESPONSE']._serialized_end=1286
-  _globals['_QUEUEDEVENT']._serialized_start=1288
-  _globals['_QUEUEDEVENT']._serialized_end=1319
-  _globals['_PROGRESSEVENT']._serialized_start=1321
-  _globals['_PROGRESSEVENT']._serialized_end=1408
-  _globals['_IMAGECHUNK']._serialized_start=1411
-  _globals['_IMAGECHUNK']._serialized_end=1566
-  _globals['_DONEEVENT']._serialized_start=1569
-  _globals['_DONEEVENT']._serialized_end=1717
-  _globals['_GENERATESTREAMRESPONSE']._serialized_start=1720
-  _globals['_GENERATESTREAMRESPONSE']._serialized_end=1933
+  _globals['_IMAGEFORMAT']._serialized_start=2137
+  _globals['_IMAGEFORMAT']._serialized_end=2225
+  _globals['_ADAPTERSPEC']._serialized_start=44
+  _globals['_ADAPTERSPEC']._serialized_end=202
+  _globals['_BLENDMERGE']._serialized_start=204
+  _globals['_BLENDMERGE']._serialized_end=277
+  _globals['_GENERATEREQUEST']._serialized_start=280
+  _globals['_GENERATEREQUEST']._serialized_end=666
+  _globals['_IMAGE']._serialized_start=668
+  _globals['_IMAGE']._serialized_end=753
+  _globals['_TIMING']._serialized_start=755
+  _globals['_TIMING']._serialized_end=838
+  _globals['_APPLIEDADAPTER']._serialized_start=841
+  _globals['_APPLIEDADAPTER']._serialized_end=1020
+  _globals['_GENERATIONPARAMETERS']._serialized_start=1023
+  _globals['_GENERATIONPARAMETERS']._serialized_end=1294
+  _globals['_GENERATERESPONSE']._serialized_start=1297
+  _globals['_GENERATERESPONSE']._serialized_end=1488
+  _globals['_QUEUEDEVENT']._serialized_start=1490
+  _globals['_QUEUEDEVENT']._serialized_end=1521
+  _globals['_PROGRESSEVENT']._serialized_start=1523
+  _globals['_PROGRESSEVENT']._serialized_end=1610
+  _globals['_IMAGECHUNK']._serialized_start=1613
+  _globals['_IMAGECHUNK']._serialized_end=1768
+  _globals['_DONEEVENT']._serialized_start=1771
+  _globals['_DONEEVENT']._serialized_end=1919
+  _globals['_GENERATESTREAMRESPONSE']._serialized_start=1922
+  _globals['_GENERATESTREAMRESPONSE']._serialized_end=2135
 # @@protoc_insertion_point(module_scope)

@@ -17,12 +17,16 @@ IMAGE_FORMAT_PNG: ImageFormat
 IMAGE_FORMAT_JPEG: ImageFormat
 
 class AdapterSpec(_message.Message):
-    __slots__ = ("ref", "weight")
+    __slots__ = ("ref", "weight", "text_encoder_weight", "unet_weight")
     REF_FIELD_NUMBER: _ClassVar[int]
     WEIGHT_FIELD_NUMBER: _ClassVar[int]
+    TEXT_ENCODER_WEIGHT_FIELD_NUMBER: _ClassVar[int]
+    UNET_WEIGHT_FIELD_NUMBER: _ClassVar[int]
     ref: str
     weight: float
-    def __init__(self, ref: _Optional[str] = ..., weight: _Optional[float] = ...) -> None: ...
+    text_encoder_weight: float
+    unet_weight: float
+    def __init__(self, ref: _Optional[str] = ..., weight: _Optional[float] = ..., text_encoder_weight: _Optional[float] = ..., unet_weight: _Optional[float] = ...) -> None: ...
 
 class BlendMerge(_message.Message):
     __slots__ = ("method", "density", "seed")
@@ -93,16 +97,20 @@ class Timing(_message.Message):
     def __init__(self, queue_ms: _Optional[float] = ..., swap_ms: _Optional[float] = ..., inference_ms: _Optional[float] = ..., total_ms: _Optional[float] = ...) -> None: ...
 
 class AppliedAdapter(_message.Message):
-    __slots__ = ("name", "version", "sha256", "weight")
+    __slots__ = ("name", "version", "sha256", "weight", "text_encoder_weight", "unet_weight")
     NAME_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     SHA256_FIELD_NUMBER: _ClassVar[int]
     WEIGHT_FIELD_NUMBER: _ClassVar[int]
+    TEXT_ENCODER_WEIGHT_FIELD_NUMBER: _ClassVar[int]
+    UNET_WEIGHT_FIELD_NUMBER: _ClassVar[int]
     name: str
     version: int
     sha256: str
     weight: float
-    def __init__(self, name: _Optional[str] = ..., version: _Optional[int] = ..., sha256: _Optional[str] = ..., weight: _Optional[float] = ...) -> None: ...
+    text_encoder_weight: float
+    unet_weight: float
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[int] = ..., sha256: _Optional[str] = ..., weight: _Optional[float] = ..., text_encoder_weight: _Optional[float] = ..., unet_weight: _Optional[float] = ...) -> None: ...
 
 class GenerationParameters(_message.Message):
     __slots__ = ("prompt", "negative_prompt", "width", "height", "steps", "guidance_scale", "seed", "sampler", "num_images", "adapters", "merge")

@@ -71,6 +71,11 @@ class LoraloomStub:
                 request_serializer=loraloom_dot_v1_dot_adapters__pb2.SetAliasRequest.SerializeToString,
                 response_deserializer=loraloom_dot_v1_dot_adapters__pb2.AdapterVersion.FromString,
                 _registered_method=True)
+        self.VerifyStore = channel.unary_unary(
+                '/loraloom.v1.Loraloom/VerifyStore',
+                request_serializer=loraloom_dot_v1_dot_adapters__pb2.VerifyStoreRequest.SerializeToString,
+                response_deserializer=loraloom_dot_v1_dot_adapters__pb2.VerifyStoreResponse.FromString,
+                _registered_method=True)
         self.LoadAdapter = channel.unary_unary(
                 '/loraloom.v1.Loraloom/LoadAdapter',
                 request_serializer=loraloom_dot_v1_dot_adapters__pb2.LoadAdapterRequest.SerializeToString,
@@ -148,6 +153,15 @@ class LoraloomServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def VerifyStore(self, request, context):
+        """Re-read every stored version's blob as a load does (sha256, size,
+        decoding) and report the damaged ones; optionally remove leftovers.
+        Needs the manage scope. Reads every blob: minutes on a large store.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def LoadAdapter(self, request, context):
         """Warm (or pin) an adapter version in the engine's cache.
         """
@@ -213,6 +227,11 @@ def add_LoraloomServicer_to_server(servicer, server):
                     servicer.SetAlias,
                     request_deserializer=loraloom_dot_v1_dot_adapters__pb2.SetAliasRequest.FromString,
                     response_serializer=loraloom_dot_v1_dot_adapters__pb2.AdapterVersion.SerializeToString,
+            ),
+            'VerifyStore': grpc.unary_unary_rpc_method_handler(
+                    servicer.VerifyStore,
+                    request_deserializer=loraloom_dot_v1_dot_adapters__pb2.VerifyStoreRequest.FromString,
+                    response_serializer=loraloom_dot_v1_dot_adapters__pb2.VerifyStoreResponse.SerializeToString,
             ),
             'LoadAdapter': grpc.unary_unary_rpc_method_handler(
                     servicer.LoadAdapter,
@@ -424,6 +443,33 @@ class Loraloom:
             '/loraloom.v1.Loraloom/SetAlias',
             loraloom_dot_v1_dot_adapters__pb2.SetAliasRequest.SerializeToString,
             loraloom_dot_v1_dot_adapters__pb2.AdapterVersion.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def VerifyStore(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/loraloom.v1.Loraloom/VerifyStore',
+            loraloom_dot_v1_dot_adapters__pb2.VerifyStoreRequest.SerializeToString,
+            loraloom_dot_v1_dot_adapters__pb2.VerifyStoreResponse.FromString,
             options,
             channel_credentials,
             insecure,
