@@ -8,20 +8,15 @@ from __future__ import annotations
 
 import hashlib
 import os
-import queue
-import re
 import signal
-import subprocess
-import sys
-import threading
 import time
 
 import pytest
 
 from adapters import errors
-from server.api.codegen import REPO_ROOT
 from server.client import Client
 from tests.api.helpers import adapter_bytes
+from tests.serving import Serving
 from tests.store import s3_fixtures
 from tests.store.s3_fixtures import CREDENTIALS
 
@@ -30,44 +25,6 @@ s3_settings = s3_fixtures.s3_settings
 
 
 pytestmark = [pytest.mark.slow, pytest.mark.postgres]
-LISTENING = re.compile(r"listening on (127\.0\.0\.1:\d+)")
-
-
-class Replica:
-    def __init__(self, env: dict[str, str]) -> None:
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "server.cli.main", "serve", "--port", "0"],
-            cwd=REPO_ROOT,
-            env=env,
-            stderr=subprocess.PIPE,
-            stdout=subprocess.DEVNULL,
-            text=True,
-        )
-        self.log: list[str] = []
-        self.lines: queue.Queue[str] = queue.Queue()
-        threading.Thread(target=self._pump, daemon=True).start()
-
-    def _pump(self) -> None:
-        for line in self.process.stderr:
-            self.log.append(line)
-            self.lines.put(line)
-
-    def address(self, timeout: float = 120) -> str:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            try:
-                match = LISTENING.search(self.lines.get(timeout=1))
-            except queue.Empty:
-                assert self.process.poll() is None, "".join(self.log)
-                continue
-            if match:
-                return match.group(1)
-        raise AssertionError("".join(self.log))
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.kill()
-        self.process.wait(10)
 
 
 @pytest.fixture()
@@ -83,7 +40,7 @@ def replicas(postgres_url, s3_settings, tmp_path):
         "LORALOOM_S3_PREFIX": "shared",
         "LORALOOM_LOG_LEVEL": "INFO",
     }
-    started = [Replica({**base, "LORALOOM_HOME": str(tmp_path / name)}) for name in ("a", "b")]
+    started = [Serving(env={**base, "LORALOOM_HOME": str(tmp_path / name)}) for name in ("a", "b")]
     clients = []
     try:
         for replica in started:
@@ -96,7 +53,7 @@ def replicas(postgres_url, s3_settings, tmp_path):
         for client in clients:
             client.close()
         for replica in started:
-            replica.stop()
+            replica.kill()
 
 
 def test_upload_on_a_is_served_by_b_then_killed_upload_leaves_nothing(replicas, micro_shapes):
