@@ -31,6 +31,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     from bench.report import print_table, write_json
+    from server.backends.openvino_runtime import disable_telemetry
+
+    disable_telemetry()  # before any suite imports OpenVINO: a benchmark never phones home either
 
     module = importlib.import_module(SUITES[args.suite])
     threads = args.threads or getattr(module, "THREADS", 0)
