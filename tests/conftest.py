@@ -21,12 +21,6 @@ settings.register_profile(
 settings.load_profile("loraloom")
 
 
-def pytest_configure(config):
-    config.addinivalue_line(
-        "markers", "architecture: the import-linter contracts ([tool.importlinter] in pyproject.toml)"
-    )
-
-
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return

@@ -11,6 +11,8 @@ flight when the grace is over are ended with UNAVAILABLE (``end_calls``).
 from __future__ import annotations
 
 import asyncio
+import contextlib
+from collections.abc import AsyncIterator
 
 import grpc
 from grpc_health.v1 import health_pb2
@@ -114,41 +116,38 @@ class GateInterceptor(ServiceInterceptor):
 ENDED = "the server shut down while this call ran (its grace period is over); retry on another replica"
 
 
+@contextlib.asynccontextmanager
+async def _admitted(lifecycle: Lifecycle, context) -> AsyncIterator[None]:
+    """Run one call's body if the server takes calls now, counted as in flight; a call cancelled
+    because the grace ended answers UNAVAILABLE."""
+    reason = lifecycle.refusal()
+    if reason:
+        await context.abort(grpc.StatusCode.UNAVAILABLE, reason, trailing_metadata=ANSWERED)
+    task = asyncio.current_task()
+    lifecycle.enter(task)
+    try:
+        yield
+    except asyncio.CancelledError:
+        if not lifecycle.ending:
+            raise
+        await context.abort(grpc.StatusCode.UNAVAILABLE, ENDED, trailing_metadata=ANSWERED)
+    finally:
+        lifecycle.leave(task)
+
+
 def _gated(handler: grpc.RpcMethodHandler, lifecycle: Lifecycle) -> grpc.RpcMethodHandler:
     def unary(behaviour):
         async def wrapped(request, context):
-            reason = lifecycle.refusal()
-            if reason:
-                await context.abort(grpc.StatusCode.UNAVAILABLE, reason, trailing_metadata=ANSWERED)
-            task = asyncio.current_task()
-            lifecycle.enter(task)
-            try:
+            async with _admitted(lifecycle, context):
                 return await behaviour(request, context)
-            except asyncio.CancelledError:
-                if not lifecycle.ending:
-                    raise
-                await context.abort(grpc.StatusCode.UNAVAILABLE, ENDED, trailing_metadata=ANSWERED)
-            finally:
-                lifecycle.leave(task)
 
         return wrapped
 
     def streaming(behaviour):
         async def wrapped(request, context):
-            reason = lifecycle.refusal()
-            if reason:
-                await context.abort(grpc.StatusCode.UNAVAILABLE, reason, trailing_metadata=ANSWERED)
-            task = asyncio.current_task()
-            lifecycle.enter(task)
-            try:
+            async with _admitted(lifecycle, context):
                 async for response in behaviour(request, context):
                     yield response
-            except asyncio.CancelledError:
-                if not lifecycle.ending:
-                    raise
-                await context.abort(grpc.StatusCode.UNAVAILABLE, ENDED, trailing_metadata=ANSWERED)
-            finally:
-                lifecycle.leave(task)
 
         return wrapped
 

@@ -38,3 +38,15 @@ def unet_adapters(pipeline) -> dict[str, LoraAdapter]:
 @pytest.fixture(autouse=True, scope="module")
 def _on_one_thread(one_thread):
     """Every test here runs torch on one thread (the shared ``one_thread`` fixture)."""
+
+
+@pytest.fixture(scope="module")
+def ov_home(tmp_path_factory):
+    """One data folder per module: exports, conversions and compiled blobs are made once."""
+    return tmp_path_factory.mktemp("ov-home")
+
+
+@pytest.fixture()
+def in_ov_home(ov_home, monkeypatch):
+    """``LORALOOM_HOME`` is the module's data folder (modules opt in with ``usefixtures``)."""
+    monkeypatch.setenv("LORALOOM_HOME", str(ov_home))

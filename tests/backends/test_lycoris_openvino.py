@@ -18,7 +18,7 @@ from tests.adapters.lycoris_files import peer_forward, peer_merge, target_tensor
 from tests.adapters.lycoris_files import write_lycoris as write
 from tests.engine.conftest import base_from, engine_on
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("in_ov_home")]
 
 WEIGHT = 0.8
 TOLERANCE = 2e-6  # relative to each tensor's largest value (float32 rounding)
@@ -37,16 +37,6 @@ CASES = {
 }
 # Where lycoris-lora's merge applies alpha/dim twice (its forward, A1111, ComfyUI and loraloom once).
 FORWARD_REFERENCE = {"loha-attention", "loha-full", "lokr-full"}
-
-
-@pytest.fixture(scope="module")
-def ov_home(tmp_path_factory):
-    return tmp_path_factory.mktemp("ov-home")
-
-
-@pytest.fixture(autouse=True)
-def _home(ov_home, monkeypatch):
-    monkeypatch.setenv("LORALOOM_HOME", str(ov_home))
 
 
 @pytest.fixture(scope="module")

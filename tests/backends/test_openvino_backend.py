@@ -30,17 +30,7 @@ BF16_TOLERANCE = 12  # of 255, max over the image after 4 steps (measured 5-7 on
 BF16_MEAN_TOLERANCE = 2.0  # of 255, mean over the image (measured 0.8-1.2)
 NO_BF16 = pytest.mark.skipif(not cpu_supports_bf16(), reason="this CPU has no native BF16")
 PRECISIONS = ["fp32", pytest.param("bf16", marks=NO_BF16)]
-
-
-@pytest.fixture(scope="module")
-def ov_home(tmp_path_factory):
-    """One data folder for the module: exports, conversions and compiled blobs are made once."""
-    return tmp_path_factory.mktemp("ov-home")
-
-
-@pytest.fixture(autouse=True)
-def _home(ov_home, monkeypatch):
-    monkeypatch.setenv("LORALOOM_HOME", str(ov_home))
+pytestmark = pytest.mark.usefixtures("in_ov_home")
 
 
 @pytest.fixture(scope="module")
