@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from adapters.canonical import BaseModelRef, LoraAdapter, Module, ModuleShapes
 from adapters.errors import AdapterIncompatible, AdapterInvalid
-from adapters.formats.base_ref import normalize_architecture
+from adapters.formats.base_ref import compatible_architectures, normalize_architecture
 from adapters.formats.names import text_model_aliases
 
 SHOWN = 5
@@ -78,7 +78,7 @@ def validate_against_base(
     if base is not None and adapter.base is not None:
         made_for = normalize_architecture(adapter.base.architecture)
         serving = normalize_architecture(base.architecture)
-        if made_for and serving and made_for != serving:
+        if not compatible_architectures(made_for, serving):
             raise AdapterIncompatible(
                 f"the adapter was made for a {made_for} base model but this base model is {serving}; "
                 f"use a {serving} adapter (a LoRA only fits the architecture it was trained on)"

@@ -31,6 +31,35 @@ def normalize_architecture(value: str) -> str:
     return v
 
 
+def architecture_family(architecture: str) -> str:
+    """The family an architecture belongs to: ``sd_v1``, ``sd_v2``, ``sdxl`` (or itself).
+
+    loraloom's built-in sizes name their family in the size (``loraloom:tiny-sdxl``,
+    ``loraloom:tiny-sd2``); the others are SD 1.x topology.
+    """
+    name = normalize_architecture(architecture)
+    if not name.startswith("loraloom:"):
+        return name
+    size = name.split(":", 1)[1]
+    if size.endswith("sdxl"):
+        return "sdxl"
+    if size.endswith("sd2"):
+        return "sd_v2"
+    return "sd_v1"
+
+
+def compatible_architectures(made_for: str, serving: str) -> bool:
+    """Whether an adapter made for ``made_for`` may be applied to a ``serving`` base (shapes are
+    checked on their own): the same architecture, or a generic family name (``sdxl``) on a base of
+    that family. A specific built-in size (``loraloom:tiny``) needs that size."""
+    made_for, serving = normalize_architecture(made_for), normalize_architecture(serving)
+    if not made_for or not serving or made_for == serving:
+        return True
+    if made_for.startswith("loraloom:"):
+        return False
+    return made_for == architecture_family(serving)
+
+
 def base_from_metadata(metadata: Mapping[str, str]) -> BaseModelRef | None:
     """Our own keys first, then ModelSpec, then kohya's ``ss_*`` keys; ``None`` when nothing says."""
     fingerprint = (

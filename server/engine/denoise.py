@@ -1,9 +1,11 @@
-"""The txt2img loop over a StableDiffusionPipeline's components.
+"""The txt2img loop over an SD pipeline's components (SD 1.x, SD 2.x, SDXL).
 
 Written out (rather than calling ``pipeline(...)``) so the engine controls the
 per-step callback, cancellation, deadlines and previews. It performs exactly the
-operations of diffusers' ``StableDiffusionPipeline.__call__`` for the features it
-supports, so the same seed and parameters give the same image (tested).
+operations of diffusers' ``StableDiffusionPipeline.__call__`` (and, with the SDXL
+family's conditioning, ``StableDiffusionXLPipeline.__call__``) for the features it
+supports, so the same seed and parameters give the same image (tested). What the
+families differ in (text encoders, added conditioning) is the family's ``encode``.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import torch
 
 from server.engine.samplers import make_sampler
 from server.engine.types import GenerationSettings
+from server.models.families import Conditioning, family_of
 
 # Called after each step with (steps done, total steps, latents); may raise to stop the run.
 StepCallback = Callable[[int, int, torch.Tensor], None]
@@ -39,20 +42,21 @@ def _ms(since: float) -> float:
     return (time.perf_counter() - since) * 1000.0
 
 
-def _encode(pipeline, texts: list[str], device: torch.device) -> torch.Tensor:
-    tokenizer, text_encoder = pipeline.tokenizer, pipeline.text_encoder
-    ids = tokenizer(
-        texts,
-        padding="max_length",
-        max_length=tokenizer.model_max_length,
-        truncation=True,
-        return_tensors="pt",
-    )
-    mask = None
-    if getattr(text_encoder.config, "use_attention_mask", False):
-        mask = ids.attention_mask.to(device)
-    embeds = text_encoder(ids.input_ids.to(device), attention_mask=mask)[0]
-    return embeds.to(dtype=text_encoder.dtype, device=device)
+def _decode(vae, latents: torch.Tensor, generators) -> torch.Tensor:
+    """The VAE decode of ``latents``, in the VAE's dtype (float32 for an SDXL VAE kept out of fp16)."""
+    config = vae.config
+    mean, std = getattr(config, "latents_mean", None), getattr(config, "latents_std", None)
+    if mean is not None and std is not None:
+        view = (1, len(mean), 1, 1)
+        mean_t = torch.tensor(mean).view(view).to(latents.device, latents.dtype)
+        std_t = torch.tensor(std).view(view).to(latents.device, latents.dtype)
+        latents = latents * std_t / config.scaling_factor + mean_t
+    else:
+        latents = latents / config.scaling_factor
+    dtype = getattr(vae, "dtype", latents.dtype)
+    if isinstance(dtype, torch.dtype) and dtype != latents.dtype:
+        latents = latents.to(dtype)
+    return vae.decode(latents, return_dict=False, generator=generators)[0]
 
 
 def denoise(
@@ -101,6 +105,7 @@ def denoise_batch(
         raise ValueError("jobs of one batch must share size, steps, guidance and sampler")
     unet, vae = pipeline.unet, pipeline.vae
     device = unet.device
+    encode = family_of(pipeline).encode
     counts = [len(job.seeds) for job in jobs]
     count = sum(counts)
     cfg = first.guidance_scale > 1.0 and unet.config.time_cond_proj_dim is None
@@ -108,14 +113,14 @@ def denoise_batch(
     if before_stage is not None:
         before_stage("encode")
     started = time.perf_counter()
-    positive, negative = [], []
+    positive: list[Conditioning] = []
+    negative: list[Conditioning] = []
     for job, n in zip(jobs, counts, strict=True):
-        embeds = _encode(pipeline, [job.prompt], device)
-        positive.append(embeds.repeat(1, n, 1).view(n, embeds.shape[1], -1))
+        positive.append(encode(pipeline, job.prompt, job.height, job.width, False).repeat(n))
         if cfg:
-            embeds = _encode(pipeline, [job.negative_prompt], device)
-            negative.append(embeds.repeat(1, n, 1).view(n, embeds.shape[1], -1))
-    embeds = torch.cat(negative + positive) if cfg else torch.cat(positive)
+            negative.append(encode(pipeline, job.negative_prompt, job.height, job.width, True).repeat(n))
+    conditioning = Conditioning.cat(negative + positive)
+    unet_kwargs = conditioning.unet_kwargs()
     encode_ms = _ms(started)
 
     started = time.perf_counter()
@@ -127,7 +132,7 @@ def denoise_batch(
 
     factor = pipeline.vae_scale_factor
     shape = (count, unet.config.in_channels, first.height // factor, first.width // factor)
-    latents = randn_tensor(shape, generator=generators, device=device, dtype=embeds.dtype)
+    latents = randn_tensor(shape, generator=generators, device=device, dtype=conditioning.dtype)
     latents = latents * scheduler.init_noise_sigma
     step_params = set(inspect.signature(scheduler.step).parameters)
     extra: dict[str, Any] = {}
@@ -143,7 +148,7 @@ def denoise_batch(
             before_step(index, total)
         model_input = torch.cat([latents] * 2) if cfg else latents
         model_input = scheduler.scale_model_input(model_input, t)
-        noise = unet(model_input, t, encoder_hidden_states=embeds, return_dict=False)[0]
+        noise = unet(model_input, t, **unet_kwargs, return_dict=False)[0]
         if cfg:
             uncond, text = noise.chunk(2)
             noise = uncond + first.guidance_scale * (text - uncond)
@@ -156,7 +161,7 @@ def denoise_batch(
     if before_stage is not None:
         before_stage("decode")
     started = time.perf_counter()
-    decoded = vae.decode(latents / vae.config.scaling_factor, return_dict=False, generator=generators)[0]
+    decoded = _decode(vae, latents, generators)
     images = pipeline.image_processor.postprocess(
         decoded, output_type=output_type, do_denormalize=[True] * count
     )

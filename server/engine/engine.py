@@ -55,6 +55,7 @@ from server.engine.types import (
     ResolvedBlend,
     Timings,
 )
+from server.models.families import family_of
 from server.models.shapes import lora_targets
 from server.settings import EngineSettings
 
@@ -122,7 +123,8 @@ class Engine:
         """
         self.base = base
         self.pipeline = base.pipeline
-        for component in ("unet", "text_encoder", "vae"):
+        self.family = family_of(self.pipeline)
+        for component in self.family.weight_components:
             getattr(self.pipeline, component).requires_grad_(False).eval()
         targets = lora_targets(self.pipeline)
         self.module_names = frozenset(targets)

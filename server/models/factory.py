@@ -1,9 +1,13 @@
 """Tiny Stable Diffusion pipelines built from a seed, for tests and benchmarks.
 
-Every size has the real SD 1.x topology (a cross-attention UNet2DConditionModel,
-an AutoencoderKL, a CLIP text encoder, a DPM++ scheduler), only narrower and
-shallower, so LoRA, export and serving code runs on it unchanged. A size and a
-seed fully determine the weights: two builds are equal bit for bit.
+Every size has the real topology of its family (``sd1``: a cross-attention
+UNet2DConditionModel, an AutoencoderKL, a CLIP text encoder, a DPM++ scheduler;
+``sd2``: linear transformer projections, an OpenCLIP-style encoder padding with
+"!", v-prediction; ``sdxl``: two text encoders, the second with a projection,
+``text_time`` added conditioning, a transformer depth of 2 in its last block),
+only narrower and shallower, so LoRA, export and serving code runs on it
+unchanged. A size and a seed fully determine the weights: two builds are equal
+bit for bit.
 """
 
 from __future__ import annotations
@@ -32,6 +36,15 @@ class FactorySpec:
     text_intermediate: int
     vae_channels: tuple[int, ...]
     vae_layers_per_block: int
+    family: str = "sd1"
+    # sd2 / sdxl topology
+    attention_heads: tuple[int, ...] | None = None  # per block (SD 2.x / SDXL style); else attention_head_dim
+    transformer_layers: tuple[int, ...] | None = None  # transformer depth per block (SDXL: 1, 2, 10)
+    text2_hidden: int = 0  # SDXL's second text encoder width (0: none)
+    text2_layers: int = 0
+    time_embed_dim: int = 0  # SDXL's addition_time_embed_dim
+    prediction_type: str = "epsilon"
+    vae_scaling_factor: float = 0.18215
 
     @property
     def vae_scale_factor(self) -> int:
@@ -107,6 +120,50 @@ SPECS: dict[str, FactorySpec] = {
             vae_channels=(32, 64, 128, 128),
             vae_layers_per_block=1,
         ),
+        # SDXL topology: three UNet levels as SDXL (no attention at the top level, none in the last
+        # up block), transformer depth 2 in the deepest level and the mid block, two text encoders.
+        FactorySpec(
+            name="tiny-sdxl",
+            resolution=64,
+            unet_channels=(32, 64, 64),
+            unet_down_blocks=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+            unet_up_blocks=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+            unet_layers_per_block=2,
+            attention_head_dim=8,
+            attention_heads=(2, 4, 8),
+            transformer_layers=(1, 1, 2),
+            text_hidden=32,
+            text_layers=3,
+            text_heads=4,
+            text_intermediate=37,
+            text2_hidden=32,
+            text2_layers=3,
+            time_embed_dim=8,
+            vae_channels=(32, 64),
+            vae_layers_per_block=1,
+            family="sdxl",
+            vae_scaling_factor=0.13025,
+        ),
+        # SD 2.x topology: linear projections, per-block head counts, an OpenCLIP-style encoder,
+        # v-prediction (as the 768 px SD 2.x models).
+        FactorySpec(
+            name="tiny-sd2",
+            resolution=64,
+            unet_channels=(32, 64),
+            unet_down_blocks=("CrossAttnDownBlock2D", "DownBlock2D"),
+            unet_up_blocks=("UpBlock2D", "CrossAttnUpBlock2D"),
+            unet_layers_per_block=2,
+            attention_head_dim=8,
+            attention_heads=(2, 4),
+            text_hidden=32,
+            text_layers=3,
+            text_heads=4,
+            text_intermediate=37,
+            vae_channels=(32, 64),
+            vae_layers_per_block=1,
+            family="sd2",
+            prediction_type="v_prediction",
+        ),
     )
 }
 
@@ -119,6 +176,17 @@ def build_unet(spec: FactorySpec, seed: int):
     from diffusers import UNet2DConditionModel
 
     _seeded(seed, 1)
+    extra: dict = {}
+    if spec.family in ("sd2", "sdxl"):
+        extra["use_linear_projection"] = True
+    if spec.transformer_layers is not None:
+        extra["transformer_layers_per_block"] = spec.transformer_layers
+    if spec.family == "sdxl":
+        extra.update(
+            addition_embed_type="text_time",
+            addition_time_embed_dim=spec.time_embed_dim,
+            projection_class_embeddings_input_dim=6 * spec.time_embed_dim + spec.text2_hidden,
+        )
     return UNet2DConditionModel(
         sample_size=spec.resolution // spec.vae_scale_factor,
         in_channels=4,
@@ -127,9 +195,10 @@ def build_unet(spec: FactorySpec, seed: int):
         down_block_types=spec.unet_down_blocks,
         up_block_types=spec.unet_up_blocks,
         layers_per_block=spec.unet_layers_per_block,
-        attention_head_dim=spec.attention_head_dim,
-        cross_attention_dim=spec.text_hidden,
+        attention_head_dim=spec.attention_heads or spec.attention_head_dim,
+        cross_attention_dim=spec.text_hidden + spec.text2_hidden,
         norm_num_groups=32,
+        **extra,
     )
 
 
@@ -148,31 +217,49 @@ def build_vae(spec: FactorySpec, seed: int):
         latent_channels=4,
         sample_size=spec.resolution,
         norm_num_groups=32,
+        scaling_factor=spec.vae_scaling_factor,
+        force_upcast=spec.family == "sdxl",
+    )
+
+
+def _text_config(hidden: int, layers: int, spec: FactorySpec, *, open_clip: bool):
+    from transformers import CLIPTextConfig
+
+    return CLIPTextConfig(
+        vocab_size=clip.VOCAB_SIZE,
+        hidden_size=hidden,
+        intermediate_size=spec.text_intermediate,
+        num_hidden_layers=layers,
+        num_attention_heads=spec.text_heads,
+        max_position_embeddings=clip.MAX_LENGTH,
+        hidden_act="gelu" if open_clip else "quick_gelu",
+        bos_token_id=clip.BOS_TOKEN_ID,
+        eos_token_id=clip.EOS_TOKEN_ID,
+        pad_token_id=clip.OPEN_CLIP_PAD_ID if open_clip else clip.EOS_TOKEN_ID,
+        projection_dim=hidden,
     )
 
 
 def build_text_encoder(spec: FactorySpec, seed: int):
-    from transformers import CLIPTextConfig, CLIPTextModel
+    """The (first) text encoder: CLIP ViT-L style, or OpenCLIP style for SD 2.x."""
+    from transformers import CLIPTextModel
 
     _seeded(seed, 3)
-    config = CLIPTextConfig(
-        vocab_size=clip.VOCAB_SIZE,
-        hidden_size=spec.text_hidden,
-        intermediate_size=spec.text_intermediate,
-        num_hidden_layers=spec.text_layers,
-        num_attention_heads=spec.text_heads,
-        max_position_embeddings=clip.MAX_LENGTH,
-        hidden_act="quick_gelu",
-        bos_token_id=clip.BOS_TOKEN_ID,
-        eos_token_id=clip.EOS_TOKEN_ID,
-        pad_token_id=clip.EOS_TOKEN_ID,
-        projection_dim=spec.text_hidden,
-    )
+    config = _text_config(spec.text_hidden, spec.text_layers, spec, open_clip=spec.family == "sd2")
     return CLIPTextModel(config).eval()
 
 
-def build_scheduler():
-    """DPM++ 2M with SD 1.x's noise schedule."""
+def build_text_encoder_2(spec: FactorySpec, seed: int):
+    """SDXL's second text encoder: OpenCLIP bigG style, with the projection of its pooled output."""
+    from transformers import CLIPTextModelWithProjection
+
+    _seeded(seed, 4)
+    config = _text_config(spec.text2_hidden, spec.text2_layers, spec, open_clip=True)
+    return CLIPTextModelWithProjection(config).eval()
+
+
+def build_scheduler(prediction_type: str = "epsilon"):
+    """DPM++ 2M with SD's noise schedule."""
     from diffusers import DPMSolverMultistepScheduler
 
     return DPMSolverMultistepScheduler(
@@ -182,31 +269,48 @@ def build_scheduler():
         beta_schedule="scaled_linear",
         algorithm_type="dpmsolver++",
         solver_order=2,
-        prediction_type="epsilon",
+        prediction_type=prediction_type,
         steps_offset=1,
     )
 
 
 def build_pipeline(size: str = "tiny", seed: int = 0, dtype: torch.dtype = torch.float32):
-    """A ``StableDiffusionPipeline`` of the given factory size, deterministic in ``seed``."""
+    """A pipeline of the given factory size (``StableDiffusionPipeline``, or
+    ``StableDiffusionXLPipeline`` for an SDXL size), deterministic in ``seed``."""
     from server.models.noise import quiet_library_noise
 
     quiet_library_noise()
-    from diffusers import StableDiffusionPipeline
-
     try:
         spec = SPECS[size]
     except KeyError:
         raise ValueError(f"unknown factory size {size!r}; choose one of {', '.join(SPECS)}") from None
-    pipeline = StableDiffusionPipeline(
-        vae=build_vae(spec, seed).eval(),
-        text_encoder=build_text_encoder(spec, seed),
-        tokenizer=clip.clip_tokenizer(),
-        unet=build_unet(spec, seed).eval(),
-        scheduler=build_scheduler(),
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
+    if spec.family == "sdxl":
+        from diffusers import StableDiffusionXLPipeline
+
+        pipeline = StableDiffusionXLPipeline(
+            vae=build_vae(spec, seed).eval(),
+            text_encoder=build_text_encoder(spec, seed),
+            text_encoder_2=build_text_encoder_2(spec, seed),
+            tokenizer=clip.clip_tokenizer(),
+            tokenizer_2=clip.clip_tokenizer(pad_token=clip.OPEN_CLIP_PAD),
+            unet=build_unet(spec, seed).eval(),
+            scheduler=build_scheduler(spec.prediction_type),
+            force_zeros_for_empty_prompt=True,
+            add_watermarker=False,
+        )
+    else:
+        from diffusers import StableDiffusionPipeline
+
+        pad = clip.OPEN_CLIP_PAD if spec.family == "sd2" else clip.EOS_TOKEN
+        pipeline = StableDiffusionPipeline(
+            vae=build_vae(spec, seed).eval(),
+            text_encoder=build_text_encoder(spec, seed),
+            tokenizer=clip.clip_tokenizer(pad_token=pad),
+            unet=build_unet(spec, seed).eval(),
+            scheduler=build_scheduler(spec.prediction_type),
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
+        )
     pipeline.set_progress_bar_config(disable=True)
     return pipeline if dtype == torch.float32 else pipeline.to(dtype=dtype)

@@ -1,10 +1,12 @@
 """The one place that loads a base model; the server and the trainer both call it.
 
-A source is the name of a built-in model (``micro``, ``tiny``, ``small``: built
-from a seed by the factory; ``toy``: trained weights shipped in ``data/toy``),
-a diffusers folder, or a single-file SD 1.x ``.safetensors`` checkpoint. Only
+A source is the name of a built-in model (``micro``, ``tiny``, ``small``,
+``tiny-sdxl``, ``tiny-sd2``: built from a seed by the factory; ``toy``: trained
+weights shipped in ``data/toy``), a diffusers folder (SD 1.x, SD 2.x or SDXL), or a
+single-file ``.safetensors`` checkpoint in the original LDM/SGM layout. Only
 safetensors weights are read: pickle checkpoints (``.ckpt``, ``.bin``, ``.pt``)
-are refused, never unpickled.
+are refused, never unpickled. The model's family (``server.models.families``)
+decides its pipeline, its components and its conditioning.
 """
 
 from __future__ import annotations
@@ -22,14 +24,13 @@ import torch
 from adapters.canonical import BaseModelRef, ModuleShapes
 from adapters.errors import FailedPrecondition
 from server.models import factory
+from server.models.families import FAMILIES, Family, family_of
 from server.models.noise import no_loading_bars, quiet_library_noise
 from server.models.shapes import module_shapes
 
 log = logging.getLogger(__name__)
 
 PICKLE_SUFFIXES = (".ckpt", ".bin", ".pt", ".pth", ".pkl")
-REQUIRED_COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
-WEIGHT_COMPONENTS = ("unet", "vae", "text_encoder")
 
 CONVERT_HINT = (
     "loraloom reads only .safetensors weights, because loading a pickle can run arbitrary code. "
@@ -58,6 +59,10 @@ class BaseModel:
     dtype: torch.dtype
     load_seconds: float = field(default=0.0)
 
+    @property
+    def family(self) -> Family:
+        return family_of(self.pipeline)
+
     @cached_property
     def module_shapes(self) -> ModuleShapes:
         return module_shapes(self.pipeline)
@@ -66,7 +71,7 @@ class BaseModel:
     def fingerprint(self) -> str:
         """sha256 over every weight (names, shapes, float32 values): names the exact base."""
         digest = hashlib.sha256()
-        for component in WEIGHT_COMPONENTS:
+        for component in self.family.weight_components:
             model = getattr(self.pipeline, component)
             for key, tensor in sorted(model.state_dict().items()):
                 digest.update(f"{component}.{key}:{tuple(tensor.shape)}".encode())
@@ -92,7 +97,10 @@ def load_base_model(
     device: str | torch.device = "cpu",
     dtype: torch.dtype = torch.float32,
 ) -> BaseModel:
-    """Load ``source`` (a built-in name, a diffusers folder or an SD 1.x single file)."""
+    """Load ``source`` (a built-in name, a diffusers folder or a single-file checkpoint).
+
+    On CUDA in float16, a VAE that overflows in float16 (``force_upcast``: SDXL's) is kept in float32.
+    """
     quiet_library_noise()
     started = time.perf_counter()
     text = str(source)
@@ -107,7 +115,10 @@ def load_base_model(
         name = path.stem if path.is_file() else path.name
         pipeline = _load_path(path, dtype)
     pipeline = pipeline.to(device)
-    for component in WEIGHT_COMPONENTS:
+    family = family_of(pipeline)
+    if dtype == torch.float16 and getattr(pipeline.vae.config, "force_upcast", False):
+        pipeline.vae.to(dtype=torch.float32)
+    for component in family.weight_components:
         getattr(pipeline, component).requires_grad_(False).eval()
     model = BaseModel(
         pipeline=pipeline,
@@ -120,8 +131,9 @@ def load_base_model(
         load_seconds=time.perf_counter() - started,
     )
     log.info(
-        "loaded base model %s (%s, %d px) on %s in %.2fs",
+        "loaded base model %s (%s, %s, %d px) on %s in %.2fs",
         model.name,
+        family.title,
         model.architecture,
         model.resolution,
         model.device,
@@ -133,7 +145,8 @@ def load_base_model(
 def _load_path(path: Path, dtype: torch.dtype):
     if not path.exists():
         raise BaseModelError(
-            f"base model {str(path)!r} not found: give a diffusers folder, an SD 1.x .safetensors file, "
+            f"base model {str(path)!r} not found: give a diffusers folder, a single-file .safetensors "
+            "checkpoint (SD 1.x, SD 2.x or SDXL), "
             f"or a built-in model ({', '.join(builtin_models())})"
         )
     if path.is_dir():
@@ -143,7 +156,7 @@ def _load_path(path: Path, dtype: torch.dtype):
     if path.suffix.lower() != ".safetensors":
         raise BaseModelError(
             f"{path.name} is not a model loraloom can read: expected a diffusers folder "
-            "or an SD 1.x single-file .safetensors checkpoint"
+            "or a single-file .safetensors checkpoint (SD 1.x, SD 2.x or SDXL)"
         )
     from server.models.single_file import load_single_file
 
@@ -154,8 +167,8 @@ def _load_path(path: Path, dtype: torch.dtype):
         raise
     except Exception as error:  # diffusers raises many types for a file it cannot map
         raise BaseModelError(
-            f"{path.name} is not a loadable SD 1.x checkpoint ({error}). "
-            "SD 2.x and SDXL single files are not supported: convert them to a diffusers folder."
+            f"{path.name} is not a loadable SD 1.x, SD 2.x or SDXL checkpoint ({error}). "
+            "Check that the file is complete, or convert it to a diffusers folder."
         ) from error
 
 
@@ -173,10 +186,13 @@ def _load_folder(path: Path, dtype: torch.dtype):
             f"{path} is not a diffusers folder: model_index.json is missing "
             "(save one with `pipeline.save_pretrained(folder)`)"
         )
-    missing = [name for name in REQUIRED_COMPONENTS if not (path / name).is_dir()]
+    family = folder_family(path)
+    missing = [name for name in family.required_components if not (path / name).is_dir()]
     if missing:
-        raise BaseModelError(f"diffusers folder {path} is incomplete: missing {', '.join(missing)}/")
-    for component in WEIGHT_COMPONENTS:
+        raise BaseModelError(
+            f"diffusers folder {path} ({family.title}) is incomplete: missing {', '.join(missing)}/"
+        )
+    for component in family.weight_components:
         folder = path / component
         if any(folder.glob("*.safetensors")):
             continue
@@ -185,35 +201,60 @@ def _load_folder(path: Path, dtype: torch.dtype):
             listed = ", ".join(pickles)
             raise BaseModelError(f"{component}/ holds only pickle weights ({listed}). {CONVERT_HINT}")
         raise BaseModelError(f"diffusers folder {path} is incomplete: no weights in {component}/")
-    from diffusers import StableDiffusionPipeline
-
+    extra: dict[str, Any] = {}
+    if family.pipeline_class == "StableDiffusionPipeline":
+        extra = {"safety_checker": None, "requires_safety_checker": False}
     with no_loading_bars():
-        pipeline = StableDiffusionPipeline.from_pretrained(
+        pipeline = family.pipeline_type().from_pretrained(
             str(path),
             dtype=dtype,
             use_safetensors=True,
             local_files_only=True,
-            safety_checker=None,
-            requires_safety_checker=False,
+            **extra,
         )
     pipeline.set_progress_bar_config(disable=True)
     return pipeline
 
 
+def folder_family(path: Path) -> Family:
+    """The family a diffusers folder declares: its ``model_index.json`` pipeline class, and for
+    SD 1.x vs 2.x its UNet's cross-attention width."""
+    import json
+
+    try:
+        index = json.loads((path / "model_index.json").read_text())
+    except (OSError, ValueError) as error:
+        raise BaseModelError(f"{path}/model_index.json is not readable JSON ({error})") from None
+    kind = str(index.get("_class_name", "")) if isinstance(index, dict) else ""
+    if "XL" in kind:
+        if index.get("text_encoder") in (None, [None, None]):
+            raise BaseModelError(f"{path} is an SDXL refiner ({kind}); serve an SDXL base model")
+        return FAMILIES["sdxl"]
+    if kind and kind not in ("StableDiffusionPipeline", "StableDiffusionXLPipeline"):
+        raise BaseModelError(
+            f"{path} is a {kind} folder; loraloom serves Stable Diffusion 1.x, 2.x and SDXL text-to-image "
+            "pipelines (StableDiffusionPipeline, StableDiffusionXLPipeline)"
+        )
+    try:
+        unet = json.loads((path / "unet" / "config.json").read_text())
+    except (OSError, ValueError):
+        return FAMILIES["sd1"]
+    width = unet.get("cross_attention_dim")
+    return FAMILIES["sd2"] if width == 1024 or unet.get("use_linear_projection") else FAMILIES["sd1"]
+
+
 def infer_architecture(pipeline) -> str:
     """``sd_v1`` / ``sd_v2`` / ``sdxl`` for real checkpoints, ``loraloom:<size>`` for ours."""
-    if getattr(pipeline, "text_encoder_2", None) is not None:
-        return "sdxl"
+    family = family_of(pipeline)
     config = pipeline.unet.config
     channels = tuple(config.block_out_channels)
     for spec in factory.SPECS.values():
         if (
-            channels == spec.unet_channels
+            spec.family == family.name
+            and channels == spec.unet_channels
             and config.layers_per_block == spec.unet_layers_per_block
-            and config.cross_attention_dim == spec.text_hidden
+            and config.cross_attention_dim == spec.text_hidden + spec.text2_hidden
             and pipeline.text_encoder.config.num_hidden_layers == spec.text_layers
         ):
             return f"loraloom:{spec.name}"
-    if channels == (320, 640, 1280, 1280):
-        return {768: "sd_v1", 1024: "sd_v2"}.get(config.cross_attention_dim, "custom")
-    return "custom"
+    return family.architecture

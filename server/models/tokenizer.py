@@ -23,6 +23,10 @@ VOCAB_SIZE = 49408
 BOS_TOKEN_ID = 49406
 EOS_TOKEN_ID = 49407
 MAX_LENGTH = 77
+EOS_TOKEN = "<|endoftext|>"
+# OpenCLIP (SD 2.x's encoder, SDXL's second) pads with "!" (id 0), OpenAI CLIP with end-of-text.
+OPEN_CLIP_PAD = "!"
+OPEN_CLIP_PAD_ID = 0
 
 
 def _bytes_to_unicode() -> dict[int, str]:
@@ -55,7 +59,7 @@ def clip_vocab_and_merges() -> tuple[dict[str, int], list[str]]:
     return {token: index for index, token in enumerate(tokens)}, merges
 
 
-def write_tokenizer_files(folder: Path) -> Path:
+def write_tokenizer_files(folder: Path, *, pad_token: str = EOS_TOKEN) -> Path:
     """Write ``vocab.json``, ``merges.txt`` and the tokenizer config into ``folder``."""
     folder.mkdir(parents=True, exist_ok=True)
     vocab, merges = clip_vocab_and_merges()
@@ -67,7 +71,7 @@ def write_tokenizer_files(folder: Path) -> Path:
         "bos_token": "<|startoftext|>",
         "eos_token": "<|endoftext|>",
         "unk_token": "<|endoftext|>",
-        "pad_token": "<|endoftext|>",
+        "pad_token": pad_token,
         "do_lower_case": True,
     }
     (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")
@@ -94,8 +98,12 @@ def _tokenizer_folder() -> Path:
     return folder
 
 
-def clip_tokenizer():
-    """A transformers ``CLIPTokenizer`` whose ids match OpenAI CLIP."""
+def clip_tokenizer(*, pad_token: str = EOS_TOKEN):
+    """A transformers ``CLIPTokenizer`` whose ids match OpenAI CLIP; ``pad_token="!"`` pads as
+    OpenCLIP does (SD 2.x, SDXL's second tokenizer)."""
     from transformers import CLIPTokenizer
 
-    return CLIPTokenizer.from_pretrained(str(_tokenizer_folder()))
+    tokenizer = CLIPTokenizer.from_pretrained(str(_tokenizer_folder()))
+    if pad_token != EOS_TOKEN:
+        tokenizer.pad_token = pad_token
+    return tokenizer

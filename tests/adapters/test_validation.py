@@ -25,14 +25,29 @@ def test_a_fitting_adapter_passes(micro_shapes):
 
 def test_architecture_mismatch_is_refused_only_when_both_sides_say(micro_shapes):
     adapter = make_adapter(micro_shapes)
-    adapter.base = BaseModelRef("sd_v1")
+    adapter.base = BaseModelRef("sdxl")
     with pytest.raises(
-        AdapterIncompatible, match="made for a sd_v1 base model but this base model is loraloom:micro"
+        AdapterIncompatible, match="made for a sdxl base model but this base model is loraloom:micro"
     ):
+        validate_against_base(adapter, micro_shapes, MICRO)
+    adapter.base = BaseModelRef("loraloom:tiny")  # another built-in size: its own architecture
+    with pytest.raises(AdapterIncompatible, match="made for a loraloom:tiny base model"):
         validate_against_base(adapter, micro_shapes, MICRO)
     validate_against_base(adapter, micro_shapes)  # no base given: shapes decide
     adapter.base = None
     validate_against_base(adapter, micro_shapes, MICRO)  # no base recorded: shapes decide
+
+
+def test_a_family_name_fits_every_base_of_that_family(micro_shapes):
+    """A kohya file says ``sd_v1`` or ``sdxl_base_v1-0``; the built-in sizes are of a family, and the
+    shapes decide the rest."""
+    adapter = make_adapter(micro_shapes)
+    adapter.base = BaseModelRef("sd_v1")
+    validate_against_base(adapter, micro_shapes, MICRO)
+    adapter.base = BaseModelRef("sdxl_base_v1-0")
+    validate_against_base(adapter, micro_shapes, BaseModelRef("loraloom:tiny-sdxl"))
+    with pytest.raises(AdapterIncompatible, match="made for a sdxl base model but this base model is sd_v2"):
+        validate_against_base(adapter, micro_shapes, BaseModelRef("sd_v2"))
 
 
 def test_kohya_architecture_spellings_are_normalized(micro_shapes):

@@ -87,7 +87,7 @@ def hostile(tmp_path_factory, micro_shapes, one_thread):
     files = {
         "ink": adapter_bytes(micro_shapes, seed=1, rank=4),
         "neon": adapter_bytes(micro_shapes, seed=2, rank=2),
-        "other_model": adapter_bytes(micro_shapes, seed=3, architecture="sd_v1"),
+        "other_model": adapter_bytes(micro_shapes, seed=3, architecture="sdxl"),
         "pickle": buffer.getvalue(),
     }
     with ServerThread(config) as thread:

@@ -104,5 +104,5 @@ def test_pickle_renamed_to_safetensors_is_refused(tmp_path):
 def test_unrelated_safetensors_is_a_clear_error(tmp_path):
     path = tmp_path / "lora.safetensors"
     save_file({"lora_unet_x.lora_down.weight": torch.zeros(2, 2)}, str(path))
-    with pytest.raises(BaseModelError, match="not a loadable SD 1.x checkpoint"):
+    with pytest.raises(BaseModelError, match="not a loadable SD 1.x, SD 2.x or SDXL checkpoint"):
         load_base_model(path)

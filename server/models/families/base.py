@@ -1,0 +1,102 @@
+"""The family interface and the conditioning a UNet step is called with."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+
+@dataclass(frozen=True)
+class Conditioning:
+    """A prompt's encoding: the cross-attention states, and SDXL's added conditioning."""
+
+    embeds: torch.Tensor  # (n, tokens, dim)
+    pooled: torch.Tensor | None = None  # (n, projection): SDXL's pooled text embedding
+    time_ids: torch.Tensor | None = None  # (n, 6): SDXL's (original size, crop, target size)
+
+    def repeat(self, n: int) -> Conditioning:
+        """This encoding for ``n`` images (the prompt's one row repeated)."""
+
+        def rows(tensor: torch.Tensor | None) -> torch.Tensor | None:
+            if tensor is None:
+                return None
+            return tensor.repeat(n, *([1] * (tensor.dim() - 1)))
+
+        return Conditioning(rows(self.embeds), rows(self.pooled), rows(self.time_ids))
+
+    @staticmethod
+    def cat(parts: Sequence[Conditioning]) -> Conditioning:
+        def joined(tensors: list[torch.Tensor | None]) -> torch.Tensor | None:
+            return None if tensors[0] is None else torch.cat(tensors)  # type: ignore[arg-type]
+
+        return Conditioning(
+            torch.cat([part.embeds for part in parts]),
+            joined([part.pooled for part in parts]),
+            joined([part.time_ids for part in parts]),
+        )
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.embeds.dtype
+
+    def unet_kwargs(self) -> dict[str, Any]:
+        """The keyword arguments ``UNet2DConditionModel.forward`` takes this conditioning as."""
+        kwargs: dict[str, Any] = {"encoder_hidden_states": self.embeds}
+        if self.pooled is not None:
+            kwargs["added_cond_kwargs"] = {"text_embeds": self.pooled, "time_ids": self.time_ids}
+        return kwargs
+
+
+# (pipeline, prompt, height, width, negative) -> that prompt's conditioning, one row.
+Encoder = Callable[[Any, str, int, int, bool], Conditioning]
+
+
+@dataclass(frozen=True)
+class Family:
+    """One model family: its identity, its components and how it conditions the UNet."""
+
+    name: str  # sd1 | sd2 | sdxl
+    architecture: str  # the base's identity in the store: sd_v1 | sd_v2 | sdxl
+    title: str  # what a person calls it
+    pipeline_class: str  # the diffusers pipeline a folder of this family loads as
+    text_encoders: tuple[str, ...]
+    tokenizers: tuple[str, ...]
+    resolution: int  # the native size of the real models
+    kohya_version: str  # ss_base_model_version kohya writes
+    encode: Encoder
+    matches: Callable[[Any], bool]  # whether a loaded pipeline is of this family
+
+    @property
+    def weight_components(self) -> tuple[str, ...]:
+        """The components that hold weights (fingerprinted, frozen, moved between devices)."""
+        return ("unet", "vae", *self.text_encoders)
+
+    @property
+    def required_components(self) -> tuple[str, ...]:
+        """What a diffusers folder of this family must have."""
+        return (*self.weight_components, *self.tokenizers, "scheduler")
+
+    def pipeline_type(self):
+        import diffusers
+
+        return getattr(diffusers, self.pipeline_class)
+
+
+def tokenize(tokenizer, text: str, device: torch.device) -> torch.Tensor:
+    """``text`` as CLIP ids, padded and truncated to the tokenizer's length (diffusers' rule)."""
+    ids = tokenizer(
+        [text],
+        padding="max_length",
+        max_length=tokenizer.model_max_length,
+        truncation=True,
+        return_tensors="pt",
+    )
+    return ids.input_ids.to(device)
+
+
+def execution_device(module) -> torch.device:
+    device = getattr(module, "device", None)
+    return device if isinstance(device, torch.device) else torch.device("cpu")

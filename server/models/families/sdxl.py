@@ -1,0 +1,66 @@
+"""SDXL: two text encoders (CLIP ViT-L and OpenCLIP bigG with a projection) and added conditioning.
+
+The UNet reads the penultimate hidden states of both encoders, concatenated, as its
+cross-attention states, plus ``added_cond_kwargs``: the pooled, projected embedding of
+encoder 2 (``text_embeds``) and ``time_ids`` = (original height, width, crop top, left,
+target height, width). As diffusers' ``StableDiffusionXLPipeline``: the original and
+target sizes are the requested size, the crop is (0, 0), and an empty negative prompt is
+all zeros (``force_zeros_for_empty_prompt``, true for the SDXL base) rather than an
+encoded empty string.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from server.models.families.base import Conditioning, Family, tokenize
+
+PENULTIMATE = -2
+
+
+def time_ids(height: int, width: int, *, crop: tuple[int, int] = (0, 0)) -> torch.Tensor:
+    """SDXL's size conditioning for a ``height`` x ``width`` image, one row."""
+    return torch.tensor([[height, width, crop[0], crop[1], height, width]], dtype=torch.float32)
+
+
+def zeros_for_empty_negative(pipeline) -> bool:
+    config = getattr(pipeline, "config", None)
+    return bool(getattr(config, "force_zeros_for_empty_prompt", True))
+
+
+def encode(pipeline, text: str, height: int, width: int, negative: bool) -> Conditioning:
+    """diffusers' ``StableDiffusionXLPipeline.encode_prompt`` for one prompt."""
+    device = pipeline.unet.device
+    hidden: list[torch.Tensor] = []
+    pooled: torch.Tensor | None = None
+    pairs = ((pipeline.tokenizer, pipeline.text_encoder), (pipeline.tokenizer_2, pipeline.text_encoder_2))
+    for tokenizer, text_encoder in pairs:
+        output = text_encoder(tokenize(tokenizer, text, device), output_hidden_states=True)
+        if pooled is None and output[0].dim() == 2:
+            pooled = output[0]  # CLIPTextModelWithProjection's text_embeds (encoder 2)
+        hidden.append(output.hidden_states[PENULTIMATE])
+    embeds = torch.cat(hidden, dim=-1)
+    if pooled is None:
+        raise ValueError("SDXL's second text encoder must be a CLIPTextModelWithProjection (pooled output)")
+    dtype = pipeline.text_encoder_2.dtype
+    if negative and not text and zeros_for_empty_negative(pipeline):
+        embeds, pooled = torch.zeros_like(embeds), torch.zeros_like(pooled)
+    return Conditioning(
+        embeds=embeds.to(dtype=dtype, device=device),
+        pooled=pooled.to(dtype=dtype, device=device),
+        time_ids=time_ids(height, width).to(dtype=dtype, device=device),
+    )
+
+
+SDXL = Family(
+    name="sdxl",
+    architecture="sdxl",
+    title="Stable Diffusion XL",
+    pipeline_class="StableDiffusionXLPipeline",
+    text_encoders=("text_encoder", "text_encoder_2"),
+    tokenizers=("tokenizer", "tokenizer_2"),
+    resolution=1024,
+    kohya_version="sdxl_base_v1-0",
+    encode=encode,
+    matches=lambda pipeline: getattr(pipeline, "text_encoder_2", None) is not None,
+)
