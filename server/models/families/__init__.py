@@ -13,7 +13,7 @@ from server.models.families.sdxl import SDXL
 
 FAMILIES: dict[str, Family] = {family.name: family for family in (SD1, SD2, SDXL)}
 
-__all__ = ["FAMILIES", "SD1", "SD2", "SDXL", "Conditioning", "Family", "family_of", "family_for_architecture"]
+__all__ = ["FAMILIES", "SD1", "SD2", "SDXL", "Conditioning", "Family", "family_for_architecture", "family_of"]
 
 
 def family_of(pipeline) -> Family:

@@ -23,7 +23,8 @@ def _matches(pipeline) -> bool:
     if getattr(config, "cross_attention_dim", None) == OPEN_CLIP_WIDTH:
         return True
     tokenizer = getattr(pipeline, "tokenizer", None)
-    return bool(getattr(config, "use_linear_projection", False)) and getattr(tokenizer, "pad_token", None) == "!"
+    linear = bool(getattr(config, "use_linear_projection", False))
+    return linear and getattr(tokenizer, "pad_token", None) == "!"
 
 
 SD2 = Family(
