@@ -75,6 +75,7 @@ class ServerInfo:
     architecture: str
     fingerprint: str
     resolution: int
+    family: str
     backend: str
     device: str
     dtype: str
@@ -372,6 +373,7 @@ class LoraloomService:
             architecture=self.base.architecture,
             fingerprint=self.base.fingerprint,
             resolution=self.base.resolution,
+            family=self.base.family.architecture,
             backend=getattr(self.engine, "backend_name", "torch"),
             device=str(self.base.device),
             dtype=str(self.base.dtype).removeprefix("torch."),

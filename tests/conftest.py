@@ -55,6 +55,22 @@ def tiny_pipeline():
     return build_pipeline("tiny", seed=0)
 
 
+@pytest.fixture(scope="session")
+def tiny_sdxl_pipeline():
+    """The 64 px SDXL-topology factory model (two text encoders); treat as read-only."""
+    from server.models.factory import build_pipeline
+
+    return build_pipeline("tiny-sdxl", seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_sd2_pipeline():
+    """The 64 px SD 2.x-topology factory model (v-prediction); treat as read-only."""
+    from server.models.factory import build_pipeline
+
+    return build_pipeline("tiny-sd2", seed=0)
+
+
 @pytest.fixture()
 def loraloom_home(tmp_path, monkeypatch):
     """A private data folder for the test (store, caches)."""

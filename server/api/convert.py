@@ -224,6 +224,7 @@ def server_info(info: ServerInfo) -> server_pb2.ServerInfo:
             architecture=info.architecture,
             fingerprint=info.fingerprint,
             resolution=info.resolution,
+            family=info.family,
         ),
         backend=info.backend,
         device=info.device,

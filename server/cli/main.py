@@ -187,7 +187,7 @@ def info(server: Server = DEFAULT_SERVER, timeout: Timeout = 10.0, json: Json = 
     cache = details.cache
     lines = [
         f"loraloom {details.version} at {server} ({'ready' if details.ready else 'not ready'})",
-        f"base model  {base.name} ({base.architecture}, {base.resolution} px) from {base.source}",
+        f"base model  {base.name} ({_architecture(base)}, {base.resolution} px) from {base.source}",
         f"            fingerprint {base.fingerprint[:16]}",
         f"backend     {details.backend} on {details.device}, {details.dtype}",
         f"limits      queue {limits.max_queue}, steps {limits.max_steps}, images {limits.max_images}, "
@@ -244,6 +244,13 @@ def adapters_show(
 
     found = _call(server, timeout, lambda client: client.get_adapter(ref))
     typer.echo(output.as_json(found) if json else _describe(found))
+
+
+def _architecture(base) -> str:
+    """``sdxl``, or ``loraloom:tiny-sdxl (sdxl family)`` for a built-in test size."""
+    if base.family and base.family != base.architecture:
+        return f"{base.architecture}, {base.family} family"
+    return base.architecture
 
 
 def _describe(item) -> str:

@@ -319,6 +319,7 @@ def server_info(message: server_pb2.ServerInfo) -> types.ServerInfo:
             architecture=base.architecture,
             fingerprint=base.fingerprint,
             resolution=base.resolution,
+            family=base.family,
         ),
         backend=message.backend,
         device=message.device,

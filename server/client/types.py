@@ -230,6 +230,7 @@ class BaseModelInfo:
     architecture: str = ""
     fingerprint: str = ""
     resolution: int = 0
+    family: str = ""
 
 
 @dataclass(frozen=True)

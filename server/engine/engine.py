@@ -429,7 +429,7 @@ class Engine:
                 every = entry.job.options.preview_every
                 preview = None
                 if every and (done % every == 0 or done == total):
-                    preview = latent_preview(latents, size=PREVIEW_SIZE)
+                    preview = latent_preview(latents, size=PREVIEW_SIZE, factors=self.family.latent_rgb)
                 entry.on_progress(Progress("step", step=done, total_steps=total, preview=preview))
 
             if live:

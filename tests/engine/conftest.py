@@ -11,6 +11,7 @@ from adapters.canonical import LoraAdapter
 from server.backends.select import build_backend
 from server.engine import Engine, MemoryResolver
 from server.engine.synthetic import random_adapter
+from server.models.families import family_of
 from server.models.loader import BaseModel, infer_architecture
 from server.models.shapes import module_shapes
 
@@ -26,7 +27,7 @@ def base_from(
     which is how tests reach the engine's refusals of unsupported settings.
     """
     own = copy.deepcopy(pipeline)
-    for component in ("unet", "text_encoder", "vae"):
+    for component in family_of(own).weight_components:
         getattr(own, component).requires_grad_(False).eval()
     return BaseModel(
         pipeline=own,

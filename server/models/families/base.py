@@ -50,6 +50,14 @@ class Conditioning:
         return kwargs
 
 
+# A1111 / ComfyUI's "latent2rgb" approximation of SD 1.x/2.x's VAE: latent channel -> RGB.
+SD_LATENT_RGB: tuple[tuple[float, float, float], ...] = (
+    (0.3512, 0.2297, 0.3227),
+    (0.3250, 0.4974, 0.2350),
+    (-0.2829, 0.1762, 0.2721),
+    (-0.2120, -0.2616, -0.7177),
+)
+
 # (pipeline, prompt, height, width, negative) -> that prompt's conditioning, one row.
 Encoder = Callable[[Any, str, int, int, bool], Conditioning]
 
@@ -68,6 +76,7 @@ class Family:
     kohya_version: str  # ss_base_model_version kohya writes
     encode: Encoder
     matches: Callable[[Any], bool]  # whether a loaded pipeline is of this family
+    latent_rgb: tuple[tuple[float, float, float], ...] = SD_LATENT_RGB  # for cheap previews
 
     @property
     def weight_components(self) -> tuple[str, ...]:

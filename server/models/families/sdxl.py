@@ -16,6 +16,13 @@ import torch
 from server.models.families.base import Conditioning, Family, tokenize
 
 PENULTIMATE = -2
+# SDXL's VAE has its own latent space; the latent2rgb approximation ComfyUI uses for it.
+SDXL_LATENT_RGB = (
+    (0.3920, 0.4054, 0.4549),
+    (-0.2634, -0.0196, 0.0653),
+    (0.0568, 0.1687, -0.0755),
+    (-0.3112, -0.2359, -0.2076),
+)
 
 
 def time_ids(height: int, width: int, *, crop: tuple[int, int] = (0, 0)) -> torch.Tensor:
@@ -63,4 +70,5 @@ SDXL = Family(
     kohya_version="sdxl_base_v1-0",
     encode=encode,
     matches=lambda pipeline: getattr(pipeline, "text_encoder_2", None) is not None,
+    latent_rgb=SDXL_LATENT_RGB,
 )

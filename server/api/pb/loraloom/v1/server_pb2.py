@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from server.api.pb.loraloom.v1 import adapters_pb2 as loraloom_dot_v1_dot_adapters__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18loraloom/v1/server.proto\x12\x0bloraloom.v1\x1a\x1aloraloom/v1/adapters.proto\"\x16\n\x14GetServerInfoRequest\"h\n\tBaseModel\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06source\x18\x02 \x01(\t\x12\x14\n\x0c\x61rchitecture\x18\x03 \x01(\t\x12\x13\n\x0b\x66ingerprint\x18\x04 \x01(\t\x12\x12\n\nresolution\x18\x05 \x01(\r\"\xe3\x01\n\x06Limits\x12\x19\n\x11max_message_bytes\x18\x01 \x01(\x04\x12\x18\n\x10max_upload_bytes\x18\x02 \x01(\x04\x12\x11\n\tmax_queue\x18\x03 \x01(\r\x12\x11\n\tmax_steps\x18\x04 \x01(\r\x12\x12\n\nmax_images\x18\x05 \x01(\r\x12\x14\n\x0cmax_adapters\x18\x06 \x01(\r\x12\x10\n\x08max_size\x18\x07 \x01(\r\x12\x18\n\x10max_prompt_bytes\x18\x08 \x01(\r\x12\x10\n\x08max_rank\x18\t \x01(\r\x12\x16\n\x0emax_abs_weight\x18\n \x01(\x01\"u\n\nQueueStats\x12\x0e\n\x06queued\x18\x01 \x01(\r\x12\x0f\n\x07running\x18\x02 \x01(\r\x12\x11\n\tcompleted\x18\x03 \x01(\x04\x12\x0e\n\x06\x66\x61iled\x18\x04 \x01(\x04\x12\x11\n\tcancelled\x18\x05 \x01(\x04\x12\x10\n\x08rejected\x18\x06 \x01(\x04\"\xfd\x01\n\nServerInfo\x12\x0f\n\x07version\x18\x01 \x01(\t\x12*\n\nbase_model\x18\x02 \x01(\x0b\x32\x16.loraloom.v1.BaseModel\x12\x0f\n\x07\x62\x61\x63kend\x18\x03 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x04 \x01(\t\x12\r\n\x05\x64type\x18\x05 \x01(\t\x12#\n\x06limits\x18\x06 \x01(\x0b\x32\x13.loraloom.v1.Limits\x12&\n\x05\x63\x61\x63he\x18\x07 \x01(\x0b\x32\x17.loraloom.v1.CacheStats\x12&\n\x05queue\x18\x08 \x01(\x0b\x32\x17.loraloom.v1.QueueStats\x12\r\n\x05ready\x18\t \x01(\x08\x42O\n\x0f\x64\x65v.loraloom.v1P\x01Z:github.com/loraloom/loraloom/gen/go/loraloom/v1;loraloomv1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18loraloom/v1/server.proto\x12\x0bloraloom.v1\x1a\x1aloraloom/v1/adapters.proto\"\x16\n\x14GetServerInfoRequest\"x\n\tBaseModel\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06source\x18\x02 \x01(\t\x12\x14\n\x0c\x61rchitecture\x18\x03 \x01(\t\x12\x13\n\x0b\x66ingerprint\x18\x04 \x01(\t\x12\x12\n\nresolution\x18\x05 \x01(\r\x12\x0e\n\x06\x66\x61mily\x18\x06 \x01(\t\"\xe3\x01\n\x06Limits\x12\x19\n\x11max_message_bytes\x18\x01 \x01(\x04\x12\x18\n\x10max_upload_bytes\x18\x02 \x01(\x04\x12\x11\n\tmax_queue\x18\x03 \x01(\r\x12\x11\n\tmax_steps\x18\x04 \x01(\r\x12\x12\n\nmax_images\x18\x05 \x01(\r\x12\x14\n\x0cmax_adapters\x18\x06 \x01(\r\x12\x10\n\x08max_size\x18\x07 \x01(\r\x12\x18\n\x10max_prompt_bytes\x18\x08 \x01(\r\x12\x10\n\x08max_rank\x18\t \x01(\r\x12\x16\n\x0emax_abs_weight\x18\n \x01(\x01\"u\n\nQueueStats\x12\x0e\n\x06queued\x18\x01 \x01(\r\x12\x0f\n\x07running\x18\x02 \x01(\r\x12\x11\n\tcompleted\x18\x03 \x01(\x04\x12\x0e\n\x06\x66\x61iled\x18\x04 \x01(\x04\x12\x11\n\tcancelled\x18\x05 \x01(\x04\x12\x10\n\x08rejected\x18\x06 \x01(\x04\"\xfd\x01\n\nServerInfo\x12\x0f\n\x07version\x18\x01 \x01(\t\x12*\n\nbase_model\x18\x02 \x01(\x0b\x32\x16.loraloom.v1.BaseModel\x12\x0f\n\x07\x62\x61\x63kend\x18\x03 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x04 \x01(\t\x12\r\n\x05\x64type\x18\x05 \x01(\t\x12#\n\x06limits\x18\x06 \x01(\x0b\x32\x13.loraloom.v1.Limits\x12&\n\x05\x63\x61\x63he\x18\x07 \x01(\x0b\x32\x17.loraloom.v1.CacheStats\x12&\n\x05queue\x18\x08 \x01(\x0b\x32\x17.loraloom.v1.QueueStats\x12\r\n\x05ready\x18\t \x01(\x08\x42O\n\x0f\x64\x65v.loraloom.v1P\x01Z:github.com/loraloom/loraloom/gen/go/loraloom/v1;loraloomv1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,11 +36,11 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GETSERVERINFOREQUEST']._serialized_start=69
   _globals['_GETSERVERINFOREQUEST']._serialized_end=91
   _globals['_BASEMODEL']._serialized_start=93
-  _globals['_BASEMODEL']._serialized_end=197
-  _globals['_LIMITS']._serialized_start=200
-  _globals['_LIMITS']._serialized_end=427
-  _globals['_QUEUESTATS']._serialized_start=429
-  _globals['_QUEUESTATS']._serialized_end=546
-  _globals['_SERVERINFO']._serialized_start=549
-  _globals['_SERVERINFO']._serialized_end=802
+  _globals['_BASEMODEL']._serialized_end=213
+  _globals['_LIMITS']._serialized_start=216
+  _globals['_LIMITS']._serialized_end=443
+  _globals['_QUEUESTATS']._serialized_start=445
+  _globals['_QUEUESTATS']._serialized_end=562
+  _globals['_SERVERINFO']._serialized_start=565
+  _globals['_SERVERINFO']._serialized_end=818
 # @@protoc_insertion_point(module_scope)

@@ -11,18 +11,20 @@ class GetServerInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class BaseModel(_message.Message):
-    __slots__ = ("name", "source", "architecture", "fingerprint", "resolution")
+    __slots__ = ("name", "source", "architecture", "fingerprint", "resolution", "family")
     NAME_FIELD_NUMBER: _ClassVar[int]
     SOURCE_FIELD_NUMBER: _ClassVar[int]
     ARCHITECTURE_FIELD_NUMBER: _ClassVar[int]
     FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     RESOLUTION_FIELD_NUMBER: _ClassVar[int]
+    FAMILY_FIELD_NUMBER: _ClassVar[int]
     name: str
     source: str
     architecture: str
     fingerprint: str
     resolution: int
-    def __init__(self, name: _Optional[str] = ..., source: _Optional[str] = ..., architecture: _Optional[str] = ..., fingerprint: _Optional[str] = ..., resolution: _Optional[int] = ...) -> None: ...
+    family: str
+    def __init__(self, name: _Optional[str] = ..., source: _Optional[str] = ..., architecture: _Optional[str] = ..., fingerprint: _Optional[str] = ..., resolution: _Optional[int] = ..., family: _Optional[str] = ...) -> None: ...
 
 class Limits(_message.Message):
     __slots__ = ("max_message_bytes", "max_upload_bytes", "max_queue", "max_steps", "max_images", "max_adapters", "max_size", "max_prompt_bytes", "max_rank", "max_abs_weight")
