@@ -91,6 +91,10 @@ class Limits:
         "smaller dimension is kept as its dense update.",
         1024,
     )
+    max_input_pixels: int = _help(
+        "Most pixels (width x height) of an img2img init image or inpainting mask, as decoded.",
+        4096 * 4096,
+    )
 
 
 @dataclass(frozen=True)

@@ -15,6 +15,7 @@ from server.api.pb.loraloom.v1 import adapters_pb2, generate_pb2, server_pb2
 from server.engine.types import (
     DEFAULT_GUIDANCE,
     DEFAULT_SAMPLER,
+    DEFAULT_SCHEDULE,
     DEFAULT_STEPS,
     EngineStats,
     GenerateRequest,
@@ -53,6 +54,12 @@ def generate_request(
         request_id=request_id(message.request_id),
         sampler=message.sampler or DEFAULT_SAMPLER,
         merge=merge(message),
+        init_image=message.init_image or None,
+        mask_image=message.mask_image or None,
+        strength=wire_float(message.strength) if message.HasField("strength") else None,
+        clip_skip=message.clip_skip,
+        schedule=message.schedule or DEFAULT_SCHEDULE,
+        eta=wire_float(message.eta) if message.HasField("eta") else None,
     )
 
 
@@ -240,6 +247,7 @@ def server_info(info: ServerInfo) -> server_pb2.ServerInfo:
             max_prompt_bytes=info.limits.max_prompt_bytes,
             max_rank=info.limits.max_rank,
             max_abs_weight=info.limits.max_abs_weight,
+            max_input_pixels=info.limits.max_input_pixels,
         ),
         cache=cache_stats(info.cache),
         queue=server_pb2.QueueStats(
@@ -276,6 +284,12 @@ def parameters(params: GenerationParameters) -> generate_pb2.GenerationParameter
         sampler=params.sampler,
         num_images=params.num_images,
         merge=blend_merge(params.merge),
+        strength=params.strength,
+        init_image_sha256=params.init_image.sha256 if params.init_image else "",
+        mask_image_sha256=params.mask.sha256 if params.mask else "",
+        clip_skip=params.clip_skip,
+        schedule=params.schedule,
+        eta=params.eta,
         adapters=[
             generate_pb2.AppliedAdapter(
                 name=item.name,

@@ -49,6 +49,7 @@ def register(app: typer.Typer) -> None:
         max_abs_weight: Annotated[float | None, _opt("max_abs_weight", "--max-abs-weight")] = None,
         max_prompt_bytes: Annotated[int | None, _opt("max_prompt_bytes", "--max-prompt-bytes")] = None,
         max_rank: Annotated[int | None, _opt("max_rank", "--max-rank")] = None,
+        max_input_pixels: Annotated[int | None, _opt("max_input_pixels", "--max-input-pixels")] = None,
         oom_unready_after: Annotated[int | None, _opt("oom_unready_after", "--oom-unready-after")] = None,
         resolve_ttl_s: Annotated[float | None, _opt("resolve_ttl_s", "--resolve-ttl-s")] = None,
         grace_s: Annotated[float | None, _opt("grace_s", "--grace-s")] = None,

@@ -53,6 +53,12 @@ def generate_request(
     merge: str = "linear",
     density: float | None = None,
     merge_seed: int | None = None,
+    init_image: bytes | None = None,
+    mask_image: bytes | None = None,
+    strength: float | None = None,
+    clip_skip: int = 0,
+    schedule: str = "",
+    eta: float | None = None,
 ) -> generate_pb2.GenerateRequest:
     try:
         fmt = FORMATS[image_format.lower()]
@@ -70,9 +76,17 @@ def generate_request(
         preview_every=preview_every,
         request_id=request_id,
         sampler=sampler,
+        init_image=init_image or b"",
+        mask_image=mask_image or b"",
+        clip_skip=clip_skip,
+        schedule=schedule,
     )
     if guidance_scale is not None:
         request.guidance_scale = guidance_scale
+    if strength is not None:
+        request.strength = strength
+    if eta is not None:
+        request.eta = eta
     if seed is not None:
         request.seed = seed
     blend = blend_merge(merge, density, merge_seed)
@@ -148,6 +162,12 @@ def parameters(message: generate_pb2.GenerationParameters) -> types.Parameters:
         merge=message.merge.method or "linear",  # a server without merges leaves it empty
         density=message.merge.density,
         merge_seed=message.merge.seed if message.merge.HasField("seed") else None,
+        strength=message.strength,
+        init_image_sha256=message.init_image_sha256,
+        mask_image_sha256=message.mask_image_sha256,
+        clip_skip=message.clip_skip,
+        schedule=message.schedule,
+        eta=message.eta,
     )
 
 
@@ -335,6 +355,7 @@ def server_info(message: server_pb2.ServerInfo) -> types.ServerInfo:
             max_prompt_bytes=limits.max_prompt_bytes,
             max_rank=limits.max_rank,
             max_abs_weight=limits.max_abs_weight,
+            max_input_pixels=limits.max_input_pixels,
         ),
         cache=cache_stats(message.cache),
         queue=records.QueueStats(

@@ -96,7 +96,9 @@ class Client:
         ``options``: adapters (``"name[@version][:weight]"`` strings, also ``"name:0.8:0.5"`` for
         text-encoder and UNet weights; ``AdapterSpec`` or ``(ref, weight)``), negative_prompt,
         steps, guidance_scale, seed, width, height, num_images, image_format ("png" or "jpeg"),
-        preview_every, request_id, sampler.
+        preview_every, request_id, sampler; img2img/inpainting: init_image and mask_image (PNG or
+        JPEG bytes), strength (0-1; None: 0.75 with an init image); clip_skip (A1111's: 1 = last
+        layer), schedule ("karras", "exponential", "beta", "sgm_uniform"), eta (ddim).
 
         ``merge``: how the blend's adapters combine, one of ``types.MERGE_METHODS``: "linear"
         (the weighted sum), "ties" (keep each adapter's largest deltas, elect a sign per

@@ -103,6 +103,12 @@ class Parameters:
     merge: str = "linear"  # how the adapters combined: one of MERGE_METHODS
     density: float = 0.0  # the fraction of each delta ties and dare_* kept; 0 for linear
     merge_seed: int | None = None  # the seed of dare_*'s random masks; None for the others
+    strength: float = 0.0  # img2img/inpainting: the share of the schedule re-run (1: txt2img)
+    init_image_sha256: str = ""  # of the init image / mask bytes sent ("" when none)
+    mask_image_sha256: str = ""
+    clip_skip: int = 0  # A1111's numbering: 1 = the last text-encoder layer
+    schedule: str = ""  # the sigma schedule ("default": the sampler's own)
+    eta: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -245,6 +251,7 @@ class Limits:
     max_prompt_bytes: int = 0
     max_rank: int = 0
     max_abs_weight: float = 0.0
+    max_input_pixels: int = 0
 
 
 @dataclass(frozen=True)

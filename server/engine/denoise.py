@@ -116,9 +116,10 @@ def denoise_batch(
     positive: list[Conditioning] = []
     negative: list[Conditioning] = []
     for job, n in zip(jobs, counts, strict=True):
-        positive.append(encode(pipeline, job.prompt, job.height, job.width, False).repeat(n))
+        size = {"height": job.height, "width": job.width, "clip_skip": job.clip_skip}
+        positive.append(encode(pipeline, job.prompt, negative=False, **size).repeat(n))
         if cfg:
-            negative.append(encode(pipeline, job.negative_prompt, job.height, job.width, True).repeat(n))
+            negative.append(encode(pipeline, job.negative_prompt, negative=True, **size).repeat(n))
     conditioning = Conditioning.cat(negative + positive)
     unet_kwargs = conditioning.unet_kwargs()
     encode_ms = _ms(started)

@@ -27,6 +27,7 @@ from adapters.errors import (
     AdapterIncompatible,
     Cancelled,
     DeadlineExceeded,
+    InvalidArgument,
     LoraloomError,
     NotFound,
     OutOfMemory,
@@ -42,6 +43,7 @@ from server.engine.plan import BlendPlan, EngineBackend, TorchBackend, bias_key
 from server.engine.preview import latent_preview
 from server.engine.request import NormalizedRequest, check_blend, normalize
 from server.engine.resolvers import AdapterResolver, MemoryResolver, resolve_one
+from server.engine.samplers import check_options
 from server.engine.types import (
     EngineStats,
     GenerateRequest,
@@ -202,7 +204,17 @@ class Engine:
     def normalize(self, request: GenerateRequest) -> NormalizedRequest:
         """Validate ``request`` against this engine's limits and base size (no I/O)."""
         factor = int(getattr(self.pipeline, "vae_scale_factor", 8))
-        return normalize(request, self.limits, resolution=self.resolution, size_factor=factor)
+        normal = normalize(request, self.limits, resolution=self.resolution, size_factor=factor)
+        settings = normal.settings
+        check_options(settings.sampler, settings.schedule, settings.eta, self.pipeline.scheduler)
+        encoders = [getattr(self.pipeline, name) for name in self.family.text_encoders]
+        depth = min(encoder.config.num_hidden_layers for encoder in encoders)
+        if settings.clip_skip > depth:
+            raise InvalidArgument(
+                f"clip_skip {settings.clip_skip} is deeper than this base model's text encoder "
+                f"({depth} layers): use 1 to {depth}"
+            )
+        return normal
 
     def resolve_blend(self, adapters: Sequence[tuple[str, Weight]], merge: Merge = LINEAR) -> ResolvedBlend:
         """Resolve refs to exact versions with one resolver call (one statement for a store).

@@ -1,6 +1,7 @@
-"""A caller's request made exact, once: validated, prompt tags parsed, defaults filled, seed chosen.
+"""A caller's request made exact, once: validated, prompt tags parsed, defaults filled, seed chosen,
+pictures decoded and fitted.
 
-Pure and cheap (no torch, no I/O): the service runs it before anything is queued.
+No torch and no I/O: the service runs it, off the event loop, before anything is queued.
 """
 
 from __future__ import annotations
@@ -11,9 +12,15 @@ from dataclasses import dataclass
 
 from adapters.blend import Merge, Weight, as_weight, parts_of
 from adapters.errors import InvalidArgument
+from server.engine.images import SourceImage, source_image
 from server.engine.prompt import parse_prompt
-from server.engine.samplers import check_sampler
-from server.engine.types import GenerateRequest, GenerationSettings, RunOptions
+from server.engine.samplers import check_sampler, check_schedule
+from server.engine.types import (
+    DEFAULT_STRENGTH,
+    GenerateRequest,
+    GenerationSettings,
+    RunOptions,
+)
 from server.settings import Limits
 
 MAX_SEED = 2**63 - 1
@@ -72,6 +79,7 @@ def normalize(
     check_blend(adapters, limits)
     if request.preview_every < 0:
         raise InvalidArgument("preview_every must be >= 0")
+    init_image, mask, strength = _pictures(request, width, height, steps, limits)
     settings = GenerationSettings(
         prompt=parsed.text,
         negative_prompt=negative.text,
@@ -82,6 +90,12 @@ def normalize(
         seed=int(seed),
         sampler=check_sampler(request.sampler),
         num_images=count,
+        strength=strength,
+        init_image=init_image,
+        mask=mask,
+        clip_skip=_clip_skip(request.clip_skip),
+        schedule=check_schedule(request.schedule),
+        eta=_eta(request.eta),
     )
     options = RunOptions(request.deadline, int(request.preview_every), request.request_id)
     return NormalizedRequest(settings, adapters, request.merge, options)
@@ -103,3 +117,52 @@ def check_blend(adapters: tuple[tuple[str, Weight], ...], limits: Limits) -> Non
         raise InvalidArgument(
             f"{len(adapters)} adapters in one blend; at most {limits.max_adapters} are allowed"
         )
+
+
+def _pictures(
+    request: GenerateRequest, width: int, height: int, steps: int, limits: Limits
+) -> tuple[SourceImage | None, SourceImage | None, float]:
+    """The init image and mask fitted to the request's size, and the strength that runs."""
+    if not request.init_image:
+        if request.mask_image:
+            raise InvalidArgument("mask_image needs an init_image: the picture to repaint parts of")
+        if request.strength is not None and float(request.strength) != 1.0:
+            raise InvalidArgument("strength needs an init_image (img2img); without one leave it unset")
+        return None, None, 1.0
+    strength = DEFAULT_STRENGTH if request.strength is None else float(request.strength)
+    if not math.isfinite(strength) or not 0.0 < strength <= 1.0:
+        raise InvalidArgument(f"strength {strength} is out of range: use a value in (0, 1]")
+    if int(steps * strength) < 1:
+        raise InvalidArgument(
+            f"strength {strength} of {steps} steps runs no step (int(steps * strength) = 0): "
+            "raise strength or steps"
+        )
+    pixels = limits.max_input_pixels
+    init = source_image(bytes(request.init_image), "init_image", width, height, pixels)
+    mask = None
+    if request.mask_image:
+        mask = source_image(bytes(request.mask_image), "mask_image", width, height, pixels, mode="L")
+        if mask.original_size != init.original_size:
+            raise InvalidArgument(
+                f"mask_image is {mask.original_size[0]}x{mask.original_size[1]} but init_image is "
+                f"{init.original_size[0]}x{init.original_size[1]}: the mask must have the init image's size"
+            )
+    return init, mask, strength
+
+
+MAX_CLIP_SKIP = 12
+
+
+def _clip_skip(value: int) -> int:
+    """A1111's clip skip: 0 and 1 both mean the last layer."""
+    value = int(value or 1)
+    if not 1 <= value <= MAX_CLIP_SKIP:
+        raise InvalidArgument(f"clip_skip {value} is out of range: use 1 (the last layer) to {MAX_CLIP_SKIP}")
+    return value
+
+
+def _eta(value: float | None) -> float:
+    eta = 0.0 if value is None else float(value)
+    if not math.isfinite(eta) or not 0.0 <= eta <= 1.0:
+        raise InvalidArgument(f"eta {eta} is out of range: use 0 (deterministic) to 1")
+    return eta

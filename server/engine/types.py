@@ -16,6 +16,7 @@ from typing import Any
 
 from adapters.blend import LINEAR, Blend, Merge, PartWeights, Weight, add_weights, as_weight, is_zero
 from adapters.canonical import LoraAdapter
+from server.engine.images import SourceImage
 from server.records import AppliedAdapter, QueueStats, ResidentAdapter
 from server.settings import Limits
 
@@ -44,11 +45,13 @@ __all__ = [
 DEFAULT_STEPS = 20
 DEFAULT_GUIDANCE = 7.5
 DEFAULT_SAMPLER = "default"
+DEFAULT_SCHEDULE = "default"
+DEFAULT_STRENGTH = 0.75  # with an init image and no strength: A1111's denoising_strength default
 
 
 @dataclass
 class GenerateRequest:
-    """One txt2img request as a caller asks for it.
+    """One generation request as a caller asks for it (txt2img, img2img, inpainting).
 
     ``width``/``height`` of ``None`` mean the base model's resolution; ``seed`` of
     ``None`` means pick one (reported in the result). Image ``i`` uses ``seed + i``.
@@ -56,7 +59,10 @@ class GenerateRequest:
     (text encoder, UNet); ``<lora:name:0.8>`` / ``<lora:name:0.8:0.5>`` tags in the prompt
     are added to it and removed from the text; ``merge`` says how they
     combine. ``deadline`` is a ``time.monotonic()`` value; ``preview_every`` > 0
-    attaches a cheap preview to every n-th progress event.
+    attaches a cheap preview to every n-th progress event. ``init_image`` / ``mask_image`` are
+    PNG or JPEG bytes (img2img, inpainting), ``strength`` the share of the schedule re-run
+    (``None``: 0.75 with an init image, else 1), ``clip_skip`` A1111's (0 or 1: the last layer),
+    ``schedule`` the sigma schedule and ``eta`` the sampler's stochasticity (``None``: 0).
     """
 
     prompt: str
@@ -73,6 +79,12 @@ class GenerateRequest:
     preview_every: int = 0
     deadline: float | None = None
     request_id: str = ""
+    init_image: bytes | None = None
+    mask_image: bytes | None = None
+    strength: float | None = None
+    clip_skip: int = 0
+    schedule: str = DEFAULT_SCHEDULE
+    eta: float | None = None
 
 
 @dataclass(frozen=True)
@@ -89,15 +101,38 @@ class GenerationSettings:
     seed: int
     sampler: str
     num_images: int
+    strength: float = 1.0
+    init_image: SourceImage | None = None
+    mask: SourceImage | None = None
+    clip_skip: int = 1
+    schedule: str = DEFAULT_SCHEDULE
+    eta: float = 0.0
 
     @property
     def seeds(self) -> tuple[int, ...]:
         return tuple(self.seed + i for i in range(self.num_images))
 
     @property
+    def uses_init_image(self) -> bool:
+        """Whether the init image's latents start the run (img2img, or inpainting below strength 1)."""
+        return self.init_image is not None and (self.strength < 1.0 or self.mask is not None)
+
+    @property
     def batch_key(self) -> tuple:
         """What requests must share to be denoised in one batch (besides their blend)."""
-        return (self.width, self.height, self.steps, self.guidance_scale, self.sampler)
+        return (
+            self.width,
+            self.height,
+            self.steps,
+            self.guidance_scale,
+            self.sampler,
+            self.schedule,
+            self.eta,
+            self.clip_skip,
+            self.strength,
+            self.init_image is not None,
+            self.mask is not None,
+        )
 
 
 @dataclass(frozen=True)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
@@ -58,8 +58,13 @@ SD_LATENT_RGB: tuple[tuple[float, float, float], ...] = (
     (-0.2120, -0.2616, -0.7177),
 )
 
-# (pipeline, prompt, height, width, negative) -> that prompt's conditioning, one row.
-Encoder = Callable[[Any, str, int, int, bool], Conditioning]
+class Encoder(Protocol):
+    """A prompt's conditioning, one row: ``clip_skip`` in A1111's numbering (1 = the last layer);
+    ``height``/``width`` the image size (SDXL conditions on it); ``negative``: the negative prompt."""
+
+    def __call__(
+        self, pipeline: Any, text: str, *, height: int, width: int, negative: bool, clip_skip: int = 1
+    ) -> Conditioning: ...
 
 
 @dataclass(frozen=True)

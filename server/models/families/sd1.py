@@ -7,7 +7,9 @@ import torch
 from server.models.families.base import Conditioning, Family
 
 
-def encode_last_hidden(pipeline, text: str, height: int, width: int, negative: bool) -> Conditioning:
+def encode_last_hidden(
+    pipeline, text: str, *, height: int, width: int, negative: bool, clip_skip: int = 1
+) -> Conditioning:
     """diffusers' ``StableDiffusionPipeline.encode_prompt`` for one prompt (SD 1.x and 2.x)."""
     del height, width, negative  # SD 1.x/2.x conditioning depends on the text alone
     tokenizer, text_encoder = pipeline.tokenizer, pipeline.text_encoder

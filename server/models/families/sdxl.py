@@ -35,7 +35,9 @@ def zeros_for_empty_negative(pipeline) -> bool:
     return bool(getattr(config, "force_zeros_for_empty_prompt", True))
 
 
-def encode(pipeline, text: str, height: int, width: int, negative: bool) -> Conditioning:
+def encode(
+    pipeline, text: str, *, height: int, width: int, negative: bool, clip_skip: int = 1
+) -> Conditioning:
     """diffusers' ``StableDiffusionXLPipeline.encode_prompt`` for one prompt."""
     device = pipeline.unet.device
     hidden: list[torch.Tensor] = []

@@ -39,7 +39,7 @@ class BlendMerge(_message.Message):
     def __init__(self, method: _Optional[str] = ..., density: _Optional[float] = ..., seed: _Optional[int] = ...) -> None: ...
 
 class GenerateRequest(_message.Message):
-    __slots__ = ("prompt", "negative_prompt", "adapters", "steps", "guidance_scale", "seed", "width", "height", "num_images", "format", "preview_every", "request_id", "sampler", "merge")
+    __slots__ = ("prompt", "negative_prompt", "adapters", "steps", "guidance_scale", "seed", "width", "height", "num_images", "format", "preview_every", "request_id", "sampler", "merge", "init_image", "strength", "mask_image", "clip_skip", "schedule", "eta")
     PROMPT_FIELD_NUMBER: _ClassVar[int]
     NEGATIVE_PROMPT_FIELD_NUMBER: _ClassVar[int]
     ADAPTERS_FIELD_NUMBER: _ClassVar[int]
@@ -54,6 +54,12 @@ class GenerateRequest(_message.Message):
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     SAMPLER_FIELD_NUMBER: _ClassVar[int]
     MERGE_FIELD_NUMBER: _ClassVar[int]
+    INIT_IMAGE_FIELD_NUMBER: _ClassVar[int]
+    STRENGTH_FIELD_NUMBER: _ClassVar[int]
+    MASK_IMAGE_FIELD_NUMBER: _ClassVar[int]
+    CLIP_SKIP_FIELD_NUMBER: _ClassVar[int]
+    SCHEDULE_FIELD_NUMBER: _ClassVar[int]
+    ETA_FIELD_NUMBER: _ClassVar[int]
     prompt: str
     negative_prompt: str
     adapters: _containers.RepeatedCompositeFieldContainer[AdapterSpec]
@@ -68,7 +74,13 @@ class GenerateRequest(_message.Message):
     request_id: str
     sampler: str
     merge: BlendMerge
-    def __init__(self, prompt: _Optional[str] = ..., negative_prompt: _Optional[str] = ..., adapters: _Optional[_Iterable[_Union[AdapterSpec, _Mapping]]] = ..., steps: _Optional[int] = ..., guidance_scale: _Optional[float] = ..., seed: _Optional[int] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., num_images: _Optional[int] = ..., format: _Optional[_Union[ImageFormat, str]] = ..., preview_every: _Optional[int] = ..., request_id: _Optional[str] = ..., sampler: _Optional[str] = ..., merge: _Optional[_Union[BlendMerge, _Mapping]] = ...) -> None: ...
+    init_image: bytes
+    strength: float
+    mask_image: bytes
+    clip_skip: int
+    schedule: str
+    eta: float
+    def __init__(self, prompt: _Optional[str] = ..., negative_prompt: _Optional[str] = ..., adapters: _Optional[_Iterable[_Union[AdapterSpec, _Mapping]]] = ..., steps: _Optional[int] = ..., guidance_scale: _Optional[float] = ..., seed: _Optional[int] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., num_images: _Optional[int] = ..., format: _Optional[_Union[ImageFormat, str]] = ..., preview_every: _Optional[int] = ..., request_id: _Optional[str] = ..., sampler: _Optional[str] = ..., merge: _Optional[_Union[BlendMerge, _Mapping]] = ..., init_image: _Optional[bytes] = ..., strength: _Optional[float] = ..., mask_image: _Optional[bytes] = ..., clip_skip: _Optional[int] = ..., schedule: _Optional[str] = ..., eta: _Optional[float] = ...) -> None: ...
 
 class Image(_message.Message):
     __slots__ = ("data", "mime_type", "width", "height", "seed")
@@ -113,7 +125,7 @@ class AppliedAdapter(_message.Message):
     def __init__(self, name: _Optional[str] = ..., version: _Optional[int] = ..., sha256: _Optional[str] = ..., weight: _Optional[float] = ..., text_encoder_weight: _Optional[float] = ..., unet_weight: _Optional[float] = ...) -> None: ...
 
 class GenerationParameters(_message.Message):
-    __slots__ = ("prompt", "negative_prompt", "width", "height", "steps", "guidance_scale", "seed", "sampler", "num_images", "adapters", "merge")
+    __slots__ = ("prompt", "negative_prompt", "width", "height", "steps", "guidance_scale", "seed", "sampler", "num_images", "adapters", "merge", "strength", "init_image_sha256", "mask_image_sha256", "clip_skip", "schedule", "eta", "prompt_pieces")
     PROMPT_FIELD_NUMBER: _ClassVar[int]
     NEGATIVE_PROMPT_FIELD_NUMBER: _ClassVar[int]
     WIDTH_FIELD_NUMBER: _ClassVar[int]
@@ -125,6 +137,13 @@ class GenerationParameters(_message.Message):
     NUM_IMAGES_FIELD_NUMBER: _ClassVar[int]
     ADAPTERS_FIELD_NUMBER: _ClassVar[int]
     MERGE_FIELD_NUMBER: _ClassVar[int]
+    STRENGTH_FIELD_NUMBER: _ClassVar[int]
+    INIT_IMAGE_SHA256_FIELD_NUMBER: _ClassVar[int]
+    MASK_IMAGE_SHA256_FIELD_NUMBER: _ClassVar[int]
+    CLIP_SKIP_FIELD_NUMBER: _ClassVar[int]
+    SCHEDULE_FIELD_NUMBER: _ClassVar[int]
+    ETA_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_PIECES_FIELD_NUMBER: _ClassVar[int]
     prompt: str
     negative_prompt: str
     width: int
@@ -136,7 +155,22 @@ class GenerationParameters(_message.Message):
     num_images: int
     adapters: _containers.RepeatedCompositeFieldContainer[AppliedAdapter]
     merge: BlendMerge
-    def __init__(self, prompt: _Optional[str] = ..., negative_prompt: _Optional[str] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., steps: _Optional[int] = ..., guidance_scale: _Optional[float] = ..., seed: _Optional[int] = ..., sampler: _Optional[str] = ..., num_images: _Optional[int] = ..., adapters: _Optional[_Iterable[_Union[AppliedAdapter, _Mapping]]] = ..., merge: _Optional[_Union[BlendMerge, _Mapping]] = ...) -> None: ...
+    strength: float
+    init_image_sha256: str
+    mask_image_sha256: str
+    clip_skip: int
+    schedule: str
+    eta: float
+    prompt_pieces: _containers.RepeatedCompositeFieldContainer[PromptPiece]
+    def __init__(self, prompt: _Optional[str] = ..., negative_prompt: _Optional[str] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., steps: _Optional[int] = ..., guidance_scale: _Optional[float] = ..., seed: _Optional[int] = ..., sampler: _Optional[str] = ..., num_images: _Optional[int] = ..., adapters: _Optional[_Iterable[_Union[AppliedAdapter, _Mapping]]] = ..., merge: _Optional[_Union[BlendMerge, _Mapping]] = ..., strength: _Optional[float] = ..., init_image_sha256: _Optional[str] = ..., mask_image_sha256: _Optional[str] = ..., clip_skip: _Optional[int] = ..., schedule: _Optional[str] = ..., eta: _Optional[float] = ..., prompt_pieces: _Optional[_Iterable[_Union[PromptPiece, _Mapping]]] = ...) -> None: ...
+
+class PromptPiece(_message.Message):
+    __slots__ = ("text", "weight")
+    TEXT_FIELD_NUMBER: _ClassVar[int]
+    WEIGHT_FIELD_NUMBER: _ClassVar[int]
+    text: str
+    weight: float
+    def __init__(self, text: _Optional[str] = ..., weight: _Optional[float] = ...) -> None: ...
 
 class GenerateResponse(_message.Message):
     __slots__ = ("images", "timing", "blend_signature", "parameters", "request_id")

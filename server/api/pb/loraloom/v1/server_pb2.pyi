@@ -27,7 +27,7 @@ class BaseModel(_message.Message):
     def __init__(self, name: _Optional[str] = ..., source: _Optional[str] = ..., architecture: _Optional[str] = ..., fingerprint: _Optional[str] = ..., resolution: _Optional[int] = ..., family: _Optional[str] = ...) -> None: ...
 
 class Limits(_message.Message):
-    __slots__ = ("max_message_bytes", "max_upload_bytes", "max_queue", "max_steps", "max_images", "max_adapters", "max_size", "max_prompt_bytes", "max_rank", "max_abs_weight")
+    __slots__ = ("max_message_bytes", "max_upload_bytes", "max_queue", "max_steps", "max_images", "max_adapters", "max_size", "max_prompt_bytes", "max_rank", "max_abs_weight", "max_input_pixels")
     MAX_MESSAGE_BYTES_FIELD_NUMBER: _ClassVar[int]
     MAX_UPLOAD_BYTES_FIELD_NUMBER: _ClassVar[int]
     MAX_QUEUE_FIELD_NUMBER: _ClassVar[int]
@@ -38,6 +38,7 @@ class Limits(_message.Message):
     MAX_PROMPT_BYTES_FIELD_NUMBER: _ClassVar[int]
     MAX_RANK_FIELD_NUMBER: _ClassVar[int]
     MAX_ABS_WEIGHT_FIELD_NUMBER: _ClassVar[int]
+    MAX_INPUT_PIXELS_FIELD_NUMBER: _ClassVar[int]
     max_message_bytes: int
     max_upload_bytes: int
     max_queue: int
@@ -48,7 +49,8 @@ class Limits(_message.Message):
     max_prompt_bytes: int
     max_rank: int
     max_abs_weight: float
-    def __init__(self, max_message_bytes: _Optional[int] = ..., max_upload_bytes: _Optional[int] = ..., max_queue: _Optional[int] = ..., max_steps: _Optional[int] = ..., max_images: _Optional[int] = ..., max_adapters: _Optional[int] = ..., max_size: _Optional[int] = ..., max_prompt_bytes: _Optional[int] = ..., max_rank: _Optional[int] = ..., max_abs_weight: _Optional[float] = ...) -> None: ...
+    max_input_pixels: int
+    def __init__(self, max_message_bytes: _Optional[int] = ..., max_upload_bytes: _Optional[int] = ..., max_queue: _Optional[int] = ..., max_steps: _Optional[int] = ..., max_images: _Optional[int] = ..., max_adapters: _Optional[int] = ..., max_size: _Optional[int] = ..., max_prompt_bytes: _Optional[int] = ..., max_rank: _Optional[int] = ..., max_abs_weight: _Optional[float] = ..., max_input_pixels: _Optional[int] = ...) -> None: ...
 
 class QueueStats(_message.Message):
     __slots__ = ("queued", "running", "completed", "failed", "cancelled", "rejected")
