@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from adapters.canonical import BaseModelRef, LoraAdapter, Module, ModuleShapes
 from adapters.errors import AdapterIncompatible, AdapterInvalid
-from adapters.formats.base_ref import compatible_architectures, normalize_architecture
+from adapters.formats.base_ref import architecture_family, compatible_architectures, normalize_architecture
 from adapters.formats.names import text_model_aliases
 
 SHOWN = 5
@@ -79,9 +79,11 @@ def validate_against_base(
         made_for = normalize_architecture(adapter.base.architecture)
         serving = normalize_architecture(base.architecture)
         if not compatible_architectures(made_for, serving):
+            family = architecture_family(serving)
+            named = serving if family == serving else f"{serving} ({family} family)"
             raise AdapterIncompatible(
-                f"the adapter was made for a {made_for} base model but this base model is {serving}; "
-                f"use a {serving} adapter (a LoRA only fits the architecture it was trained on)"
+                f"the adapter was made for a {made_for} base model but this base model is {named}; "
+                f"use a {family} adapter (a LoRA only fits the architecture it was trained on)"
             )
     unknown: list[str] = []
     mismatched: list[str] = []

@@ -1,4 +1,4 @@
-"""``python -m bench SUITE [--quick] [--json FILE]``."""
+"""``python -m bench SUITE [--quick] [--json FILE] [--only SECTIONS] [--skip SECTIONS]``."""
 
 from __future__ import annotations
 
@@ -28,6 +28,12 @@ def main(argv: list[str] | None = None) -> int:
         default=0,
         help="torch CPU threads for both sides (default: the suite's THREADS, else torch's choice)",
     )
+    parser.add_argument(
+        "--only",
+        metavar="SECTIONS",
+        help="comma-separated sections to run, of the suite's SECTIONS (default: all)",
+    )
+    parser.add_argument("--skip", metavar="SECTIONS", help="comma-separated sections to leave out")
     args = parser.parse_args(argv)
 
     from bench.report import print_table, write_json
@@ -41,11 +47,29 @@ def main(argv: list[str] | None = None) -> int:
         import torch
 
         torch.set_num_threads(threads)
-    metrics = module.run(quick=args.quick)
+    sections = _sections(parser, args, getattr(module, "SECTIONS", ()))
+    metrics = module.run(quick=args.quick, **({"sections": sections} if sections is not None else {}))
     print_table(args.suite, metrics, peer=module.PEER)
     if args.json:
         write_json(args.json, args.suite, metrics, peer=module.PEER, quick=args.quick)
     return 0
+
+
+def _sections(parser: argparse.ArgumentParser, args: argparse.Namespace, known: tuple[str, ...]):
+    """The sections to run (``None``: the suite has none), from ``--only`` and ``--skip``."""
+    only, skip = _names(args.only), _names(args.skip)
+    if not known:
+        if only or skip:
+            parser.error(f"suite {args.suite} has no sections: --only/--skip do not apply")
+        return None
+    unknown = sorted((only | skip) - set(known))
+    if unknown:
+        parser.error(f"suite {args.suite} has no section {', '.join(unknown)}: use {', '.join(known)}")
+    return frozenset((only or set(known)) - skip)
+
+
+def _names(text: str | None) -> set[str]:
+    return {name.strip() for name in (text or "").split(",") if name.strip()}
 
 
 if __name__ == "__main__":

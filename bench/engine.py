@@ -28,22 +28,27 @@ slows both alike; figures are medians. Both sides use one torch thread unless
   4 requests); peer: all adapters loaded, ``set_adapters`` per request (what a
   user would write). The full run adds ``mixed_rps_tiny_unbatched``
   (``max_batch=1``, the scheduler's bit-exact default; 20 requests).
+- ``*_tiny_sdxl``: swap, blend overhead and cold load on ``tiny-sdxl`` (two text
+  encoders) against diffusers' ``StableDiffusionXLPipeline`` + PEFT; the adapter
+  files cover the UNet and both text encoders' attention, and each side's swap,
+  fuse and load covers all three components.
+
+Sections (``--only``/``--skip``): ``sd1`` (the LoRA rows on ``tiny`` and
+``small``), ``lycoris``, ``mixed``, ``sdxl``.
 """
 
 from __future__ import annotations
 
 import copy
-import logging
 import statistics
 import tempfile
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from bench.report import Metric, cpu_timed, median_ms, timed
+from bench.report import Metric, cpu_timed, median_ms, quiet_peers, timed
 from server.engine import Engine, GenerateRequest, MemoryResolver
 from server.engine.scheduler import Scheduler
 from server.engine.synthetic import attention_targets, diffusers_file, random_adapter, random_lycoris
@@ -60,6 +65,7 @@ BLEND_X = [("a0", 1.0), ("a1", 0.5)]
 BLEND_Y = [("a2", 0.8), ("a3", 0.6)]
 MIXED_BLENDS = [BLEND_X, BLEND_Y, [("a0", 0.5), ("a2", 0.5)], [("a1", 0.7), ("a3", -0.4)]]
 PROMPT = "a watercolor fox in a snowy forest"
+SECTIONS = ("sd1", "lycoris", "mixed", "sdxl")
 
 
 @dataclass(frozen=True)
@@ -93,22 +99,12 @@ QUICK = Config(
 )
 
 
-def _quiet() -> None:
-    warnings.filterwarnings("ignore", message="Already found a `peft_config`")
-    for name in ("transformers", "diffusers", "peft"):
-        logging.getLogger(name).setLevel(logging.ERROR)
-    from transformers.utils import logging as transformers_logging
-
-    transformers_logging.set_verbosity_error()
-    transformers_logging.disable_progress_bar()
-    logging.getLogger("LyCORIS").setLevel(logging.ERROR)
-
-
 class Side:
     """One base model with adapter files on disk, and fresh engines / peer pipelines over it."""
 
     def __init__(self, size: str, folder: Path) -> None:
         self.size = size
+        self.label = size.replace("-", "_")  # in metric names: ``tiny-sdxl`` -> ``tiny_sdxl``
         self.base: BaseModel = load_base_model(size)
         self.pristine = copy.deepcopy(self.base.pipeline)
         self.folder = folder
@@ -165,7 +161,7 @@ def swap_ms(side: Side, repeats: int) -> Metric:
         blend = BLEND_Y if index % 2 == 0 else BLEND_X
         ours.append(timed(lambda b=blend: engine.activate(b)))
         theirs.append(timed(lambda b=blend: _peer_swap(peer, b)))
-    return Metric(f"swap_ms_{side.size}", median_ms(ours), median_ms(theirs), "ms", "lower")
+    return Metric(f"swap_ms_{side.label}", median_ms(ours), median_ms(theirs), "ms", "lower")
 
 
 def cold_load_ms(side: Side, repeats: int) -> Metric:
@@ -181,7 +177,7 @@ def cold_load_ms(side: Side, repeats: int) -> Metric:
         if index:
             ours.append(mine)
             theirs.append(peers)
-    return Metric(f"cold_load_ms_{side.size}", median_ms(ours), median_ms(theirs), "ms", "lower")
+    return Metric(f"cold_load_ms_{side.label}", median_ms(ours), median_ms(theirs), "ms", "lower")
 
 
 class LycorisPeer:
@@ -233,7 +229,7 @@ def lycoris_cold_load_ms(side: Side, kind: str, repeats: int) -> Metric:
         if index:
             ours.append(mine)
             theirs.append(peers)
-    return Metric(f"cold_load_ms_{side.size}_{kind}", median_ms(ours), median_ms(theirs), "ms", "lower")
+    return Metric(f"cold_load_ms_{side.label}_{kind}", median_ms(ours), median_ms(theirs), "ms", "lower")
 
 
 def lycoris_swap_ms(side: Side, kind: str, repeats: int) -> Metric:
@@ -252,7 +248,7 @@ def lycoris_swap_ms(side: Side, kind: str, repeats: int) -> Metric:
         which = 1 if index % 2 == 0 else 0
         ours.append(timed(lambda b=ours_blends[which]: engine.activate(b)))
         theirs.append(timed(lambda b=peer_blends[which]: peer.apply(b)))
-    return Metric(f"swap_ms_{side.size}_{kind}", median_ms(ours), median_ms(theirs), "ms", "lower")
+    return Metric(f"swap_ms_{side.label}_{kind}", median_ms(ours), median_ms(theirs), "ms", "lower")
 
 
 def blend_overhead_pct(side: Side, rounds: int, steps: int) -> Metric:
@@ -290,7 +286,7 @@ def blend_overhead_pct(side: Side, rounds: int, steps: int) -> Metric:
         f"CPU time; base {medians['ours_base'] * 1000:.0f} ms (loraloom), "
         f"{medians['peer_base'] * 1000:.0f} ms (peer)"
     )
-    return Metric(f"blend_overhead_pct_{side.size}", mine, theirs, "pct", "lower", note)
+    return Metric(f"blend_overhead_pct_{side.label}", mine, theirs, "pct", "lower", note)
 
 
 def mixed_rps(side: Side, count: int, steps: int, chunks: int, max_batch: int = 4) -> Metric:
@@ -337,24 +333,37 @@ def mixed_rps(side: Side, count: int, steps: int, chunks: int, max_batch: int = 
     note = (
         f"{count} requests, {steps} steps, {len(MIXED_BLENDS)} blends, {chunks} rounds, max_batch {max_batch}"
     )
-    name = f"mixed_rps_{side.size}" + ("" if max_batch > 1 else "_unbatched")
+    name = f"mixed_rps_{side.label}" + ("" if max_batch > 1 else "_unbatched")
     return Metric(name, count / our_s, count / their_s, "req/s", "higher", note)
 
 
-def run(quick: bool = False) -> list[Metric]:
-    _quiet()
+def run(quick: bool = False, sections: frozenset[str] = frozenset(SECTIONS)) -> list[Metric]:
+    quiet_peers()
     config = QUICK if quick else FULL
+    metrics: list[Metric] = []
     with tempfile.TemporaryDirectory(prefix="loraloom-bench-") as folder:
-        tiny = Side("tiny", Path(folder))
-        small = Side("small", Path(folder))
-        return [
-            swap_ms(tiny, config.swap_repeats),
-            swap_ms(small, config.swap_repeats),
-            blend_overhead_pct(tiny, config.overhead_rounds, config.overhead_steps),
-            cold_load_ms(tiny, config.cold_repeats),
-            cold_load_ms(small, config.cold_repeats),
-            *(lycoris_cold_load_ms(small, kind, config.cold_repeats) for kind in ("loha", "lokr")),
-            *(lycoris_swap_ms(small, kind, config.swap_repeats) for kind in ("loha", "lokr")),
-            mixed_rps(tiny, config.mixed_requests, config.mixed_steps, config.mixed_chunks),
-            *([] if quick else [mixed_rps(tiny, 20, config.mixed_steps, 2, max_batch=1)]),
-        ]
+        tiny = Side("tiny", Path(folder)) if sections & {"sd1", "mixed"} else None
+        small = Side("small", Path(folder)) if sections & {"sd1", "lycoris"} else None
+        if "sd1" in sections:
+            metrics += [
+                swap_ms(tiny, config.swap_repeats),
+                swap_ms(small, config.swap_repeats),
+                blend_overhead_pct(tiny, config.overhead_rounds, config.overhead_steps),
+                cold_load_ms(tiny, config.cold_repeats),
+                cold_load_ms(small, config.cold_repeats),
+            ]
+        if "lycoris" in sections:
+            metrics += [lycoris_cold_load_ms(small, kind, config.cold_repeats) for kind in ("loha", "lokr")]
+            metrics += [lycoris_swap_ms(small, kind, config.swap_repeats) for kind in ("loha", "lokr")]
+        if "sdxl" in sections:
+            sdxl = Side("tiny-sdxl", Path(folder))
+            metrics += [
+                swap_ms(sdxl, config.swap_repeats),
+                blend_overhead_pct(sdxl, config.overhead_rounds, config.overhead_steps),
+                cold_load_ms(sdxl, config.cold_repeats),
+            ]
+        if "mixed" in sections:
+            metrics.append(mixed_rps(tiny, config.mixed_requests, config.mixed_steps, config.mixed_chunks))
+            if not quick:
+                metrics.append(mixed_rps(tiny, 20, config.mixed_steps, 2, max_batch=1))
+    return metrics

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -42,6 +43,23 @@ class Metric:
             "ratio": round(self.ratio, 3),
             "better": self.better,
         }
+
+
+def quiet_peers() -> None:
+    """Silence the peers' per-call warnings and progress bars (diffusers, PEFT, transformers, LyCORIS)."""
+    import warnings
+
+    warnings.filterwarnings("ignore", message="Already found a `peft_config`")
+    warnings.filterwarnings("ignore", message="Already unmerged")  # PEFT: unfuse with nothing fused
+    for name in ("transformers", "diffusers", "peft", "LyCORIS"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    # Through the libraries' own setters: a library configuring its root logger later resets its level.
+    diffusers_logging.set_verbosity_error()
+    transformers_logging.set_verbosity_error()
+    transformers_logging.disable_progress_bar()
 
 
 def median_ms(samples: Sequence[float]) -> float:

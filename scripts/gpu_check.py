@@ -16,7 +16,11 @@ Sections, each a few lines of output, then a one-line summary:
 - compiled: ``Engine(compile=True)`` in fp16: graphs compiled by the first
   request, none by the swaps after it, per-step ms vs eager, and the image
   difference from the eager engine for each blend;
-- tensorrt (if installed): build, refit times, difference after A -> B -> A.
+- tensorrt (if installed): build, refit times, difference after A -> B -> A;
+- sdxl: the tiny SDXL (``--sdxl-model``): the fp16 engine, its ``force_upcast`` VAE kept
+  in fp32, through base, A, B, A+B, base (blends over the UNet and both text encoders)
+  against the fp32 engine; then its TensorRT UNet (with SDXL's ``text_embeds`` and
+  ``time_ids`` inputs) if installed.
 
 Exits 1 if a check fails (a tolerance, a recompile, a leaked weight), 2 if
 there is no CUDA device (without ``--cpu``).
@@ -39,7 +43,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from server.backends.onnx_export import example_inputs
+from server.backends.onnx_export import example_added, example_inputs
 from server.engine import Engine, GenerateRequest, MemoryResolver
 from server.engine.compiled import CompileSettings, channels_last_inputs, graphs_compiled
 from server.engine.fuse import FusedWeights
@@ -92,10 +96,20 @@ def _time_ms(call: Callable[[], Any], repeats: int, device: torch.device) -> flo
     return (time.perf_counter() - started) / repeats * 1000.0
 
 
+def _unet_inputs(unet, device: torch.device) -> tuple:
+    """Example UNet inputs on ``device``: sample, timestep, hidden states, added conditioning (SDXL)."""
+    sample, timestep, hidden = example_inputs(unet, batch=2)
+    added = {name: tensor.to(device) for name, tensor in example_added(unet, batch=2).items()}
+    return sample.to(device), timestep[0].to(device), hidden.to(device), added
+
+
 def _unet_step(unet, inputs, dtype: torch.dtype) -> torch.Tensor:
-    sample, timestep, hidden = inputs
+    sample, timestep, hidden, added = inputs
+    extra = {"added_cond_kwargs": {name: t.to(dtype) for name, t in added.items()}} if added else {}
     with torch.inference_mode():
-        return unet(sample.to(dtype), timestep, encoder_hidden_states=hidden.to(dtype), return_dict=False)[0]
+        return unet(
+            sample.to(dtype), timestep, encoder_hidden_states=hidden.to(dtype), return_dict=False, **extra
+        )[0]
 
 
 def _adapters(pipeline) -> dict[str, Any]:
@@ -109,8 +123,17 @@ def _adapters(pipeline) -> dict[str, Any]:
     return {"a": a, "b": LoraAdapter(modules={**b.modules, **conv.modules})}
 
 
-def _engine(args, dtype: torch.dtype, compile: bool | CompileSettings = False) -> Engine:
-    base = load_base_model(args.model, device=args.device, dtype=dtype)
+def _plans(pipeline, adapters) -> tuple[FusedWeights, Any, Any]:
+    """The torch fused path over ``pipeline`` and its plans for A and B (0.7)."""
+    fused = FusedWeights(lora_targets(pipeline))
+    prepared = {n: fused.prepare(a, name=n, version=1, sha256=n * 64) for n, a in adapters.items()}
+    return fused, fused.plan([(prepared["a"], 1.0)]), fused.plan([(prepared["b"], 0.7)])
+
+
+def _engine(
+    args, dtype: torch.dtype, compile: bool | CompileSettings = False, model: str | None = None
+) -> Engine:
+    base = load_base_model(model or args.model, device=args.device, dtype=dtype)
     resolver = MemoryResolver()
     for name, adapter in _adapters(base.pipeline).items():
         resolver.add_adapter(name, adapter)
@@ -139,11 +162,8 @@ def check_unet(args, report: Report) -> None:
     device = torch.device(args.device)
     pipeline = load_base_model(args.model, device=device).pipeline
     adapters = _adapters(pipeline)
-    fused = FusedWeights(lora_targets(pipeline))
-    prepared = {n: fused.prepare(a, name=n, version=1, sha256=n * 64) for n, a in adapters.items()}
-    plan_a, plan_b = fused.plan([(prepared["a"], 1.0)]), fused.plan([(prepared["b"], 0.7)])
-    sample, timestep, hidden = example_inputs(pipeline.unet, batch=2)
-    inputs = (sample.to(device), timestep[0].to(device), hidden.to(device))
+    fused, plan_a, plan_b = _plans(pipeline, adapters)
+    inputs = _unet_inputs(pipeline.unet, device)
 
     fused.apply(plan_a)
     reference = _unet_step(pipeline.unet, inputs, torch.float32).float()
@@ -166,12 +186,19 @@ def check_unet(args, report: Report) -> None:
     report.say(f"unet fp16: step {step:.2f} ms, max diff from fp32 under A {diff:.2e}")
     report.check(diff <= FP16_TOLERANCE, f"fp16 UNet differs from fp32 by {diff:.2e} > {FP16_TOLERANCE}")
     if args.model_trt:
-        check_tensorrt(args, pipeline, (plan_a, plan_b), inputs, reference, report)
+        fused.apply(None)  # TensorRT takes the module weights as its pristine base: the base's
+        check_tensorrt(args.model, pipeline, (plan_a, plan_b), inputs, reference, report, args)
 
 
 def check_engine(args, report: Report) -> dict[str, Any]:
     """The fp16 engine through base, A, B, A+B, base; returns its images for the compiled section."""
     full, half = _engine(args, torch.float32), _engine(args, torch.float16)
+    return _compare_engines(args, report, "engine fp16", half, full)
+
+
+def _compare_engines(args, report: Report, title: str, half: Engine, full: Engine) -> dict[str, Any]:
+    """``half`` against ``full`` through ``BLENDS``; the half engine's base weights must come back
+    bit for bit. Returns the half engine's images by blend label."""
     pristine = {k: m.weight.detach().clone() for k, m in lora_targets(half.pipeline).items()}
     images: dict[str, Any] = {}
     first_base = None
@@ -180,19 +207,19 @@ def check_engine(args, report: Report) -> dict[str, Any]:
         mean, worst = _image_diff(ours.images[0], theirs.images[0])
         step, step_fp32 = (r.timings.denoise_ms / args.gen_steps for r in (ours, theirs))
         report.say(
-            f"engine fp16 {label:<4}: swap {ours.timings.swap_ms:6.2f} ms, step {step:6.2f} ms "
+            f"{title} {label:<4}: swap {ours.timings.swap_ms:6.2f} ms, step {step:6.2f} ms "
             f"(fp32 {step_fp32:6.2f}), image vs fp32 mean {mean:.2f} max {worst}"
         )
-        report.check(mean <= IMAGE_MEAN_TOLERANCE, f"fp16 {label} image mean diff {mean:.2f}/255")
+        report.check(mean <= IMAGE_MEAN_TOLERANCE, f"{title} {label} image mean diff {mean:.2f}/255")
         images[label] = ours.images[0]
         if label == "base":
             if first_base is None:
                 first_base = ours.images[0]
             else:
                 same = np.array_equal(np.asarray(first_base), np.asarray(ours.images[0]))
-                report.say(f"engine fp16 base image after A, B, A+B identical to the first: {same}")
+                report.say(f"{title} base image after A, B, A+B identical to the first: {same}")
     leaked = [k for k, m in lora_targets(half.pipeline).items() if not torch.equal(m.weight, pristine[k])]
-    report.check(not leaked, f"{len(leaked)} fp16 weights differ from the base after the swaps")
+    report.check(not leaked, f"{title}: {len(leaked)} weights differ from the base after the swaps")
     return images
 
 
@@ -200,8 +227,7 @@ def check_channels_last(args, report: Report) -> None:
     """fp16 UNet step with channels_last latents vs contiguous, timed in alternation."""
     device = torch.device(args.device)
     unet = load_base_model(args.model, device=device, dtype=torch.float16).pipeline.unet
-    sample, timestep, hidden = example_inputs(unet, batch=2)
-    inputs = (sample.to(device), timestep[0].to(device), hidden.to(device))
+    inputs = _unet_inputs(unet, device)
     plain_ms, last_ms = [], []
     reference = _unet_step(unet, inputs, torch.float16)
     for _ in range(3):
@@ -244,9 +270,33 @@ def check_compiled(args, report: Report, eager_images: dict[str, Any]) -> None:
     report.say(f"compiled first base image vs eager fp16: mean diff {eager_mean:.2f}")
 
 
-def check_tensorrt(args, pipeline, plans, inputs, reference, report: Report) -> None:
+def check_sdxl(args, report: Report) -> None:
+    """The tiny SDXL: the fp16 engine (VAE kept in fp32) against fp32, then TensorRT with added inputs."""
+    model = args.sdxl_model
+    half = _engine(args, torch.float16, model=model)
+    vae = half.pipeline.vae.dtype
+    report.say(f"sdxl {model}: family {half.family.name}, fp16 engine with its VAE in {vae}")
+    report.check(vae == torch.float32, f"sdxl fp16: the force_upcast VAE is {vae}, not float32")
+    _compare_engines(args, report, "sdxl fp16", half, _engine(args, torch.float32, model=model))
+    if not args.model_trt:
+        return
+    device = torch.device(args.device)
+    pipeline = load_base_model(model, device=device).pipeline
+    fused, plan_a, plan_b = _plans(pipeline, _adapters(pipeline))
+    inputs = _unet_inputs(pipeline.unet, device)
+    fused.apply(plan_a)
+    reference = _unet_step(pipeline.unet, inputs, torch.float32).float()
+    fused.apply(None)  # TensorRT takes the module weights as its pristine base: the base's
+    check_tensorrt(model, pipeline, (plan_a, plan_b), inputs, reference, report, args, title="sdxl tensorrt")
+
+
+def check_tensorrt(
+    model: str, pipeline, plans, inputs, reference, report: Report, args, title: str = "tensorrt"
+) -> None:
+    """A refittable fp32 TensorRT UNet of ``pipeline`` (at its base weights): build, refit A -> B -> A,
+    and its output against ``reference`` (the torch fp32 UNet under A)."""
     if importlib.util.find_spec("tensorrt") is None:
-        report.say("tensorrt: not installed (pip install 'loraloom[tensorrt]'), skipped")
+        report.say(f"{title}: not installed (pip install 'loraloom[tensorrt]'), skipped")
         return
     from server.backends.tensorrt_backend import BuildSettings, TensorRTUnet
 
@@ -254,17 +304,17 @@ def check_tensorrt(args, pipeline, plans, inputs, reference, report: Report) -> 
     device = torch.device(args.device)
     with tempfile.TemporaryDirectory() as folder:
         started = time.perf_counter()
-        trt_unet = TensorRTUnet(pipeline, args.model, BuildSettings(fp16=False), folder=Path(folder))
+        trt_unet = TensorRTUnet(pipeline, model, BuildSettings(fp16=False), folder=Path(folder))
         built = time.perf_counter() - started
-        report.say(f"tensorrt: build {built:.1f} s, {len(trt_unet.name_map)} refittable targets")
+        report.say(f"{title}: build {built:.1f} s, {len(trt_unet.name_map)} refittable targets")
         for label, plan in (("A", plan_a), ("B", plan_b), ("A again", plan_a)):
             started = time.perf_counter()
             trt_unet.apply(plan)
-            report.say(f"tensorrt: refit to {label} {(time.perf_counter() - started) * 1000:.1f} ms")
+            report.say(f"{title}: refit to {label} {(time.perf_counter() - started) * 1000:.1f} ms")
         diff = (_unet_step(trt_unet, inputs, torch.float32) - reference).abs().max().item()
-        report.check(diff <= TRT_TOLERANCE, f"tensorrt differs by {diff:.2e} after A->B->A")
+        report.check(diff <= TRT_TOLERANCE, f"{title} differs by {diff:.2e} after A->B->A")
         step = _time_ms(lambda: _unet_step(trt_unet, inputs, torch.float32), args.steps, device)
-        report.say(f"tensorrt fp32: step {step:.2f} ms, max diff after A->B->A {diff:.2e}")
+        report.say(f"{title} fp32: step {step:.2f} ms, max diff after A->B->A {diff:.2e}")
 
 
 def main() -> int:
@@ -278,10 +328,11 @@ def main() -> int:
     parser.add_argument(
         "--gen-steps", type=int, default=None, help="denoising steps per image (20; 2 on cpu)"
     )
+    parser.add_argument("--sdxl-model", default="tiny-sdxl", help="the SDXL model of the sdxl section")
     parser.add_argument("--compile-backend", default=None, help="inductor (default; aot_eager with --cpu)")
     parser.add_argument("--cpu", action="store_true", help="dry run of every section on the CPU")
     parser.add_argument(
-        "--skip", nargs="*", default=[], help="sections to skip: unet engine channels_last compiled"
+        "--skip", nargs="*", default=[], help="sections to skip: unet engine channels_last compiled sdxl"
     )
     args = parser.parse_args()
     args.device = "cpu" if args.cpu else "cuda"
@@ -312,6 +363,8 @@ def main() -> int:
         check_channels_last(args, report)
     if "compiled" not in args.skip and images is not None:
         check_compiled(args, report, images)
+    if "sdxl" not in args.skip:
+        check_sdxl(args, report)
     verdict = (
         "ok" if not report.failures else f"FAILED ({len(report.failures)}): " + "; ".join(report.failures)
     )

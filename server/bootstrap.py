@@ -35,7 +35,12 @@ def build_service(settings: Settings, *, before_step: BeforeStep | None = None):
     from server.service import LoraloomService
 
     model, engine_settings = settings.model, settings.engine
-    base = load_base_model(model.model, device=model.device, dtype=getattr(torch, model.dtype))
+    base = load_base_model(
+        model.model,
+        device=model.device,
+        dtype=getattr(torch, model.dtype),
+        prediction_type=model.prediction_type,
+    )
     validator = make_validator(base.module_shapes, base.base_ref, max_rank=settings.limits.max_rank)
     store = open_store(settings.store, validator=validator)
     try:

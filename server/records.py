@@ -7,7 +7,13 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True)
 class QueueStats:
-    """Scheduler counters since start (``rejected``: refused because the queue was full)."""
+    """Generation requests since start, by outcome (the server's own warm-up and readiness-probe
+    generations are not counted).
+
+    ``rejected``: refused because the queue was full; ``cancelled``: cancelled by the client;
+    ``deadline_exceeded``: stopped because the client's deadline passed; ``invalid``: refused
+    with INVALID_ARGUMENT (a malformed request or adapter file); ``failed``: any other error.
+    """
 
     queued: int = 0
     running: int = 0
@@ -16,6 +22,8 @@ class QueueStats:
     cancelled: int = 0
     rejected: int = 0
     max_queue: int = 0  # most requests the queue holds
+    deadline_exceeded: int = 0
+    invalid: int = 0
 
 
 @dataclass(frozen=True)

@@ -19,10 +19,10 @@ from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-from adapters.errors import Cancelled, InvalidArgument, ResourceExhausted
+from adapters.errors import Cancelled, InvalidArgument, NotFound, ResourceExhausted
 from adapters.store import AdapterStore
 from adapters.store.models import AdapterPage, AdapterVersion, VerifyReport
-from adapters.store.names import parse_ref
+from adapters.store.names import LATEST, parse_ref
 from server.engine.types import (
     EngineStats,
     GenerateRequest,
@@ -76,7 +76,7 @@ class ServerInfo:
     fingerprint: str
     resolution: int
     family: str
-    backend: str
+    backend: str  # the plain name: torch, onnxruntime, openvino, tensorrt
     device: str
     dtype: str
     limits: Limits
@@ -86,6 +86,7 @@ class ServerInfo:
     cache: EngineStats
     queue: QueueStats
     ready: bool
+    precision: str = "fp32"  # what the backend computes in: fp32, fp16, bf16
 
 
 @dataclass
@@ -200,13 +201,14 @@ class LoraloomService:
         """One short generation so the first real request does not pay for lazy initialisation."""
         if self.settings.engine.warmup:
             started = time.perf_counter()
-            self.scheduler.submit(self.engine.job(GenerateRequest(prompt="warmup", steps=2, seed=0))).result()
+            job = self.engine.job(GenerateRequest(prompt="warmup", steps=2, seed=0))
+            self.scheduler.submit(job, counted=False).result()
             log.info("warmed up in %.2fs", time.perf_counter() - started)
         self.ready = True
 
     def _probe(self) -> None:
         """One small generation: does the engine work again? (readiness after out-of-memory failures)"""
-        self.submit(GenerateRequest(prompt="readiness probe", steps=1, seed=0)).result()
+        self.submit(GenerateRequest(prompt="readiness probe", steps=1, seed=0), counted=False).result()
 
     def close(self, timeout: float = 5.0) -> None:
         self.memory.close()
@@ -221,21 +223,31 @@ class LoraloomService:
         request: GenerateRequest,
         on_progress: Callable[[Progress], None] | None = None,
         cancel: threading.Event | None = None,
+        *,
+        counted: bool = True,
     ) -> Future[GenerateResult]:
         """Normalize and resolve ``request`` (blocking: a store read unless cached), then queue it.
 
         Raises InvalidArgument (bad request), NotFound (unknown adapter) and
         ResourceExhausted (queue full). Each of ``observers`` is called
-        ``(request, result, error)`` when it finishes (metrics, logs).
+        ``(request, result, error)`` when it finishes (metrics, logs). ``counted=False``: the
+        server's own request (readiness probe), left out of the queue statistics.
         """
         try:
             job = self.engine.job(request)
-            future = self.scheduler.submit(job, on_progress=on_progress, cancel=cancel)
+            future = self.scheduler.submit(job, on_progress=on_progress, cancel=cancel, counted=counted)
         except BaseException as error:
+            if counted:
+                self.refused(error)
             self._notify(request, None, error)
             raise
         future.add_done_callback(lambda done: self._finished(request, done))
         return future
+
+    def refused(self, error: BaseException) -> None:
+        """A generation request was refused before it reached the queue (counted in ``info().queue``:
+        INVALID_ARGUMENT as ``invalid``)."""
+        self.scheduler.refused(error)
 
     def _finished(self, request: GenerateRequest, future: Future) -> None:
         if future.cancelled():
@@ -329,9 +341,20 @@ class LoraloomService:
         if not done.cancelled() and done.exception() is None:
             self.engine.resolver.invalidate(name)
 
+    def _exact(self, ref: str) -> str:
+        """``name@latest`` as the ``name@N`` it means now; any other ref as given.
+
+        ``parse_ref`` reads ``name@latest`` as plain ``name`` (the newest version where one version
+        is meant), but delete and unload read plain ``name`` as every version of the name.
+        """
+        if ref.partition("@")[2] == LATEST:
+            return self.store.get(ref).ref
+        return ref
+
     def delete_adapter(self, ref: str) -> list[AdapterVersion]:
-        """Delete ``name@version`` (or the version an alias names), or every version of ``name``."""
-        parsed = parse_ref(ref)
+        """Delete ``name@version`` (or the version an alias or ``@latest`` names), or every version of
+        ``name``."""
+        parsed = parse_ref(self._exact(ref))
         version = None
         if parsed.version is not None or parsed.alias is not None:
             version = self.store.get(parsed).version
@@ -357,8 +380,12 @@ class LoraloomService:
         return self.engine.load(ref, pin=pin)
 
     def unload_adapter(self, ref: str) -> bool:
-        """Drop ``name@N``, ``name@alias`` or every resident version of ``name``; False if none was."""
-        return self.engine.unload(ref)
+        """Drop ``name@N``, ``name@alias``, ``name@latest`` or every resident version of ``name``;
+        False if none was."""
+        try:
+            return self.engine.unload(self._exact(ref))
+        except NotFound:  # ``name@latest`` of a name the store does not hold
+            return False
 
     def resident(self) -> ResidentListing:
         return ResidentListing(adapters=list(self.engine.resident()), cache=self.engine.stats())
@@ -374,7 +401,8 @@ class LoraloomService:
             fingerprint=self.base.fingerprint,
             resolution=self.base.resolution,
             family=self.base.family.architecture,
-            backend=getattr(self.engine, "backend_name", "torch"),
+            backend=getattr(self.engine, "backend", "torch"),
+            precision=_precision(self.engine, self.base.dtype),
             device=str(self.base.device),
             dtype=str(self.base.dtype).removeprefix("torch."),
             limits=self.settings.limits,
@@ -385,6 +413,20 @@ class LoraloomService:
             queue=self.scheduler.stats(),
             ready=self.ready,
         )
+
+
+# torch dtypes by name -> the precision names backends use
+PRECISION_OF_DTYPE = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}
+
+
+def _precision(engine, dtype) -> str:
+    """What the backend computes in: the torch backend runs the weights' dtype; the others
+    report their own (OpenVINO's bf16 or fp32)."""
+    backend = getattr(engine, "backend", "torch")
+    if backend == "torch":
+        name = str(dtype).removeprefix("torch.")
+        return PRECISION_OF_DTYPE.get(name, name)
+    return getattr(engine, "precision", "fp32")
 
 
 def package_version() -> str:

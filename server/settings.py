@@ -31,12 +31,17 @@ class ModelSettings:
     """Which base model, where and in what dtype."""
 
     model: str = _help(
-        "Base model: toy (trained, 64 px), micro|tiny|small (random weights), a diffusers folder, "
-        "an SD 1.x file.",
+        "Base model: toy (trained, 64 px), micro|tiny|small|tiny-sdxl|tiny-sd2 (random weights), "
+        "a diffusers folder, or a single .safetensors file (SD 1.x, SD 2.x or SDXL).",
         "toy",
     )
     device: str = _help("torch device: cpu, cuda, cuda:1, ...", "cpu")
     dtype: str = _help("float32, float16 or bfloat16.", "float32")
+    prediction_type: str = _help(
+        "What the model predicts: auto (the model's own; a single file without configs: told from "
+        "the file, SD 2.x 768-v is v_prediction), epsilon or v_prediction.",
+        "auto",
+    )
 
 
 @dataclass(frozen=True)
@@ -82,8 +87,8 @@ class Limits:
     max_size: int = _help("Largest width or height in pixels.", 2048)
     max_abs_weight: float = _help("Largest |weight| of one adapter in a blend.", 10.0)
     max_prompt_bytes: int = _help(
-        "Longest prompt (and negative prompt) in UTF-8 bytes; the text encoder reads its first "
-        "77 tokens of it.",
+        "Longest prompt (and negative prompt) in UTF-8 bytes; the text encoder reads all of it, "
+        "75 tokens at a time.",
         16384,
     )
     max_rank: int = _help(

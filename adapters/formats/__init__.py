@@ -4,7 +4,8 @@
 
 - canonical (``loraloom.format = "canonical/1"``; see ``canonical_io``),
 - kohya / A1111 / ComfyUI (``lora_unet_*``, ``lora_te_*``, ``lora_te1_*``/``lora_te2_*``
-  with ``lora_down``/``lora_up``/``alpha``; LoCon conv layers included), and LyCORIS
+  with ``lora_down``/``lora_up``/``alpha``; LoCon conv layers included; the UNet under
+  diffusers' names or, as kohya's SDXL files, SGM's: ``sgm``), and LyCORIS
   files in the same naming: LoCon with Tucker (``lora_mid``, folded into the pair),
   LoHa (``hada_*``), LoKr (``lokr_*``), full diffs (``diff``/``diff_b``) and DoRA
   (``dora_scale`` on LoRA, LoHa or LoKr),
@@ -17,7 +18,9 @@ OFT, BOFT, GLoRA, (IA)^3, PEFT's DoRA and other types are refused naming the typ
 what to do (``common.refuse_unsupported``).
 ``module_names`` (the keys of the base model's ``module_shapes``) maps kohya's
 flattened names back to module keys and matches text-encoder spellings with and
-without ``text_model.``; pass it whenever the base model is known.
+without ``text_model.``; pass it whenever the base model is known (to ``to_kohya``
+too: an SDXL file's SGM numbering follows the base's layout). ``convert.convert_adapter``
+rewrites a file for a base (``loraloom adapters convert``).
 """
 
 from __future__ import annotations

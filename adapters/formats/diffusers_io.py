@@ -3,8 +3,9 @@
 Read: the PEFT-style layout diffusers writes since 0.22 (``unet.<module>.lora_A.weight``
 / ``lora_B.weight``, alpha and ranks from the ``lora_adapter_metadata`` JSON or
 ``<module>.alpha`` tensors, else alpha = rank), and the older layouts
-``<module>.lora.down/up.weight``, ``<attn>.processor.to_q_lora.down/up.weight``
-and ``<module>.lora_linear_layer.down/up.weight``.
+``<module>.lora.down/up.weight``, ``<attn>.processor.to_q_lora.down/up.weight``,
+``<text attn>.self_attn.to_q_lora.down/up.weight`` and ``<module>.lora_linear_layer.down/up.weight``
+(what diffusers' own kohya conversion produces, SDXL's ``text_encoder_2`` included).
 
 Write: the PEFT-style layout with ``lora_adapter_metadata`` carrying each
 component's ``r``/``lora_alpha`` and per-module ``rank_pattern``/``alpha_pattern``,
@@ -40,6 +41,8 @@ OLD_SUFFIXES = {
     "_lora.up.weight": "up",
 }
 _PROCESSOR = re.compile(r"\.processor\.(to_q|to_k|to_v|to_out)$")
+# The old text-encoder layout names CLIP's attention projections as the UNet's (``to_q_lora``).
+_TEXT_ATTENTION = re.compile(r"\.self_attn\.to_(q|k|v|out)$")
 
 
 def is_diffusers_key(key: str) -> bool:
@@ -50,7 +53,10 @@ def is_diffusers_key(key: str) -> bool:
 
 
 def _module_of(stem: str) -> str:
-    """``...attn1.processor.to_out`` (the old attention-processor layout) -> ``...attn1.to_out.0``."""
+    """``...attn1.processor.to_out`` (the old attention-processor layout) -> ``...attn1.to_out.0``;
+    a text encoder's ``...self_attn.to_out`` (its old layout) -> ``...self_attn.out_proj``."""
+    if stem.startswith("text_encoder") and (match := _TEXT_ATTENTION.search(stem)):
+        return f"{stem[: match.start()]}.self_attn.{match.group(1)}_proj"
     match = _PROCESSOR.search(stem)
     if match is None:
         return stem
@@ -151,8 +157,11 @@ def installed_clip_is_flat() -> bool:
 
 
 def _diffusers_key(key: str, flat_text_encoder: bool) -> str:
+    """Only ``text_encoder`` (a ``CLIPTextModel``) loses ``text_model.``: SDXL's ``text_encoder_2``
+    is a ``CLIPTextModelWithProjection``, which keeps its ``text_model`` (beside ``text_projection``)
+    in every transformers version, and diffusers looks its names up verbatim."""
     component, path = split_key(key)
-    if flat_text_encoder and component.startswith("text_encoder") and path.startswith(TEXT_MODEL):
+    if flat_text_encoder and component == "text_encoder" and path.startswith(TEXT_MODEL):
         return f"{component}.{path[len(TEXT_MODEL) :]}"
     return key
 
@@ -161,8 +170,9 @@ def to_diffusers(adapter: LoraAdapter, *, flat_text_encoder: bool | None = None)
     """Safetensors that ``StableDiffusionPipeline.load_lora_weights`` loads as this adapter.
 
     diffusers names text-encoder modules as the installed transformers does, and
-    transformers >= 5.6 dropped the ``text_model.`` level; ``flat_text_encoder``
-    (default: follow the installed transformers) writes them without it.
+    transformers >= 5.6 dropped the ``text_model.`` level of ``CLIPTextModel``;
+    ``flat_text_encoder`` (default: follow the installed transformers) writes ``text_encoder``'s
+    modules without it. SDXL's ``text_encoder_2`` keeps it either way (``_diffusers_key``).
     """
     if not adapter.is_low_rank:
         raise InvalidArgument(

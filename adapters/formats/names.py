@@ -2,7 +2,9 @@
 
 Two mismatches are common in the wild. kohya / A1111 flatten module paths with
 underscores (``lora_unet_down_blocks_0_attentions_0_proj_in``), which cannot be
-undone without the base model's module names. And CLIP text-encoder paths carry a
+undone without the base model's module names; kohya's SDXL files moreover use the
+original Stability (SGM) UNet paths (``lora_unet_input_blocks_4_1_...``, see ``sgm``),
+accepted as aliases of the base's diffusers names. And CLIP text-encoder paths carry a
 ``text_model.`` level in transformers 4 but not in transformers 5, so a text
 encoder LoRA names ``text_encoder.text_model.encoder.layers.0...`` where the base
 may have ``text_encoder.encoder.layers.0...``: both spellings are accepted.
@@ -13,8 +15,10 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 from adapters.canonical import COMPONENTS
+from adapters.formats.sgm import sgm_aliases
 
 TEXT_MODEL = "text_model."
+TEXT_PROJECTION = "text_projection"
 
 # kohya prefix -> component; ``lora_te_`` is SD 1.x/2.x, ``lora_te1_``/``lora_te2_`` SDXL.
 KOHYA_PREFIXES: dict[str, str] = {
@@ -51,7 +55,12 @@ def resolve_key(key: str, names: set[str] | None) -> str:
 
 
 def kohya_lookup(names: Iterable[str]) -> dict[str, str]:
-    """Flattened kohya module name (without prefix) per component -> module key."""
+    """Flattened kohya module name (without prefix) per component -> module key.
+
+    UNet modules answer to their diffusers path (kohya's SD 1.x/2.x files) and to their SGM
+    path (kohya's SDXL files); the two never flatten to the same name.
+    """
+    names = list(names)
     table: dict[str, str] = {}
     for key in names:
         component = split_key(key)[0]
@@ -60,6 +69,8 @@ def kohya_lookup(names: Iterable[str]) -> dict[str, str]:
         for alias in text_model_aliases(key):
             flat = split_key(alias)[1].replace(".", "_")
             table.setdefault(f"{component}:{flat}", key)
+    for sgm, key in sgm_aliases(names).items():
+        table.setdefault(f"unet:{sgm.replace('.', '_')}", key)
     return table
 
 
@@ -72,8 +83,9 @@ def kohya_prefix(component: str, sdxl_text_encoders: bool) -> str:
 
 
 def kohya_flat_path(key: str) -> str:
-    """The flattened kohya name of a module key (text encoders get ``text_model_``, as A1111 expects)."""
+    """The flattened kohya name of a module key (text encoders get ``text_model_``, as A1111 expects;
+    SDXL's ``text_projection`` sits beside ``text_model``, not in it: ``lora_te2_text_projection``)."""
     component, path = split_key(key)
-    if component.startswith("text_encoder") and not path.startswith(TEXT_MODEL):
+    if component.startswith("text_encoder") and not path.startswith((TEXT_MODEL, TEXT_PROJECTION)):
         path = TEXT_MODEL + path
     return path.replace(".", "_")

@@ -59,10 +59,10 @@ def is_peft_key(key: str) -> bool:
     return any(key.endswith(s) for s in SUFFIXES)
 
 
-def _component(path: str, names: set[str] | None) -> str:
+def _component(path: str, names: set[str] | None, preferred: str | None = None) -> str:
     if names:
-        for component in ("unet", "text_encoder", "text_encoder_2"):
-            if resolve_key(f"{component}.{path}", names) in names:
+        for component in (preferred, "unet", "text_encoder", "text_encoder_2"):
+            if component and resolve_key(f"{component}.{path}", names) in names:
                 return component
     if path.startswith(UNET_ROOTS):
         return "unet"
@@ -74,19 +74,41 @@ def _component(path: str, names: set[str] | None) -> str:
     )
 
 
+def _file_component(tensors: Mapping[str, torch.Tensor], names: set[str] | None) -> str | None:
+    """The one component that holds every module of the file, the first of them when several do.
+
+    A PEFT file is one model's: SDXL's two text encoders share their module paths, and the file
+    is ``text_encoder_2``'s when only that one has them all (its ``text_projection``, its layers
+    beyond the first encoder's); when both have them all, ``text_encoder``.
+    """
+    if not names:
+        return None
+    paths = {_path(key) for key in tensors if is_peft_key(key)}
+    for component in ("unet", "text_encoder", "text_encoder_2"):
+        if paths and all(resolve_key(f"{component}.{path}", names) in names for path in paths):
+            return component
+    return None
+
+
+def _path(key: str) -> str:
+    for suffix in SUFFIXES:
+        key = key.removesuffix(suffix)
+    return key.removeprefix(PREFIX)
+
+
 def read(
     tensors: Mapping[str, torch.Tensor], config: Mapping, names: set[str] | None
 ) -> dict[str, PendingModule]:
     check_peft_config(config, CONFIG_NAME)
     paths: dict[str, str] = {}  # path in the file -> module key
+    preferred = _file_component(tensors, names)
 
     def parse(key: str) -> tuple[str, str] | None:
         for suffix, role in SUFFIXES.items():
             if key.endswith(suffix):
-                path = key[: -len(suffix)]
-                path = path[len(PREFIX) :] if path.startswith(PREFIX) else path
+                path = _path(key)
                 if path not in paths:
-                    paths[path] = resolve_key(f"{_component(path, names)}.{path}", names)
+                    paths[path] = resolve_key(f"{_component(path, names, preferred)}.{path}", names)
                 return paths[path], role
         return None
 

@@ -9,6 +9,13 @@ The layout (what optimum-intel writes, reproduced without it)::
     unet/openvino_model.xml           sample, timestep (i64), encoder_hidden_states -> noise; config.json
     vae_decoder/openvino_model.xml    latent_sample -> image in [-1, 1]; config.json (AutoencoderKL)
 
+An SDXL model (two text encoders, ``text_time`` added conditioning) is written as GenAI's
+``StableDiffusionXLPipeline`` reads it, as optimum-intel lays it out: ``tokenizer_2/`` and
+``text_encoder_2/`` beside the first pair; each text encoder returns its two outputs
+(``last_hidden_state``, ``pooler_output``; encoder 2: ``text_embeds``, ``last_hidden_state``)
+then every hidden state (GenAI reads the penultimate one by index), and the UNet takes
+``text_embeds`` and ``time_ids`` too.
+
 GenAI has no DPM++ solver, so the scheduler is Euler (what the bench asks loraloom for too).
 Weights are saved as float32 (no fp16 compression): the runtime's precision hint alone
 decides bf16 vs f32, and an f32 run sees the base weights exactly.
@@ -37,9 +44,15 @@ from torch import nn
 
 from adapters.errors import FailedPrecondition
 from adapters.home import cache_dir
+from server.models.families import family_of
 
 EXPORT_FORMAT = 1  # bump when the layout or the graphs below change
-COMPONENTS = ("scheduler", "tokenizer", "text_encoder", "unet", "vae_decoder")
+# GenAI's pipeline class and the text components it reads, per family (``Family.name``).
+PIPELINES = {
+    "sd1": ("StableDiffusionPipeline", ("tokenizer",), ("text_encoder",)),
+    "sdxl": ("StableDiffusionXLPipeline", ("tokenizer", "tokenizer_2"), ("text_encoder", "text_encoder_2")),
+}
+PIPELINES["sd2"] = PIPELINES["sd1"]  # as exported before families existed; the bench runs sd1 and sdxl
 
 
 @dataclass(frozen=True)
@@ -66,6 +79,24 @@ class _TextEncoder(nn.Module):
         return self.text_model(input_ids, return_dict=False)[0]
 
 
+class _TextEncoderStates(nn.Module):
+    """``input_ids -> (output 0, output 1, hidden state 0..N)``: what GenAI's SDXL pipeline reads by index.
+
+    Weight names contain ``text_model.encoder.layers...`` (a flattened CLIPTextModel is held
+    under that name, as ``_TextEncoder`` does), where GenAI's LoRA loader looks for kohya's
+    ``lora_te1_``/``lora_te2_`` modules.
+    """
+
+    def __init__(self, encoder: nn.Module) -> None:
+        super().__init__()
+        self.held = "encoder" if hasattr(encoder, "text_model") else "text_model"
+        setattr(self, self.held, encoder)
+
+    def forward(self, input_ids):
+        output = getattr(self, self.held)(input_ids, output_hidden_states=True, return_dict=True)
+        return (output[0], output[1], *output.hidden_states)
+
+
 class _Unet(nn.Module):
     def __init__(self, unet: nn.Module) -> None:
         super().__init__()
@@ -73,6 +104,20 @@ class _Unet(nn.Module):
 
     def forward(self, sample, timestep, encoder_hidden_states):
         return self.unet(sample, timestep, encoder_hidden_states=encoder_hidden_states, return_dict=False)[0]
+
+
+class _UnetXL(_Unet):
+    """The UNet with SDXL's added conditioning as two more inputs."""
+
+    def forward(self, sample, timestep, encoder_hidden_states, text_embeds, time_ids):
+        added = {"text_embeds": text_embeds, "time_ids": time_ids}
+        return self.unet(
+            sample,
+            timestep,
+            encoder_hidden_states=encoder_hidden_states,
+            added_cond_kwargs=added,
+            return_dict=False,
+        )[0]
 
 
 class _VaeDecoder(nn.Module):
@@ -133,62 +178,101 @@ def export_for_genai(base: Any, *, folder: Path | None = None) -> GenaiExport:
 
 
 def write_folder(pipeline: Any, root: Path) -> None:
-    """Write every component of ``pipeline`` (a diffusers ``StableDiffusionPipeline``) into ``root``."""
+    """Write every component of ``pipeline`` (a diffusers SD 1.x or SDXL pipeline) into ``root``."""
     openvino, _ = _openvino()
-    for name in COMPONENTS:
+    family = family_of(pipeline)
+    if family.name not in PIPELINES:
+        raise FailedPrecondition(f"no GenAI export for {family.title} (only {', '.join(PIPELINES)})")
+    pipeline_class, tokenizers, text_encoders = PIPELINES[family.name]
+    for name in ("scheduler", *tokenizers, *text_encoders, "unet", "vae_decoder"):
         (root / name).mkdir(parents=True, exist_ok=True)
     _write_scheduler(pipeline, root / "scheduler")
-    _write_tokenizer(pipeline.tokenizer, root / "tokenizer")
+    for name in tokenizers:
+        _write_tokenizer(getattr(pipeline, name), root / name)
 
-    unet, text_encoder, vae = pipeline.unet, pipeline.text_encoder, pipeline.vae
     tokens = pipeline.tokenizer.model_max_length
-    size = unet.config.sample_size
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # tracer warnings about shape checks turned constant
         graphs = {
-            "text_encoder": openvino.convert_model(
-                _TextEncoder(text_encoder), example_input=torch.zeros(1, tokens, dtype=torch.int64)
-            ),
-            "unet": openvino.convert_model(
-                _Unet(unet),
-                example_input=(
-                    torch.zeros(2, unet.config.in_channels, size, size),
-                    torch.tensor([1], dtype=torch.int64),
-                    torch.zeros(2, tokens, unet.config.cross_attention_dim),
-                ),
-            ),
-            "vae_decoder": openvino.convert_model(
+            name: _text_graph(openvino, getattr(pipeline, name), tokens, len(text_encoders) > 1)
+            for name in text_encoders
+        }
+        graphs["unet"] = _unet_graph(openvino, pipeline)
+        vae, size = pipeline.vae, pipeline.unet.config.sample_size
+        graphs["vae_decoder"] = (
+            openvino.convert_model(
                 _VaeDecoder(vae), example_input=torch.zeros(1, vae.config.latent_channels, size, size)
             ),
-        }
-    names = {
-        "text_encoder": (["input_ids"], ["last_hidden_state"]),
-        "unet": (["sample", "timestep", "encoder_hidden_states"], ["out_sample"]),
-        "vae_decoder": (["latent_sample"], ["sample"]),
-    }
-    for component, graph in graphs.items():
-        inputs, outputs = names[component]
+            ["latent_sample"],
+            ["sample"],
+        )
+    for component, (graph, inputs, outputs) in graphs.items():
         for port, name in zip(graph.inputs, inputs, strict=True):
             port.get_tensor().set_names({name})
         for port, name in zip(graph.outputs, outputs, strict=True):
             port.get_tensor().set_names({name})
         openvino.save_model(graph, root / component / "openvino_model.xml", compress_to_fp16=False)
-    _write_config(text_encoder.config.to_dict(), root / "text_encoder")
-    _write_config(dict(unet.config), root / "unet")
+    for name in text_encoders:
+        _write_config(getattr(pipeline, name).config.to_dict(), root / name)
+    _write_config(dict(pipeline.unet.config), root / "unet")
     _write_config(dict(vae.config), root / "vae_decoder")
-    index = {
-        "_class_name": "StableDiffusionPipeline",
+    index: dict[str, Any] = {
+        "_class_name": pipeline_class,
         "_diffusers_version": _diffusers_version(),
         "scheduler": ["diffusers", "EulerDiscreteScheduler"],
-        "text_encoder": ["transformers", "CLIPTextModel"],
-        "tokenizer": ["transformers", "CLIPTokenizer"],
+        **{name: ["transformers", "CLIPTokenizer"] for name in tokenizers},
+        **{name: ["transformers", type(getattr(pipeline, name)).__name__] for name in text_encoders},
         "unet": ["diffusers", "UNet2DConditionModel"],
         "vae": ["diffusers", "AutoencoderKL"],
-        "requires_safety_checker": False,
-        "safety_checker": [None, None],
-        "feature_extractor": [None, None],
     }
+    if family.name == "sdxl":
+        index["force_zeros_for_empty_prompt"] = bool(
+            getattr(pipeline.config, "force_zeros_for_empty_prompt", True)
+        )
+    else:
+        index.update(
+            requires_safety_checker=False, safety_checker=[None, None], feature_extractor=[None, None]
+        )
     (root / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
+
+
+def _text_graph(openvino, encoder: nn.Module, tokens: int, states: bool) -> tuple[Any, list[str], list[str]]:
+    """A text encoder's graph, its input and output names: ``last_hidden_state`` alone (SD 1.x), or
+    with ``states`` its two outputs and every hidden state (SDXL)."""
+    example = torch.zeros(1, tokens, dtype=torch.int64)
+    if not states:
+        return (
+            openvino.convert_model(_TextEncoder(encoder), example_input=example),
+            ["input_ids"],
+            ["last_hidden_state"],
+        )
+    projected = hasattr(encoder, "text_projection")  # CLIPTextModelWithProjection
+    first = ["text_embeds", "last_hidden_state"] if projected else ["last_hidden_state", "pooler_output"]
+    hidden = [f"hidden_states.{index}" for index in range(encoder.config.num_hidden_layers + 1)]
+    return (
+        openvino.convert_model(_TextEncoderStates(encoder), example_input=example),
+        ["input_ids"],
+        first + hidden,
+    )
+
+
+def _unet_graph(openvino, pipeline: Any) -> tuple[Any, list[str], list[str]]:
+    """The UNet's graph (with ``text_embeds`` and ``time_ids`` for SDXL's ``text_time`` conditioning)."""
+    unet, tokens = pipeline.unet, pipeline.tokenizer.model_max_length
+    size = unet.config.sample_size
+    example = [
+        torch.zeros(2, unet.config.in_channels, size, size),
+        torch.tensor([1], dtype=torch.int64),
+        torch.zeros(2, tokens, unet.config.cross_attention_dim),
+    ]
+    inputs = ["sample", "timestep", "encoder_hidden_states"]
+    wrapper: nn.Module = _Unet(unet)
+    if unet.config.addition_embed_type == "text_time":
+        pooled = pipeline.text_encoder_2.config.projection_dim
+        example += [torch.zeros(2, pooled), torch.zeros(2, 6)]
+        inputs += ["text_embeds", "time_ids"]
+        wrapper = _UnetXL(unet)
+    return openvino.convert_model(wrapper, example_input=tuple(example)), inputs, ["out_sample"]
 
 
 def _write_scheduler(pipeline: Any, folder: Path) -> None:

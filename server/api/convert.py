@@ -110,7 +110,12 @@ def request_id(asked: str) -> str:
 
 
 def image_format(message: generate_pb2.GenerateRequest) -> str:
-    return FORMAT_NAMES.get(message.format, "png")
+    """``png`` or ``jpeg``; an ImageFormat value this server does not know is refused, not read as PNG."""
+    try:
+        return FORMAT_NAMES[message.format]
+    except KeyError:
+        known = ", ".join(f"{name} ({number})" for name, number in generate_pb2.ImageFormat.items())
+        raise InvalidArgument(f"unknown ImageFormat {message.format}: use one of {known}") from None
 
 
 def image(encoded: EncodedImage) -> generate_pb2.Image:
@@ -234,6 +239,7 @@ def server_info(info: ServerInfo) -> server_pb2.ServerInfo:
             family=info.family,
         ),
         backend=info.backend,
+        precision=info.precision,
         device=info.device,
         dtype=info.dtype,
         limits=server_pb2.Limits(
@@ -257,6 +263,8 @@ def server_info(info: ServerInfo) -> server_pb2.ServerInfo:
             failed=queue.failed,
             cancelled=queue.cancelled,
             rejected=queue.rejected,
+            deadline_exceeded=queue.deadline_exceeded,
+            invalid=queue.invalid,
         ),
         ready=info.ready,
     )
@@ -290,6 +298,9 @@ def parameters(params: GenerationParameters) -> generate_pb2.GenerationParameter
         clip_skip=params.clip_skip,
         schedule=params.schedule,
         eta=params.eta,
+        prompt_pieces=[
+            generate_pb2.PromptPiece(text=text, weight=weight) for text, weight in params.prompt_pieces
+        ],
         adapters=[
             generate_pb2.AppliedAdapter(
                 name=item.name,

@@ -52,6 +52,8 @@ def status_for(error: BaseException) -> tuple[grpc.StatusCode, str, tuple[tuple[
 
 def _trailers(error: BaseException) -> tuple[tuple[str, str], ...]:
     if isinstance(error, errors.ResourceExhausted):
+        if error.retry_after_s < 0:  # DO_NOT_RETRY: gRPC's negative pushback, and no retry-after-s
+            return ((RETRY_PUSHBACK_KEY, "-1"), *ANSWERED)
         seconds = max(float(error.retry_after_s), 0.0)
         hint = ((RETRY_PUSHBACK_KEY, str(round(seconds * 1000))), (RETRY_AFTER_KEY, f"{seconds:g}"))
         return hint + ANSWERED

@@ -4,7 +4,9 @@ Per call (interceptor): ``loraloom_requests_total{method,code}`` and
 ``loraloom_request_duration_seconds{method}``. Per generation (a service observer):
 ``loraloom_queue_wait_seconds``, ``loraloom_swap_duration_seconds``,
 ``loraloom_adapter_requests_total{adapter}``. At scrape time, from the engine's and
-scheduler's own ``stats()``: queue depth, running requests, swaps and swap time, adapter
+scheduler's own ``stats()``: queue depth, running requests, generations by outcome
+(``loraloom_generations_total{outcome}``: GetServerInfo's QueueStats counters, the server's
+own warm-up left out), swaps and swap time, adapter
 cache hits/misses/evictions/bytes, the S3 blob cache's when the store uses one, and
 ``loraloom_adapter_load_failures_total{reason}`` (stored versions that failed to load:
 ``sha256_mismatch``, ``missing``, ``undecodable``; from the store's own counts).
@@ -12,8 +14,8 @@ Each server has its own registry, so several servers may share a process (tests)
 
 Label policy: every label takes values from a small fixed set, never raw client text.
 ``method`` and ``code`` are the service's methods and gRPC's codes; ``reason`` is one of
-three. ``adapter`` counts successful generations only, by the names of the adapters
-actually applied (versions that exist in the store, as the result reports them; a
+three; ``outcome`` one of ``OUTCOMES``. ``adapter`` counts successful generations only, by the
+names of the adapters actually applied (versions that exist in the store, as the result reports them; a
 request's raw references never become labels, so unknown names add no series). The
 first ``MAX_ADAPTER_SERIES`` (50) distinct names a server applies get a series of their
 own for the server's lifetime; every later name counts under ``adapter="_other"`` (no
@@ -37,6 +39,8 @@ from server.api.errors import ServiceInterceptor, rewrap
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 MAX_ADAPTER_SERIES = 50
 OTHER_ADAPTERS = "_other"
+# The QueueStats counters of finished or refused generation requests.
+OUTCOMES = ("completed", "failed", "cancelled", "deadline_exceeded", "invalid", "rejected")
 
 
 class Metrics:
@@ -149,6 +153,15 @@ class _StatsCollector:
         yield CounterMetricFamily(
             "loraloom_queue_rejected", "Requests refused because the queue was full.", value=queue.rejected
         )
+        outcomes = CounterMetricFamily(
+            "loraloom_generations",
+            "Generation requests by outcome (rejected: queue full; invalid: INVALID_ARGUMENT; the "
+            "server's own warm-up is not counted).",
+            labels=["outcome"],
+        )
+        for outcome in OUTCOMES:
+            outcomes.add_metric([outcome], getattr(queue, outcome))
+        yield outcomes
         engine = service.engine.stats()
         yield CounterMetricFamily("loraloom_swaps", "Adapter blend swaps.", value=engine.swaps)
         yield CounterMetricFamily(

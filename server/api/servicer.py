@@ -13,12 +13,13 @@ import time
 
 from grpc import aio
 
-from adapters.errors import FailedPrecondition, InvalidArgument
+from adapters.errors import InvalidArgument, ResourceExhausted
 from server.api import convert
 from server.api.pb.loraloom.v1 import adapters_pb2, generate_pb2, server_pb2, service_pb2_grpc
 from server.engine.types import Progress
 from server.service import LoraloomService, encode_image
 from server.settings import Settings
+from server.wire import DO_NOT_RETRY
 
 MESSAGE_OVERHEAD_BYTES = 64 * 1024
 
@@ -33,11 +34,17 @@ class LoraloomServicer(service_pb2_grpc.LoraloomServicer):
         self.service = service
 
     def _request(self, request: generate_pb2.GenerateRequest, context: aio.ServicerContext):
+        """The engine's request and the image format (both checked before any work)."""
         remaining = context.time_remaining()
         deadline = time.monotonic() + remaining if remaining is not None else None
-        return convert.generate_request(
-            request, default_steps=self.config.limits.default_steps, deadline=deadline
-        )
+        try:
+            asked = convert.generate_request(
+                request, default_steps=self.config.limits.default_steps, deadline=deadline
+            )
+            return asked, convert.image_format(request)
+        except InvalidArgument as error:
+            self.service.refused(error)
+            raise
 
     async def _run(self, future, cancel: threading.Event):
         """Await the scheduler's future; a cancelled call (client, deadline) stops work at the next step."""
@@ -49,15 +56,18 @@ class LoraloomServicer(service_pb2_grpc.LoraloomServicer):
 
     async def Generate(self, request, context):
         cancel = threading.Event()
-        asked = self._request(request, context)
+        asked, image_format = self._request(request, context)
         future = await asyncio.to_thread(self.service.submit, asked, cancel=cancel)
         result = await self._run(future, cancel)
-        images = await asyncio.to_thread(self.service.encode, result, convert.image_format(request))
+        images = await asyncio.to_thread(self.service.encode, result, image_format)
         size = sum(len(item.data) for item in images)
         if size + MESSAGE_OVERHEAD_BYTES > self.config.api.max_message_bytes:
-            raise FailedPrecondition(
-                f"the images take {size} bytes, more than this server's message limit "
-                f"({self.config.api.max_message_bytes} bytes); use GenerateStream, which sends them in chunks"
+            raise ResourceExhausted(
+                f"the {len(images)} image(s) take {size} bytes, more than this server's message limit "
+                f"({self.config.api.max_message_bytes} bytes, less {MESSAGE_OVERHEAD_BYTES} for the rest "
+                "of the response): use GenerateStream, which sends images in chunks, or ask for fewer "
+                "or smaller images (or JPEG)",
+                retry_after_s=DO_NOT_RETRY,
             )
         return generate_pb2.GenerateResponse(
             images=[convert.image(item) for item in images], **convert.outcome(result, asked.request_id)
@@ -71,7 +81,7 @@ class LoraloomServicer(service_pb2_grpc.LoraloomServicer):
         def on_progress(progress: Progress) -> None:  # on the scheduler's worker thread
             loop.call_soon_threadsafe(events.put_nowait, _progress_message(progress))
 
-        asked = self._request(request, context)
+        asked, image_format = self._request(request, context)
         future = await asyncio.to_thread(self.service.submit, asked, on_progress=on_progress, cancel=cancel)
         waiter = asyncio.ensure_future(self._run(future, cancel))
         waiter.add_done_callback(lambda _: events.put_nowait(None))
@@ -87,7 +97,7 @@ class LoraloomServicer(service_pb2_grpc.LoraloomServicer):
             message = events.get_nowait()
             if message is not None:
                 yield message
-        images = await asyncio.to_thread(self.service.encode, result, convert.image_format(request))
+        images = await asyncio.to_thread(self.service.encode, result, image_format)
         for index, encoded in enumerate(images):
             for message in convert.image_chunks(index, encoded, self.config.api.chunk_bytes):
                 yield message
@@ -175,5 +185,5 @@ def _progress_message(progress: Progress) -> generate_pb2.GenerateStreamResponse
         )
     event = generate_pb2.ProgressEvent(step=progress.step, total_steps=progress.total_steps)
     if progress.preview is not None:
-        event.preview.CopyFrom(convert.image(encode_image(progress.preview, "png")))
+        event.preview.CopyFrom(convert.image(encode_image(progress.preview, "png", progress.seed)))
     return generate_pb2.GenerateStreamResponse(progress=event)

@@ -24,6 +24,16 @@ def is_bias_key(key: str) -> bool:
     return key.endswith(BIAS_SUFFIX)
 
 
+def buffer_dtype(key: str, dtype: torch.dtype) -> torch.dtype:
+    """The dtype of ``key``'s buffer in a set of ``dtype`` weights (a bias stays float32)."""
+    return torch.float32 if is_bias_key(key) else dtype
+
+
+def buffer_bytes(pristine: Mapping[str, torch.Tensor], dtype: torch.dtype) -> int:
+    """The bytes ``HostWeights(pristine, dtype)`` allocates for its buffers (before allocating them)."""
+    return sum(w.numel() * buffer_dtype(key, dtype).itemsize for key, w in pristine.items())
+
+
 class HostWeights:
     """Buffers (``dtype``; biases float32) over the float32 ``pristine`` tensors (canonical key ->
     tensor, not copied)."""
@@ -31,10 +41,7 @@ class HostWeights:
     def __init__(self, pristine: Mapping[str, torch.Tensor], dtype: torch.dtype = torch.float32) -> None:
         self.pristine = dict(pristine)
         self.dtype = dtype
-        self._buffers = {
-            key: w.to(torch.float32 if is_bias_key(key) else dtype, copy=True)
-            for key, w in self.pristine.items()
-        }
+        self._buffers = {key: w.to(buffer_dtype(key, dtype), copy=True) for key, w in self.pristine.items()}
         # Per key, as matrices: (W0, the buffer, float32 scratch for bf16 buffers); a swap
         # then costs one or two kernels per module and no view arithmetic.
         bf16 = {key for key, buffer in self._buffers.items() if buffer.dtype == torch.bfloat16}
@@ -58,6 +65,11 @@ class HostWeights:
     def buffer(self, key: str) -> torch.Tensor:
         """The buffer of ``key`` (what the runtime reads on the next call)."""
         return self._buffers[key]
+
+    @property
+    def nbytes(self) -> int:
+        """The bytes of the buffers (not the shared ``pristine`` tensors)."""
+        return sum(buffer.numel() * buffer.element_size() for buffer in self._buffers.values())
 
     @torch.no_grad()
     def apply(self, plan: BlendPlan | None) -> int:

@@ -13,6 +13,11 @@ Two layouts, both named by the canonical module key (``unet.<module path>``):
   initializer keeps its ``state_dict`` name (``<module path>.weight``), which
   ``initializer_key_map`` maps back to the canonical key.
 
+A UNet with added conditioning (SDXL: ``addition_embed_type == "text_time"``) takes
+two more inputs after ``encoder_hidden_states``: ``text_embeds`` (the pooled text
+embedding, ``(batch, width)``) and ``time_ids`` (``(batch, 6)``), its
+``added_cond_kwargs``; which ones is read from the UNet's config (``added_inputs``).
+
 Exports are cached under ``LORALOOM_HOME/cache/onnx/<key>/unet.onnx`` where the key
 hashes the base model's fingerprint and the export settings; a file is written
 to a temporary folder and renamed into place, so a reader never sees half a file.
@@ -40,8 +45,38 @@ from server.models.shapes import lora_targets
 SAMPLE = "sample"
 TIMESTEP = "timestep"
 HIDDEN = "encoder_hidden_states"
+TEXT_EMBEDS = "text_embeds"
+TIME_IDS = "time_ids"
 OUTPUT = "noise"
-EXPORT_FORMAT = 2  # bump when the graph layout below changes (2: biases of the targets are inputs)
+# Bump when the graph layout below changes (2: biases of the targets are inputs; 3: the prompt's
+# token count is dynamic, so prompts longer than 77 tokens, encoded in chunks, run).
+EXPORT_FORMAT = 3
+TIME_ID_COUNT = 6  # SDXL's time ids: original size, crop top-left, target size
+
+
+def added_inputs(config) -> tuple[str, ...]:
+    """The added-conditioning inputs of a UNet with this config, in graph order: SDXL's
+    ``text_embeds`` and ``time_ids`` for ``addition_embed_type == "text_time"``, else none."""
+    return (TEXT_EMBEDS, TIME_IDS) if getattr(config, "addition_embed_type", None) == "text_time" else ()
+
+
+def added_shapes(config, batch: int) -> dict[str, tuple[int, int]]:
+    """The shape of each added input at ``batch`` (the pooled width is what the UNet's added
+    projection takes besides the time-id embeddings)."""
+    if not added_inputs(config):
+        return {}
+    width = config.projection_class_embeddings_input_dim - TIME_ID_COUNT * config.addition_time_embed_dim
+    return {TEXT_EMBEDS: (batch, width), TIME_IDS: (batch, TIME_ID_COUNT)}
+
+
+def added_values(names: tuple[str, ...], added_cond_kwargs: dict | None) -> list[torch.Tensor]:
+    """The tensors of ``names`` from a UNet call's ``added_cond_kwargs``, in graph order."""
+    if not names:
+        return []
+    missing = [name for name in names if name not in (added_cond_kwargs or {})]
+    if missing:
+        raise ValueError(f"this UNet needs added_cond_kwargs with {', '.join(missing)}")
+    return [added_cond_kwargs[name] for name in names]  # type: ignore[index]
 
 
 @dataclass(frozen=True)
@@ -64,6 +99,7 @@ class ExportedUnet:
     settings: ExportSettings
     cached: bool
     bias_keys: tuple[str, ...] = ()
+    added_inputs: tuple[str, ...] = ()  # SDXL's text_embeds, time_ids (after encoder_hidden_states)
 
 
 def unet_targets(pipeline) -> dict[str, nn.Module]:
@@ -90,45 +126,61 @@ def target_tensors(targets: dict[str, nn.Module]) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def export_key(fingerprint: str, settings: ExportSettings) -> str:
-    """The cache key of an export: base fingerprint, settings, exporter and torch versions."""
-    text = json.dumps(
-        {"fingerprint": fingerprint, **asdict(settings), "format": EXPORT_FORMAT, "torch": torch.__version__},
-        sort_keys=True,
-    )
+def export_key(fingerprint: str, settings: ExportSettings, added: tuple[str, ...] = ()) -> str:
+    """The cache key of an export: base fingerprint, settings, the added inputs (a graph with
+    SDXL's inputs never shares a key with one without), exporter and torch versions."""
+    fields = {"fingerprint": fingerprint, **asdict(settings), "format": EXPORT_FORMAT}
+    fields["torch"] = torch.__version__
+    if added:  # absent for SD 1.x/2.x, whose keys stay what they were
+        fields["added"] = list(added)
+    text = json.dumps(fields, sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:32]
 
 
+def _forward(unet: nn.Module, added: tuple[str, ...], sample, timestep, hidden, extra) -> torch.Tensor:
+    """The UNet's noise prediction, ``extra`` holding the added inputs' tensors (graph order)."""
+    kwargs = {"added_cond_kwargs": dict(zip(added, extra, strict=True))} if added else {}
+    return unet(sample, timestep, encoder_hidden_states=hidden, return_dict=False, **kwargs)[0]
+
+
 class _WeightsAsInputs(nn.Module):
-    """Calls the UNet with the target weights (then the biases of ``biased``) swapped for traced inputs."""
+    """Calls the UNet with the target weights (then the biases of ``biased``) swapped for traced
+    inputs; the ``added`` inputs come first among ``tensors``."""
 
     def __init__(
-        self, unet: nn.Module, modules: list[nn.Module], biased: list[nn.Module] | None = None
+        self,
+        unet: nn.Module,
+        modules: list[nn.Module],
+        biased: list[nn.Module] | None = None,
+        added: tuple[str, ...] = (),
     ) -> None:
         super().__init__()
         self.unet = unet
         self.targets = modules
         self.biased = biased or []
+        self.added = added
 
     def forward(self, sample, timestep, hidden, *tensors):
+        extra, tensors = tensors[: len(self.added)], tensors[len(self.added) :]
         slots = [(module, "weight") for module in self.targets] + [(module, "bias") for module in self.biased]
         saved = [module._parameters[name] for module, name in slots]
         try:
             for (module, name), tensor in zip(slots, tensors, strict=True):
                 module._parameters[name] = tensor
-            return self.unet(sample, timestep, encoder_hidden_states=hidden, return_dict=False)[0]
+            return _forward(self.unet, self.added, sample, timestep, hidden, extra)
         finally:
             for (module, name), tensor in zip(slots, saved, strict=True):
                 module._parameters[name] = tensor
 
 
 class _Plain(nn.Module):
-    def __init__(self, unet: nn.Module) -> None:
+    def __init__(self, unet: nn.Module, added: tuple[str, ...] = ()) -> None:
         super().__init__()
         self.unet = unet
+        self.added = added
 
-    def forward(self, sample, timestep, hidden):
-        return self.unet(sample, timestep, encoder_hidden_states=hidden, return_dict=False)[0]
+    def forward(self, sample, timestep, hidden, *extra):
+        return _forward(self.unet, self.added, sample, timestep, hidden, extra)
 
 
 def example_inputs(unet, batch: int = 2) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -138,6 +190,18 @@ def example_inputs(unet, batch: int = 2) -> tuple[torch.Tensor, torch.Tensor, to
     timestep = torch.full((batch,), 500.0)
     hidden = torch.randn(batch, 77, config.cross_attention_dim, generator=torch.Generator().manual_seed(1))
     return sample, timestep, hidden
+
+
+def example_added(unet, batch: int = 2) -> dict[str, torch.Tensor]:
+    """Example ``added_cond_kwargs`` for ``unet`` (``{}`` for a UNet without added conditioning)."""
+    shapes = added_shapes(unet.config, batch)
+    if not shapes:
+        return {}
+    pixels = float(unet.config.sample_size * 8)  # the size a VAE of factor 8 decodes to
+    return {
+        TEXT_EMBEDS: torch.randn(*shapes[TEXT_EMBEDS], generator=torch.Generator().manual_seed(2)),
+        TIME_IDS: torch.tensor([[pixels, pixels, 0.0, 0.0, pixels, pixels]]).repeat(batch, 1),
+    }
 
 
 def export_unet(
@@ -152,25 +216,27 @@ def export_unet(
     targets = unet_targets(pipeline)
     keys = tuple(targets)
     biased = bias_targets(targets) if settings.weights == "inputs" else {}
-    root = (folder or cache_dir() / "onnx") / export_key(fingerprint, settings)
+    added = added_inputs(pipeline.unet.config)
+    root = (folder or cache_dir() / "onnx") / export_key(fingerprint, settings, added)
     path = root / "unet.onnx"
     if path.is_file():
-        return ExportedUnet(
-            path=path, weight_keys=keys, settings=settings, cached=True, bias_keys=tuple(biased)
-        )
+        return ExportedUnet(path, keys, settings, cached=True, bias_keys=tuple(biased), added_inputs=added)
     unet = pipeline.unet.eval()
-    inputs = example_inputs(unet)
-    dynamic = {name: {0: "batch"} for name in (SAMPLE, TIMESTEP, HIDDEN, OUTPUT)}
+    conditioning = example_added(unet)
+    inputs = (*example_inputs(unet), *(conditioning[name] for name in added))
+    fixed = [SAMPLE, TIMESTEP, HIDDEN, *added]
+    dynamic = {name: {0: "batch"} for name in (*fixed, OUTPUT)}
+    dynamic[HIDDEN] = {0: "batch", 1: "tokens"}  # 77 per prompt chunk
     root.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".export-", dir=root.parent))
     try:
         if settings.weights == "inputs":
-            model: nn.Module = _WeightsAsInputs(unet, list(targets.values()), list(biased.values()))
+            model: nn.Module = _WeightsAsInputs(unet, list(targets.values()), list(biased.values()), added)
             weights = tuple(module.weight.detach() for module in targets.values())
             biases = tuple(module.bias.detach() for module in biased.values())
-            args, names = (*inputs, *weights, *biases), [SAMPLE, TIMESTEP, HIDDEN, *keys, *biased]
+            args, names = (*inputs, *weights, *biases), [*fixed, *keys, *biased]
         else:
-            model, args, names = _Plain(unet), inputs, [SAMPLE, TIMESTEP, HIDDEN]
+            model, args, names = _Plain(unet, added), inputs, fixed
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore")  # tracer warnings on diffusers' shape checks
             torch.onnx.export(
@@ -192,7 +258,7 @@ def export_unet(
                 raise
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    return ExportedUnet(path=path, weight_keys=keys, settings=settings, cached=False, bias_keys=tuple(biased))
+    return ExportedUnet(path, keys, settings, cached=False, bias_keys=tuple(biased), added_inputs=added)
 
 
 def initializer_key_map(onnx_path: Path, canonical_keys: tuple[str, ...] | list[str]) -> dict[str, str]:

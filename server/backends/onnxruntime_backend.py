@@ -10,7 +10,8 @@ on a swap, and a step costs the same whatever blend is loaded.
 ``OrtUnet`` is called like a diffusers UNet in ``server.engine.denoise``
 (``unet(sample, t, encoder_hidden_states=..., return_dict=False)[0]``);
 ``with_unet`` gives a pipeline view whose UNet is this one. Only ``unet.*``
-keys are written here; the text encoder stays in torch.
+keys are written here; the text encoders stay in torch. A UNet with added
+conditioning (SDXL) takes ``added_cond_kwargs`` as two more inputs.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from server.backends.onnx_export import (
     SAMPLE,
     TIMESTEP,
     ExportSettings,
+    added_values,
     export_unet,
     target_tensors,
     unet_targets,
@@ -84,15 +86,22 @@ class OrtUnet:
         """Write ``plan``'s UNet weights (``None``: base) into the bound buffers; returns modules written."""
         return self._weights.apply(plan)
 
-    def __call__(self, sample, timestep, encoder_hidden_states=None, return_dict: bool = False, **_: Any):
+    def __call__(
+        self,
+        sample,
+        timestep,
+        encoder_hidden_states=None,
+        added_cond_kwargs: dict | None = None,
+        return_dict: bool = False,
+        **_: Any,
+    ):
         batch = sample.shape[0]
         steps = torch.as_tensor(timestep, dtype=torch.float32).reshape(-1).expand(batch)
+        added = self.exported.added_inputs
+        inputs = (sample, steps, encoder_hidden_states, *added_values(added, added_cond_kwargs))
         binding = self._binding
-        binding.bind_cpu_input(SAMPLE, np.ascontiguousarray(sample.detach().to(torch.float32).numpy()))
-        binding.bind_cpu_input(TIMESTEP, np.ascontiguousarray(steps.numpy()))
-        binding.bind_cpu_input(
-            HIDDEN, np.ascontiguousarray(encoder_hidden_states.detach().to(torch.float32).numpy())
-        )
+        for name, tensor in zip((SAMPLE, TIMESTEP, HIDDEN, *added), inputs, strict=True):
+            binding.bind_cpu_input(name, np.ascontiguousarray(tensor.detach().to(torch.float32).numpy()))
         binding.bind_output(OUTPUT)
         self.session.run_with_iobinding(binding)
         out = torch.from_numpy(binding.copy_outputs_to_cpu()[0])

@@ -20,7 +20,9 @@ spatial convolution and bias at its base (attention/linear LoRA, the usual
 kind). A blend that touches one (LoCon-style, or a full diff that changes
 biases) runs on the *full* variant, where every target and bias is an input. Both
 are compiled for static shapes, once per (variant, input shapes) the first time
-it is used, and kept.
+it is used, and kept. A UNet with added conditioning (SDXL) takes its
+``added_cond_kwargs`` (``text_embeds``, ``time_ids``) as two more inputs
+(``onnx_export.added_inputs``).
 
 Blend slots: ``slots`` sets of weight buffers, each bound to its own infer
 requests (``slots=2`` by default). A swap to a blend some slot already holds
@@ -41,12 +43,15 @@ import numpy as np
 import torch
 
 from adapters.errors import InvalidArgument
+from server.backends.host_weights import buffer_bytes
 from server.backends.onnx_export import (
     HIDDEN,
     SAMPLE,
     TIMESTEP,
     ExportSettings,
+    added_values,
     export_unet,
+    target_tensors,
     unet_targets,
 )
 from server.backends.openvino_runtime import compile_model, core, effective_precision, openvino
@@ -57,6 +62,17 @@ from server.engine.plan import BlendPlan
 log = logging.getLogger(__name__)
 
 LEAN, FULL = "lean", "full"
+
+
+def weight_dtype(precision: str) -> torch.dtype:
+    """The dtype of the weight buffers at an effective ``precision`` (biases stay float32)."""
+    return torch.bfloat16 if precision == "bf16" else torch.float32
+
+
+def slot_bytes(pipeline, precision: str) -> int:
+    """What one blend slot's buffers take at an effective ``precision``: every UNet target's weight
+    in ``weight_dtype``, every bias float32 (as ``SharedWeights`` allocates them)."""
+    return buffer_bytes(target_tensors(unet_targets(pipeline)), weight_dtype(precision))
 
 
 def is_spatial(weight: torch.Tensor) -> bool:
@@ -82,7 +98,8 @@ class OvUnet:
         self.precision = effective_precision(precision)
         self.threads = threads
         self.exported = export_unet(pipeline, fingerprint, ExportSettings(weights="inputs"), folder=folder)
-        self.weight_dtype = torch.bfloat16 if self.precision == "bf16" else torch.float32
+        self.weight_dtype = weight_dtype(self.precision)
+        self.added = self.exported.added_inputs  # SDXL: text_embeds, time_ids
         targets = unet_targets(pipeline)
         self._slots = [SharedWeights(targets, self.weight_dtype)]
         self._slot_count = slots
@@ -120,7 +137,8 @@ class OvUnet:
 
     @property
     def compiled_shapes(self) -> tuple[tuple, ...]:
-        """``(variant, sample shape, hidden shape)`` of every compiled model, in compile order."""
+        """``(variant, sample shape, hidden shape, added shapes)`` of every compiled model, in compile
+        order."""
         return tuple(self._compiled)
 
     def buffer(self, key: str) -> torch.Tensor:
@@ -149,27 +167,33 @@ class OvUnet:
             model = declare_bf16_inputs(model, self.weights.keys)
         return model
 
-    def request(self, variant: str, sample_shape: tuple, hidden_shape: tuple) -> Any:
-        """The active slot's infer request of ``variant`` for these input shapes (made the first time)."""
-        key = (variant, tuple(sample_shape), tuple(hidden_shape), self._active)
+    def request(
+        self, variant: str, sample_shape: tuple, hidden_shape: tuple, added_shapes: tuple = ()
+    ) -> Any:
+        """The active slot's infer request of ``variant`` for these input shapes (made the first time);
+        ``added_shapes``: those of the added inputs, in ``self.added``'s order."""
+        shapes = (variant, tuple(sample_shape), tuple(hidden_shape), tuple(map(tuple, added_shapes)))
+        key = (*shapes, self._active)
         found = self._requests.get(key)
         if found is None:
             with self._lock:
                 found = self._requests.get(key)
                 if found is None:
-                    compiled = self._compiled.get(key[:3])
+                    compiled = self._compiled.get(shapes)
                     if compiled is None:
-                        compiled = self._compiled[key[:3]] = self._compile(*key[:3])
+                        compiled = self._compiled[shapes] = self._compile(*shapes)
                     found = compiled.create_infer_request()
                     names = {name for port in compiled.inputs for name in port.get_names()}
                     self.weights.bind(found, names)
                     self._requests[key] = found
         return found
 
-    def _compile(self, variant: str, sample_shape: tuple, hidden_shape: tuple) -> Any:
+    def _compile(self, variant: str, sample_shape: tuple, hidden_shape: tuple, added_shapes: tuple) -> Any:
         log.info("compiling the %s OpenVINO UNet (%s) for sample %s", variant, self.precision, sample_shape)
         model = self._model(variant).clone()
-        model.reshape({SAMPLE: list(sample_shape), TIMESTEP: [sample_shape[0]], HIDDEN: list(hidden_shape)})
+        shapes = {SAMPLE: list(sample_shape), TIMESTEP: [sample_shape[0]], HIDDEN: list(hidden_shape)}
+        shapes |= {name: list(shape) for name, shape in zip(self.added, added_shapes, strict=True)}
+        model.reshape(shapes)
         return compile_model(model, self.precision, self.threads)
 
     # ------------------------------------------------------------ hot-swap
@@ -203,17 +227,28 @@ class OvUnet:
 
     # ------------------------------------------------------------ forward
 
-    def __call__(self, sample, timestep, encoder_hidden_states=None, return_dict: bool = False, **_: Any):
+    def __call__(
+        self,
+        sample,
+        timestep,
+        encoder_hidden_states=None,
+        added_cond_kwargs: dict | None = None,
+        return_dict: bool = False,
+        **_: Any,
+    ):
         batch = sample.shape[0]
-        request = self.request(self.variant, tuple(sample.shape), tuple(encoder_hidden_states.shape))
+        added = added_values(self.added, added_cond_kwargs)
+        request = self.request(
+            self.variant,
+            tuple(sample.shape),
+            tuple(encoder_hidden_states.shape),
+            tuple(tuple(tensor.shape) for tensor in added),
+        )
         ov = openvino()
         steps = torch.as_tensor(timestep, dtype=torch.float32).reshape(-1).expand(batch).contiguous()
-        arrays = (
-            np.ascontiguousarray(sample.detach().to(torch.float32).numpy()),
-            steps.numpy(),
-            np.ascontiguousarray(encoder_hidden_states.detach().to(torch.float32).numpy()),
-        )
-        for name, array in zip((SAMPLE, TIMESTEP, HIDDEN), arrays, strict=True):
+        inputs = (sample, steps, encoder_hidden_states, *added)
+        for name, tensor in zip((SAMPLE, TIMESTEP, HIDDEN, *self.added), inputs, strict=True):
+            array = np.ascontiguousarray(tensor.detach().to(torch.float32).numpy())
             request.set_tensor(name, ov.Tensor(array, shared_memory=True))
         request.infer()
         out = torch.from_numpy(request.get_output_tensor(0).data.copy())

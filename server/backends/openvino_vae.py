@@ -54,7 +54,8 @@ def export_vae_decoder(vae: nn.Module, fingerprint: str, *, folder: Path | None 
 
 
 class OvVaeDecoder:
-    """Called like a diffusers VAE in ``server.engine.denoise``: ``decode(latents)`` and ``config``."""
+    """Called like a diffusers VAE in ``server.engine.denoise``: ``decode(latents)`` and ``config``;
+    ``encode`` (img2img and inpainting, once per image) runs on the torch VAE it was made from."""
 
     def __init__(
         self,
@@ -72,6 +73,7 @@ class OvVaeDecoder:
         self._source = core().read_model(str(self.path))
         self._requests = PerShape(self._compile)
         self.config = vae.config
+        self._torch_vae = vae
         self.device = torch.device("cpu")
         self.dtype = torch.float32
 
@@ -89,6 +91,9 @@ class OvVaeDecoder:
         model.reshape({0: list(shape)})
         compiled = compile_model(model, self.precision, self.threads)
         return compiled, compiled.create_infer_request()  # the request's model stays referenced
+
+    def encode(self, images: torch.Tensor, return_dict: bool = True) -> Any:
+        return self._torch_vae.encode(images, return_dict=return_dict)
 
     def decode(self, latents: torch.Tensor, return_dict: bool = False, generator: Any = None) -> tuple:
         request = self.request(tuple(latents.shape))

@@ -13,6 +13,7 @@ class UnetConfig:
     in_channels: int
     time_cond_proj_dim: int | None
     sample_size: int
+    addition_embed_type: str | None = None  # "text_time": SDXL's added conditioning
 
 
 def unet_config(unet) -> UnetConfig:
@@ -21,11 +22,13 @@ def unet_config(unet) -> UnetConfig:
         in_channels=config.in_channels,
         time_cond_proj_dim=config.time_cond_proj_dim,
         sample_size=config.sample_size,
+        addition_embed_type=getattr(config, "addition_embed_type", None),
     )
 
 
 class PipelineView:
-    """``pipeline`` with some components (``unet``, ``vae``) replaced; everything else is the original's."""
+    """``pipeline`` with some components (``unet``, the text encoders, ``vae``) replaced; everything
+    else is the original's."""
 
     def __init__(self, pipeline, **components: Any) -> None:
         self._pipeline = pipeline

@@ -1,10 +1,10 @@
 """Choosing the backend the engine runs its denoising loop on.
 
-A backend replaces the UNet call (OpenVINO also the text encoder and the VAE
-decoder). Adapter keys of a replaced component go to the backend only: the
-torch module it replaces is then never written; the engine's fused path writes
-the keys of the torch modules that still run (the text encoder under ONNX
-Runtime).
+A backend replaces the UNet call (OpenVINO also the text encoders, both of
+SDXL's, and the VAE decoder). Adapter keys of a replaced component go to the
+backend only: the torch module it replaces is then never written; the engine's
+fused path writes the keys of the torch modules that still run (the text
+encoders under ONNX Runtime).
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import torch
 from adapters.errors import InvalidArgument
 from server.backends.pipeline_view import with_components
 from server.engine.plan import BIAS_SUFFIX, BlendPlan
+from server.models.families import family_of
 
 # "tensorrt" exists (server.backends.tensorrt_backend) but is not selectable until it has run on a GPU.
 BACKENDS = ("torch", "onnxruntime", "openvino")
@@ -31,12 +32,25 @@ class UnetBackend(Protocol):
 
     def apply(self, plan: BlendPlan | None) -> int: ...
 
-    def __call__(self, sample, timestep, encoder_hidden_states=None, return_dict: bool = False) -> tuple: ...
+    def __call__(
+        self,
+        sample,
+        timestep,
+        encoder_hidden_states=None,
+        added_cond_kwargs: dict | None = None,
+        return_dict: bool = False,
+    ) -> tuple: ...
+
+
+# The components whose adapter targets a backend may run, by the pipeline's attribute name; a
+# target key starts with ``<name>.`` (``text_encoder.`` never matches ``text_encoder_2.`` keys).
+WEIGHTED_PARTS = ("unet", "text_encoder", "text_encoder_2")
 
 
 @dataclass(frozen=True)
 class Backend:
-    """What runs a request: ``unet``/``text_encoder``/``vae`` replace the pipeline's (``None``: torch's).
+    """What runs a request: ``unet``/``text_encoder``/``text_encoder_2``/``vae`` replace the
+    pipeline's (``None``: torch's).
 
     Adapter keys of a replaced component go to it only (``owns``): the engine's fused
     path then writes the rest, into the torch modules that still run.
@@ -46,6 +60,7 @@ class Backend:
     precision: str
     unet: UnetBackend | None = None
     text_encoder: Any | None = None
+    text_encoder_2: Any | None = None  # SDXL's second encoder
     vae: Any | None = None
 
     @property
@@ -54,28 +69,32 @@ class Backend:
         return f"{self.name} ({self.precision})" if self.name == "openvino" else self.name
 
     @property
+    def parts(self) -> dict[str, Any]:
+        """The components this backend runs whose weights adapters touch, by key prefix."""
+        found = {f"{name}.": getattr(self, name) for name in WEIGHTED_PARTS}
+        return {prefix: part for prefix, part in found.items() if part is not None}
+
+    @property
     def prefixes(self) -> tuple[str, ...]:
         """Key prefixes of the adapter targets this backend runs."""
-        parts = (("unet.", self.unet), ("text_encoder.", self.text_encoder))
-        return tuple(prefix for prefix, part in parts if part is not None)
+        return tuple(self.parts)
 
     def owns(self, key: str) -> bool:
         """A key of a component this backend runs; a bias key (``<key>.bias``) only where that
         component takes the bias as an input (else the engine refuses a bias difference there)."""
-        if not self.prefixes or not key.startswith(self.prefixes):
+        part = next((part for prefix, part in self.parts.items() if key.startswith(prefix)), None)
+        if part is None:
             return False
-        if not key.endswith(BIAS_SUFFIX):
-            return True
-        part = self.unet if key.startswith("unet.") else self.text_encoder
-        return key in getattr(part, "bias_keys", ())
+        return not key.endswith(BIAS_SUFFIX) or key in getattr(part, "bias_keys", ())
 
     def apply(self, plan: BlendPlan | None) -> int:
         """Write ``plan`` (``None``: base) into this backend's weights; returns modules written."""
-        return sum(part.apply(plan) for part in (self.unet, self.text_encoder) if part is not None)
+        return sum(part.apply(plan) for part in self.parts.values())
 
     def view(self, pipeline: Any) -> Any:
         """``pipeline`` itself for torch, else a view of it with this backend's components."""
-        return with_components(pipeline, unet=self.unet, text_encoder=self.text_encoder, vae=self.vae)
+        components = {name: getattr(self, name) for name in (*WEIGHTED_PARTS, "vae")}
+        return with_components(pipeline, **components)
 
 
 def choose_backend(
@@ -150,23 +169,21 @@ def build_backend(
         return Backend(
             name, precision, unet=OrtUnet(base.pipeline, base.fingerprint, threads=threads, folder=folder)
         )
-    from server.backends.onnx_export import unet_targets
-    from server.backends.openvino_backend import OvUnet
+    from server.backends.openvino_backend import OvUnet, slot_bytes
+    from server.backends.openvino_runtime import effective_precision
     from server.backends.openvino_text import OvTextEncoder, supports
     from server.backends.openvino_vae import OvVaeDecoder
 
     pipeline, fingerprint = base.pipeline, base.fingerprint
-    slot_bytes = sum(
-        module.weight.numel() * (2 if precision == "bf16" else 4)
-        for module in unet_targets(pipeline).values()
-    )
-    slots = 2 if slot_budget_bytes is None or slot_bytes <= slot_budget_bytes else 1
-    unet = OvUnet(pipeline, fingerprint, precision=precision, threads=threads, folder=folder, slots=slots)
-    precision = unet.precision  # bf16 falls back to fp32 on a CPU without native BF16
-    text_encoder = None
-    if supports(pipeline):
-        text_encoder = OvTextEncoder(
-            pipeline, fingerprint, precision=precision, threads=threads, folder=folder
-        )
-    vae = OvVaeDecoder(pipeline.vae, fingerprint, precision=precision, threads=threads, folder=folder)
-    return Backend(name, precision, unet=unet, text_encoder=text_encoder, vae=vae)
+    precision = effective_precision(precision)  # bf16 falls back to fp32 on a CPU without native BF16
+    # A slot's real bytes at the precision that runs (bf16 weights, float32 biases).
+    fits = slot_budget_bytes is None or slot_bytes(pipeline, precision) <= slot_budget_bytes
+    settings = {"precision": precision, "threads": threads, "folder": folder}
+    unet = OvUnet(pipeline, fingerprint, slots=2 if fits else 1, **settings)
+    encoders = {
+        component: OvTextEncoder(pipeline, fingerprint, component=component, **settings)
+        for component in family_of(pipeline).text_encoders
+        if component in WEIGHTED_PARTS and supports(pipeline, component)  # else torch runs it
+    }
+    vae = OvVaeDecoder(pipeline.vae, fingerprint, **settings)
+    return Backend(name, precision, unet=unet, vae=vae, **encoders)

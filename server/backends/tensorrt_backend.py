@@ -13,6 +13,10 @@ the engine's current weights, so nothing of the previous blend can leak into
 the next (TensorRT issue 3628). Any further weight the refitter reports missing
 is supplied from the same source.
 
+A UNet with added conditioning (SDXL) takes ``added_cond_kwargs`` (``text_embeds``,
+``time_ids``) as two more inputs, each with its own profile shapes
+(``onnx_export.added_shapes``).
+
 Everything up to the TensorRT calls (the name map, the arrays, the cache key)
 is plain numpy/torch and tested on CPU; the rest needs ``tensorrt`` and CUDA,
 imported lazily (``require_tensorrt``).
@@ -33,7 +37,7 @@ import numpy as np
 import torch
 
 from adapters.blend import Dense, LowRank, Rescaled, Update, add_update
-from adapters.errors import FailedPrecondition
+from adapters.errors import FailedPrecondition, InvalidArgument
 from adapters.home import cache_dir
 from server.backends.onnx_export import (
     HIDDEN,
@@ -41,6 +45,9 @@ from server.backends.onnx_export import (
     SAMPLE,
     TIMESTEP,
     ExportSettings,
+    added_inputs,
+    added_shapes,
+    added_values,
     export_key,
     export_unet,
     initializer_key_map,
@@ -77,16 +84,23 @@ class BuildSettings:
     opt_batch: int = 2
     max_batch: int = 8
     sample_size: int = 0  # 0: the UNet's own sample_size
-    tokens: int = 77
+    tokens: int = 77  # the optimal prompt length: one chunk
+    max_tokens: int = 77 * 8  # the longest prompt the engine takes: 8 chunks of 75 tokens
 
 
 def plan_cache_key(
-    fingerprint: str, export: ExportSettings, build: BuildSettings, trt_version: str, gpu: str
+    fingerprint: str,
+    export: ExportSettings,
+    build: BuildSettings,
+    trt_version: str,
+    gpu: str,
+    added: tuple[str, ...] = (),
 ) -> str:
-    """A serialized plan's key: what was exported, how it was built, which TensorRT, which GPU."""
+    """A serialized plan's key: what was exported (``added``: the UNet's added inputs), how it was
+    built, which TensorRT, which GPU."""
     text = json.dumps(
         {
-            "export": export_key(fingerprint, export),
+            "export": export_key(fingerprint, export, added),
             "build": asdict(build),
             "tensorrt": trt_version,
             "gpu": gpu,
@@ -154,7 +168,8 @@ class TensorRTUnet:
         self.signature: tuple[tuple[str, float], ...] = ()
         self._logger = trt.Logger(trt.Logger.WARNING)
         gpu = torch.cuda.get_device_name()
-        key = plan_cache_key(fingerprint, export, self.build_settings, trt.__version__, gpu)
+        self.added = self.exported.added_inputs  # SDXL: text_embeds, time_ids
+        key = plan_cache_key(fingerprint, export, self.build_settings, trt.__version__, gpu, self.added)
         plans = (folder or cache_dir()) / "tensorrt"
         plans.mkdir(parents=True, exist_ok=True)
         plan_path = plans / f"{key}.plan"
@@ -197,7 +212,10 @@ class TensorRTUnet:
         batches = (settings.min_batch, settings.opt_batch, settings.max_batch)
         profile.set_shape(SAMPLE, *[(b, channels, size, size) for b in batches])
         profile.set_shape(TIMESTEP, *[(b,) for b in batches])
-        profile.set_shape(HIDDEN, *[(b, settings.tokens, width) for b in batches])
+        tokens = (settings.tokens, settings.tokens, settings.max_tokens)
+        profile.set_shape(HIDDEN, *[(b, n, width) for b, n in zip(batches, tokens, strict=True)])
+        for name in added_inputs(unet.config):
+            profile.set_shape(name, *[added_shapes(unet.config, b)[name] for b in batches])
         config.add_optimization_profile(profile)
         data = builder.build_serialized_network(network, config)
         if data is None:
@@ -238,8 +256,23 @@ class TensorRTUnet:
         self.signature = plan.signature if plan is not None else ()
         return len(keys)
 
-    def __call__(self, sample, timestep, encoder_hidden_states=None, return_dict: bool = False, **_: Any):
+    def __call__(
+        self,
+        sample,
+        timestep,
+        encoder_hidden_states=None,
+        added_cond_kwargs: dict | None = None,
+        return_dict: bool = False,
+        **_: Any,
+    ):
         batch = sample.shape[0]
+        most = self.build_settings.max_tokens
+        if encoder_hidden_states.shape[1] > most:
+            raise InvalidArgument(
+                f"the prompt encodes to {encoder_hidden_states.shape[1]} tokens; this TensorRT engine takes "
+                f"at most {most} ({most // 77} chunks of 75 tokens): shorten it"
+            )
+        added = added_values(self.added, added_cond_kwargs)
         inputs = {
             SAMPLE: sample.to("cuda", torch.float32).contiguous(),
             TIMESTEP: torch.as_tensor(timestep, dtype=torch.float32)
@@ -248,6 +281,10 @@ class TensorRTUnet:
             .to("cuda")
             .contiguous(),
             HIDDEN: encoder_hidden_states.to("cuda", torch.float32).contiguous(),
+            **{
+                name: tensor.to("cuda", torch.float32).contiguous()
+                for name, tensor in zip(self.added, added, strict=True)
+            },
         }
         out = torch.empty_like(inputs[SAMPLE])
         for name, tensor in inputs.items():

@@ -38,6 +38,8 @@ Json = Annotated[bool, typer.Option("--json", help="Print JSON instead of a tabl
 DEFAULT_SERVER = "127.0.0.1:50051"
 # server.client.types.MERGE_METHODS, spelled out so that --help imports no client (grpc).
 MergeMethod = Literal["linear", "ties", "dare_linear", "dare_ties"]
+# adapters.formats.convert.TARGETS, spelled out for the same reason (that package imports torch).
+ConvertTarget = Literal["kohya", "diffusers", "canonical"]
 
 
 def _client(server: str, timeout: float | None):
@@ -116,11 +118,56 @@ def generate(
             show_default=False,
         ),
     ] = None,
+    init_image: Annotated[
+        Path | None,
+        typer.Option(
+            "--init-image",
+            help="img2img: the picture to restyle (PNG or JPEG), fitted to the size by crop-and-resize.",
+            exists=True,
+            dir_okay=False,
+        ),
+    ] = None,
+    mask: Annotated[
+        Path | None,
+        typer.Option(
+            "--mask",
+            help="Inpainting: a mask of --init-image's size; white is repainted, black kept.",
+            exists=True,
+            dir_okay=False,
+        ),
+    ] = None,
+    strength: Annotated[
+        float | None,
+        typer.Option(
+            help="img2img/inpainting: the share of the schedule re-run, in (0, 1]; low stays close to "
+            "the picture. \\[default: 0.75]",
+            show_default=False,
+        ),
+    ] = None,
+    clip_skip: Annotated[
+        int,
+        typer.Option(
+            "--clip-skip",
+            help="Text-encoder layer, A1111's numbering: 1 = last (the default), 2 = penultimate.",
+            show_default=False,
+        ),
+    ] = 0,
+    schedule: Annotated[
+        str,
+        typer.Option(
+            help="Noise schedule apart from the sampler: default, karras, exponential, beta, sgm_uniform.",
+            show_default=False,
+        ),
+    ] = "",
+    eta: Annotated[
+        float | None, typer.Option(help="ddim's eta: 0 deterministic, 1 DDPM-like.", show_default=False)
+    ] = None,
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
     server: Server = DEFAULT_SERVER,
     timeout: Timeout = 600.0,
 ) -> None:
-    """Generate images with an optional blend of adapters and write them as PNG files."""
+    """Generate images with an optional blend of adapters and write them as PNG files; restyle a
+    picture with --init-image (img2img), repaint part of it with --mask (inpainting)."""
     import math
     import uuid
 
@@ -148,6 +195,12 @@ def generate(
                 density=density,
                 request_id=request_id,
                 on_event=bar.update,
+                init_image=init_image.read_bytes() if init_image else None,
+                mask_image=mask.read_bytes() if mask else None,
+                strength=strength,
+                clip_skip=clip_skip,
+                schedule=schedule,
+                eta=eta,
             )
     except LoraloomError as error:
         from server.cli.output import fail
@@ -170,7 +223,15 @@ def generate(
         blend += f" --merge {params.merge} --density {params.density:g}"
     took = f"{result.timing.total_ms:.0f} ms (queue {result.timing.queue_ms:.0f} ms)"
     typer.echo(f"{took}, request {result.request_id}; reproduce with:")
-    typer.echo(f"  --seed {params.seed} --steps {params.steps} --sampler {params.sampler} {blend}".rstrip())
+    extra = ""
+    if init_image is not None:
+        extra += f" --strength {params.strength:g}"
+    if params.schedule and params.schedule != "default":
+        extra += f" --schedule {params.schedule}"
+    if params.clip_skip > 1:
+        extra += f" --clip-skip {params.clip_skip}"
+    line = f"  --seed {params.seed} --steps {params.steps} --sampler {params.sampler}{extra} {blend}"
+    typer.echo(line.rstrip())
 
 
 @app.command()
@@ -185,19 +246,21 @@ def info(server: Server = DEFAULT_SERVER, timeout: Timeout = 10.0, json: Json = 
     base = details.base_model
     limits = details.limits
     cache = details.cache
+    queue = details.queue
     lines = [
         f"loraloom {details.version} at {server} ({'ready' if details.ready else 'not ready'})",
         f"base model  {base.name} ({_architecture(base)}, {base.resolution} px) from {base.source}",
         f"            fingerprint {base.fingerprint[:16]}",
-        f"backend     {details.backend} on {details.device}, {details.dtype}",
+        f"backend     {details.backend} ({details.precision}) on {details.device}, weights {details.dtype}",
         f"limits      queue {limits.max_queue}, steps {limits.max_steps}, images {limits.max_images}, "
         f"adapters {limits.max_adapters}, size {limits.max_size} px, rank {limits.max_rank}, "
         f"prompt {output.size(limits.max_prompt_bytes)}, "
         f"message {output.size(limits.max_message_bytes)}, upload {output.size(limits.max_upload_bytes)}",
         f"cache       {cache.entries} adapters, {output.size(cache.used_bytes)} of "
         f"{output.size(cache.capacity_bytes)}, hits {cache.hits}, misses {cache.misses}, swaps {cache.swaps}",
-        f"queue       {details.queue.queued} waiting, {details.queue.running} running, "
-        f"{details.queue.completed} done, {details.queue.rejected} rejected",
+        f"queue       {queue.queued} waiting, {queue.running} running, {queue.completed} done, "
+        f"{queue.failed} failed, {queue.cancelled} cancelled, {queue.deadline_exceeded} past deadline, "
+        f"{queue.invalid} invalid, {queue.rejected} rejected (queue full)",
     ]
     typer.echo("\n".join(lines))
 
@@ -373,6 +436,40 @@ def adapters_upload(
         ),
     )
     typer.echo(f"uploaded {created.ref} ({output.size(created.size_bytes)}, sha256 {created.sha256[:12]})")
+
+
+@adapters_app.command("convert")
+def adapters_convert(
+    source: Annotated[
+        Path, typer.Argument(exists=True, help="The adapter: a .safetensors file or a PEFT/diffusers folder.")
+    ],
+    output: Annotated[Path, typer.Argument(dir_okay=False, help="The .safetensors file to write.")],
+    to: Annotated[
+        ConvertTarget,
+        typer.Option(
+            "--to",
+            help="kohya (A1111, ComfyUI; SGM UNet names for SDXL, as kohya's sd-scripts), diffusers "
+            "(load_lora_weights) or canonical (loraloom's own).",
+        ),
+    ],
+    base: Annotated[
+        str,
+        typer.Option(
+            "--base",
+            help="The base model it is for, as `serve --model` takes it: a built-in name (toy, "
+            "tiny-sdxl...), a diffusers folder or a single-file checkpoint.",
+        ),
+    ],
+) -> None:
+    """Convert an adapter file to another format, here and offline (no server): the base model is
+    loaded to map the module names, and the adapter is checked against it first."""
+    from server.cli import output as out
+    from server.cli.convert import convert_file
+
+    try:
+        typer.echo(convert_file(source, output, to, base))
+    except LoraloomError as error:
+        raise out.fail(error) from None
 
 
 @adapters_app.command("delete")

@@ -29,6 +29,7 @@ def register(app: typer.Typer) -> None:
         model: Annotated[str | None, _opt("model", "--model", "-m")] = None,
         device: Annotated[str | None, _opt("device", "--device")] = None,
         dtype: Annotated[str | None, _opt("dtype", "--dtype")] = None,
+        prediction_type: Annotated[str | None, _opt("prediction_type", "--prediction-type")] = None,
         backend: Annotated[str | None, _opt("backend", "--backend")] = None,
         precision: Annotated[str | None, _opt("precision", "--precision")] = None,
         compile: Annotated[bool | None, _opt("compile", "--compile/--no-compile")] = None,

@@ -60,13 +60,16 @@ MAX_RETRY_DELAY_S = 30.0
 def retry_delay(error: Exception, attempt: int) -> float | None:
     """Seconds to wait before retry ``attempt`` (0-based) after ``error``; None: do not retry.
 
-    RESOURCE_EXHAUSTED waits as long as the server's hint says; UNAVAILABLE (starting,
-    draining, unreachable) backs off exponentially from 0.25 s.
+    RESOURCE_EXHAUSTED waits as long as the server's hint says (a negative hint: do not retry,
+    e.g. images over the message limit); UNAVAILABLE (starting, draining, unreachable) backs off
+    exponentially from 0.25 s.
     """
     from adapters.errors import ResourceExhausted, Unavailable
 
     if isinstance(error, ResourceExhausted):
-        return min(max(error.retry_after_s, 0.0), MAX_RETRY_DELAY_S)
+        if error.retry_after_s < 0:
+            return None
+        return min(error.retry_after_s, MAX_RETRY_DELAY_S)
     if isinstance(error, Unavailable):
         return min(0.25 * 2**attempt, MAX_RETRY_DELAY_S)
     return None

@@ -168,6 +168,7 @@ def parameters(message: generate_pb2.GenerationParameters) -> types.Parameters:
         clip_skip=message.clip_skip,
         schedule=message.schedule,
         eta=message.eta,
+        prompt_pieces=tuple((piece.text, piece.weight) for piece in message.prompt_pieces),
     )
 
 
@@ -342,6 +343,7 @@ def server_info(message: server_pb2.ServerInfo) -> types.ServerInfo:
             family=base.family,
         ),
         backend=message.backend,
+        precision=message.precision,
         device=message.device,
         dtype=message.dtype,
         limits=types.Limits(
@@ -366,6 +368,8 @@ def server_info(message: server_pb2.ServerInfo) -> types.ServerInfo:
             cancelled=queue.cancelled,
             rejected=queue.rejected,
             max_queue=limits.max_queue,  # the wire's QueueStats has no capacity; Limits does
+            deadline_exceeded=queue.deadline_exceeded,
+            invalid=queue.invalid,
         ),
         ready=message.ready,
     )

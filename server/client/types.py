@@ -109,6 +109,9 @@ class Parameters:
     clip_skip: int = 0  # A1111's numbering: 1 = the last text-encoder layer
     schedule: str = ""  # the sigma schedule ("default": the sampler's own)
     eta: float = 0.0
+    # The prompt as the text encoder read it: (text, emphasis weight) pieces in order, A1111's
+    # "(word:1.3)", "(word)" = 1.1, "[word]" = 1/1.1; BREAK is the piece ("BREAK", -1.0).
+    prompt_pieces: tuple[tuple[str, float], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -256,6 +259,9 @@ class Limits:
 
 @dataclass(frozen=True)
 class ServerInfo:
+    """What GetServerInfo reports: ``backend`` is the plain name (torch, onnxruntime, openvino,
+    tensorrt), ``precision`` what it computes in (fp32, fp16, bf16), ``dtype`` the weights' dtype."""
+
     version: str
     base_model: BaseModelInfo
     backend: str
@@ -265,3 +271,4 @@ class ServerInfo:
     cache: CacheStats
     queue: QueueStats
     ready: bool
+    precision: str = ""

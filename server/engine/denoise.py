@@ -1,4 +1,5 @@
-"""The txt2img loop over an SD pipeline's components (SD 1.x, SD 2.x, SDXL).
+"""The denoising loop over an SD pipeline's components (SD 1.x, SD 2.x, SDXL): txt2img, and
+img2img and inpainting from the first latents ``server.engine.start`` makes.
 
 Written out (rather than calling ``pipeline(...)``) so the engine controls the
 per-step callback, cancellation, deadlines and previews. It performs exactly the
@@ -19,6 +20,7 @@ from typing import Any
 import torch
 
 from server.engine.samplers import make_sampler
+from server.engine.start import latent_statistics, start
 from server.engine.types import GenerationSettings
 from server.models.families import Conditioning, family_of
 
@@ -44,15 +46,12 @@ def _ms(since: float) -> float:
 
 def _decode(vae, latents: torch.Tensor, generators) -> torch.Tensor:
     """The VAE decode of ``latents``, in the VAE's dtype (float32 for an SDXL VAE kept out of fp16)."""
-    config = vae.config
-    mean, std = getattr(config, "latents_mean", None), getattr(config, "latents_std", None)
-    if mean is not None and std is not None:
-        view = (1, len(mean), 1, 1)
-        mean_t = torch.tensor(mean).view(view).to(latents.device, latents.dtype)
-        std_t = torch.tensor(std).view(view).to(latents.device, latents.dtype)
-        latents = latents * std_t / config.scaling_factor + mean_t
+    statistics = latent_statistics(vae.config, latents)
+    if statistics is not None:
+        mean, std = statistics
+        latents = latents * std / vae.config.scaling_factor + mean
     else:
-        latents = latents / config.scaling_factor
+        latents = latents / vae.config.scaling_factor
     dtype = getattr(vae, "dtype", latents.dtype)
     if isinstance(dtype, torch.dtype) and dtype != latents.dtype:
         latents = latents.to(dtype)
@@ -125,20 +124,15 @@ def denoise_batch(
     encode_ms = _ms(started)
 
     started = time.perf_counter()
-    scheduler = make_sampler(first.sampler, pipeline.scheduler)
+    scheduler = make_sampler(first.sampler, pipeline.scheduler, first.schedule)
     scheduler.set_timesteps(first.steps, device=device)
-    timesteps = scheduler.timesteps
     generators = [torch.Generator(device="cpu").manual_seed(int(seed)) for job in jobs for seed in job.seeds]
-    from diffusers.utils.torch_utils import randn_tensor
-
-    factor = pipeline.vae_scale_factor
-    shape = (count, unet.config.in_channels, first.height // factor, first.width // factor)
-    latents = randn_tensor(shape, generator=generators, device=device, dtype=conditioning.dtype)
-    latents = latents * scheduler.init_noise_sigma
+    begun = start(pipeline, jobs, scheduler, generators, dtype=conditioning.dtype, device=device)
+    latents, timesteps, inpaint = begun.latents, begun.timesteps, begun.inpaint
     step_params = set(inspect.signature(scheduler.step).parameters)
     extra: dict[str, Any] = {}
     if "eta" in step_params:
-        extra["eta"] = 0.0
+        extra["eta"] = first.eta
     if "generator" in step_params:
         extra["generator"] = generators
     offsets = [sum(counts[:i]) for i in range(len(jobs))]
@@ -149,11 +143,15 @@ def denoise_batch(
             before_step(index, total)
         model_input = torch.cat([latents] * 2) if cfg else latents
         model_input = scheduler.scale_model_input(model_input, t)
-        noise = unet(model_input, t, **unet_kwargs, return_dict=False)[0]
+        if inpaint is not None:
+            model_input = inpaint.unet_input(model_input, cfg)
+        predicted = unet(model_input, t, **unet_kwargs, return_dict=False)[0]
         if cfg:
-            uncond, text = noise.chunk(2)
-            noise = uncond + first.guidance_scale * (text - uncond)
-        latents = scheduler.step(noise, t, latents, **extra, return_dict=False)[0]
+            uncond, text = predicted.chunk(2)
+            predicted = uncond + first.guidance_scale * (text - uncond)
+        latents = scheduler.step(predicted, t, latents, **extra, return_dict=False)[0]
+        if inpaint is not None:
+            latents = inpaint.keep(latents, scheduler, timesteps, index)
         if after_step is not None:
             for number, (offset, n) in enumerate(zip(offsets, counts, strict=True)):
                 after_step(number, index + 1, total, latents[offset : offset + n])
@@ -163,6 +161,8 @@ def denoise_batch(
         before_stage("decode")
     started = time.perf_counter()
     decoded = _decode(vae, latents, generators)
+    if inpaint is not None:
+        decoded = inpaint.overlay(decoded)
     images = pipeline.image_processor.postprocess(
         decoded, output_type=output_type, do_denormalize=[True] * count
     )

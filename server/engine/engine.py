@@ -43,6 +43,7 @@ from server.engine.plan import BlendPlan, EngineBackend, TorchBackend, bias_key
 from server.engine.preview import latent_preview
 from server.engine.request import NormalizedRequest, check_blend, normalize
 from server.engine.resolvers import AdapterResolver, MemoryResolver, resolve_one
+from server.engine.sampler_names import sampler_name
 from server.engine.samplers import check_options
 from server.engine.types import (
     EngineStats,
@@ -64,7 +65,7 @@ from server.settings import EngineSettings
 log = logging.getLogger(__name__)
 
 DEFAULT_CACHE_BYTES = EngineSettings().cache_bytes
-PREVIEW_SIZE = 64
+PREVIEW_SIZE = 64  # a preview's longer side in pixels (the image's own when smaller): in the .proto
 
 ProgressCallback = Callable[[Progress], None]
 
@@ -146,6 +147,8 @@ class Engine:
             compile_engine_unet(self.pipeline, self._backend.name, compile)
         self.backend = self._backend.name
         self.precision = self._backend.precision
+        # What a request for the "default" sampler reports (the base scheduler's own name).
+        self.default_sampler = sampler_name(self.pipeline.scheduler)
         self._run_pipeline = self._backend.view(self.pipeline)
         plan_budget = cache_bytes // 4 if plan_cache_bytes is None else plan_cache_bytes
         self._cache: ByteLRU[PreparedAdapter] = ByteLRU(cache_bytes)
@@ -404,10 +407,11 @@ class Engine:
                 return
             entry = entries[number]
             deadline = entry.job.options.deadline
-            if entry.cancel is not None and entry.cancel.is_set():
-                failed[number] = Cancelled("the request was cancelled")
-            elif deadline is not None and time.monotonic() >= deadline:
+            # The deadline first: gRPC also cancels a call whose deadline passed.
+            if deadline is not None and time.monotonic() >= deadline:
                 failed[number] = DeadlineExceeded("the request ran past its deadline")
+            elif entry.cancel is not None and entry.cancel.is_set():
+                failed[number] = Cancelled("the request was cancelled")
 
         def check_all() -> list[int]:
             for number in range(len(entries)):
@@ -440,9 +444,13 @@ class Engine:
                     return
                 every = entry.job.options.preview_every
                 preview = None
+                settings = entry.job.settings
                 if every and (done % every == 0 or done == total):
-                    preview = latent_preview(latents, size=PREVIEW_SIZE, factors=self.family.latent_rgb)
-                entry.on_progress(Progress("step", step=done, total_steps=total, preview=preview))
+                    size = min(PREVIEW_SIZE, max(settings.width, settings.height))
+                    preview = latent_preview(latents, size=size, factors=self.family.latent_rgb)
+                entry.on_progress(
+                    Progress("step", step=done, total_steps=total, preview=preview, seed=settings.seed)
+                )
 
             if live:
                 try:
@@ -467,7 +475,9 @@ class Engine:
         return [
             failed[number]
             if number in failed
-            else _result(entry.job, outputs[number], signature, load_ms, swap_ms, entry.queue_ms)
+            else _result(
+                entry.job, outputs[number], signature, load_ms, swap_ms, entry.queue_ms, self.default_sampler
+            )
             for number, entry in enumerate(entries)
         ]
 
@@ -510,7 +520,13 @@ def _out_of_memory(jobs: Sequence[Job], live: Sequence[int], error: str) -> OutO
 
 
 def _result(
-    job: Job, output: DenoiseOutput, signature: str, load_ms: float, swap_ms: float, queue_ms: float
+    job: Job,
+    output: DenoiseOutput,
+    signature: str,
+    load_ms: float,
+    swap_ms: float,
+    queue_ms: float,
+    default_sampler: str,
 ) -> GenerateResult:
     timings = Timings(
         queue_ms=queue_ms,
@@ -522,7 +538,7 @@ def _result(
     )
     return GenerateResult(
         images=output.images,
-        parameters=GenerationParameters.of(job.settings, job.blend),
+        parameters=GenerationParameters.of(job.settings, job.blend, default_sampler=default_sampler),
         blend_signature=signature,
         timings=timings,
         request_id=job.options.request_id,

@@ -21,6 +21,7 @@ from server.engine.types import (
     GenerationSettings,
     RunOptions,
 )
+from server.models.emphasis import parse_prompt_attention
 from server.settings import Limits
 
 MAX_SEED = 2**63 - 1
@@ -47,11 +48,12 @@ def normalize(
         size = len(text.encode("utf-8", "surrogatepass"))
         if size > limits.max_prompt_bytes:
             raise InvalidArgument(
-                f"{label} is {size} bytes; at most {limits.max_prompt_bytes} are allowed (the text "
-                "encoder reads only the first 77 tokens): shorten it"
+                f"{label} is {size} bytes; at most {limits.max_prompt_bytes} are allowed: shorten it"
             )
     parsed = parse_prompt(request.prompt)
     negative = parse_prompt(request.negative_prompt or "")
+    for text in (parsed.text, negative.text):
+        parse_prompt_attention(text)  # a malformed emphasis weight fails here, not in a batch
     if negative.adapters:
         raise InvalidArgument("<lora:...> tags belong in the prompt, not the negative prompt")
     width = int(request.width or resolution)

@@ -25,7 +25,7 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 
-from adapters.errors import Cancelled, DeadlineExceeded, ResourceExhausted, Unavailable
+from adapters.errors import Cancelled, DeadlineExceeded, InvalidArgument, ResourceExhausted, Unavailable
 from server.engine.engine import BatchEntry, CancelFlag, Engine
 from server.engine.types import GenerateResult, Job, Progress, QueueStats
 from server.settings import SchedulerSettings
@@ -69,6 +69,7 @@ class _Item:
     enqueued: float
     skips: int = 0
     stop: threading.Event = field(default_factory=threading.Event)
+    counted: bool = True  # False: the server's own (warm-up, readiness probe), left out of stats()
 
     @property
     def key(self) -> tuple[tuple[str, float], ...]:
@@ -112,6 +113,7 @@ class Scheduler:
         self._costs = StepCosts()
         self._running_since = 0.0
         self._completed = self._failed = self._cancelled = self._rejected = 0
+        self._deadline_exceeded = self._invalid = 0
         self._worker = threading.Thread(target=self._loop, name="loraloom-engine", daemon=True)
         self._worker.start()
 
@@ -122,11 +124,14 @@ class Scheduler:
         job: Job,
         on_progress: ProgressCallback | None = None,
         cancel: CancelFlag | None = None,
+        *,
+        counted: bool = True,
     ) -> Future[GenerateResult]:
         """Enqueue ``job`` (``Engine.job`` makes one); the future gives the result or a typed error.
 
         Raises ``ResourceExhausted`` (with ``retry_after_s``) when the queue is full and
-        ``Unavailable`` once closing.
+        ``Unavailable`` once closing. ``counted=False``: the server's own request (warm-up,
+        readiness probe), left out of ``stats()``.
         """
         future: Future[GenerateResult] = Future()
         with self._cond:
@@ -134,14 +139,15 @@ class Scheduler:
                 raise Unavailable("the server is shutting down; retry on another replica")
             dropped = self._purge_locked()
             if len(self._queue) >= self.max_queue:
-                self._rejected += 1
+                if counted:
+                    self._rejected += 1
                 retry = self._retry_after_locked()
                 raise ResourceExhausted(
                     f"the queue is full ({self.max_queue} requests waiting); retry in about {retry:.1f} s",
                     retry_after_s=retry,
                 )
             self._seq += 1
-            item = _Item(self._seq, job, future, on_progress, cancel, time.perf_counter())
+            item = _Item(self._seq, job, future, on_progress, cancel, time.perf_counter(), counted=counted)
             self._queue.append(item)
             position = len(self._queue) - 1 + len(self._running)
             self._cond.notify_all()
@@ -159,7 +165,16 @@ class Scheduler:
                 cancelled=self._cancelled,
                 rejected=self._rejected,
                 max_queue=self.max_queue,
+                deadline_exceeded=self._deadline_exceeded,
+                invalid=self._invalid,
             )
+
+    def refused(self, error: BaseException) -> None:
+        """Count a request refused before it reached the queue: INVALID_ARGUMENT counts as
+        ``invalid`` (the queue counts every other outcome itself)."""
+        if isinstance(error, InvalidArgument):
+            with self._cond:
+                self._invalid += 1
 
     def close(self, drain: bool = True, timeout: float = 30.0) -> bool:
         """Stop accepting and end the worker; True once it has ended (False: still inside a step).
@@ -240,7 +255,9 @@ class Scheduler:
     def _serve(self, batch: list[_Item]) -> None:
         with self._cond:
             live = [item for item in batch if item.future.set_running_or_notify_cancel()]
-            self._cancelled += len(batch) - len(live)
+            for item in batch:
+                if item not in live:
+                    self._count_locked(item, Cancelled("cancelled"))
         if not live:
             return
         started = time.perf_counter()
@@ -266,19 +283,31 @@ class Scheduler:
             raise
         for item, outcome in zip(live, outcomes, strict=True):
             if isinstance(outcome, Exception):
-                with self._cond:
-                    if isinstance(outcome, Cancelled | DeadlineExceeded):
-                        self._cancelled += 1
-                    else:
-                        self._failed += 1
                 if isinstance(outcome, Cancelled) and item.stop.is_set():
                     outcome = Unavailable("the server shut down while this request ran")
+                with self._cond:
+                    self._count_locked(item, outcome)
                 item.future.set_exception(outcome)
             else:
                 with self._cond:
-                    self._completed += 1
+                    self._count_locked(item, None)
                     self._costs.observe(item.job.settings.steps, outcome.timings)
                 item.future.set_result(outcome)
+
+    def _count_locked(self, item: _Item, error: BaseException | None) -> None:
+        """Count ``item``'s outcome (``None``: completed) unless it is the server's own request."""
+        if not item.counted:
+            return
+        if error is None:
+            self._completed += 1
+        elif isinstance(error, DeadlineExceeded):
+            self._deadline_exceeded += 1
+        elif isinstance(error, Cancelled):
+            self._cancelled += 1
+        elif isinstance(error, InvalidArgument):
+            self._invalid += 1
+        else:
+            self._failed += 1
 
     def _retry_after_locked(self) -> float:
         """When a queue slot frees: the running batch's remaining time, from the observed cost of a
@@ -328,14 +357,15 @@ class Scheduler:
             error: Exception | None = None
             if item.future.cancelled():
                 pass
+            elif item.job.options.deadline is not None and now >= item.job.options.deadline:
+                # before the cancel flag: gRPC also cancels a call whose deadline passed
+                error = DeadlineExceeded("the request's deadline passed while it was queued")
             elif item.is_set():
                 error = Cancelled("the request was cancelled while queued")
-            elif item.job.options.deadline is not None and now >= item.job.options.deadline:
-                error = DeadlineExceeded("the request's deadline passed while it was queued")
             else:
                 continue
             self._queue.remove(item)
-            self._cancelled += 1
+            self._count_locked(item, error or Cancelled("cancelled"))
             dropped.append((item, error))
         return dropped
 

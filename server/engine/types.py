@@ -17,6 +17,7 @@ from typing import Any
 from adapters.blend import LINEAR, Blend, Merge, PartWeights, Weight, add_weights, as_weight, is_zero
 from adapters.canonical import LoraAdapter
 from server.engine.images import SourceImage
+from server.models.emphasis import parse_prompt_attention
 from server.records import AppliedAdapter, QueueStats, ResidentAdapter
 from server.settings import Limits
 
@@ -225,9 +226,21 @@ class GenerationParameters(GenerationSettings):
     merge: Merge = LINEAR
 
     @classmethod
-    def of(cls, settings: GenerationSettings, blend: ResolvedBlend) -> GenerationParameters:
+    def of(
+        cls, settings: GenerationSettings, blend: ResolvedBlend, *, default_sampler: str = DEFAULT_SAMPLER
+    ) -> GenerationParameters:
+        """``default_sampler``: the name of the base model's own scheduler
+        (``server.engine.sampler_names``), reported for a request that asked for ``default``."""
         values = {name: getattr(settings, name) for name in GenerationSettings.__dataclass_fields__}
+        if values["sampler"] == DEFAULT_SAMPLER:
+            values["sampler"] = default_sampler
         return cls(**values, adapters=blend.applied, merge=blend.merge)
+
+    @property
+    def prompt_pieces(self) -> tuple[tuple[str, float], ...]:
+        """The prompt as the text encoder read it: A1111's emphasis pieces ``(text, weight)``, in
+        order (``BREAK``: the piece ``("BREAK", -1.0)``); a plain prompt is one piece of weight 1."""
+        return tuple(parse_prompt_attention(self.prompt))
 
 
 @dataclass(frozen=True)
@@ -266,7 +279,7 @@ class Progress:
     """A progress event: ``stage`` is ``"queued"`` (with ``queue_position``) or ``"step"``.
 
     ``step`` counts finished steps, 1..``total_steps``; ``preview`` is a small PIL
-    image of the first image's current latents, when asked for.
+    image of the first image's current latents, when asked for, and ``seed`` that image's seed.
     """
 
     stage: str
@@ -274,6 +287,7 @@ class Progress:
     step: int = 0
     total_steps: int = 0
     preview: Any = None
+    seed: int = 0
 
 
 @dataclass(frozen=True)

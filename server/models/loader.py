@@ -22,8 +22,9 @@ from typing import Any
 import torch
 
 from adapters.canonical import BaseModelRef, ModuleShapes
-from adapters.errors import FailedPrecondition
 from server.models import factory
+from server.models.checkpoint_configs import check_prediction_type
+from server.models.errors import BaseModelError
 from server.models.families import FAMILIES, Family, family_of
 from server.models.noise import no_loading_bars, quiet_library_noise
 from server.models.shapes import module_shapes
@@ -40,10 +41,6 @@ CONVERT_HINT = (
     "st.save_file({k: v.contiguous() for k, v in sd.items()}, 'model.safetensors')\"` "
     "(for a diffusers folder: `pipe.save_pretrained(folder, safe_serialization=True)`)."
 )
-
-
-class BaseModelError(FailedPrecondition):
-    """The base model cannot be loaded as asked; the message says what to fix."""
 
 
 @dataclass
@@ -96,16 +93,20 @@ def load_base_model(
     *,
     device: str | torch.device = "cpu",
     dtype: torch.dtype = torch.float32,
+    prediction_type: str = "auto",
 ) -> BaseModel:
     """Load ``source`` (a built-in name, a diffusers folder or a single-file checkpoint).
 
+    ``prediction_type`` (epsilon, v_prediction) overrides what the model's scheduler predicts;
+    auto keeps the model's own (a single file without configs: told from the file).
     On CUDA in float16, a VAE that overflows in float16 (``force_upcast``: SDXL's) is kept in float32.
     """
+    check_prediction_type(prediction_type)
     quiet_library_noise()
     started = time.perf_counter()
     text = str(source)
     if text in BUILTIN_FOLDERS:
-        pipeline = _load_path(BUILTIN_FOLDERS[text], dtype)
+        pipeline = _load_path(BUILTIN_FOLDERS[text], dtype, prediction_type)
         name = text
     elif text in factory.SPECS:
         pipeline = factory.build_pipeline(text, seed=0, dtype=dtype)
@@ -113,9 +114,11 @@ def load_base_model(
     else:
         path = Path(text).expanduser()
         name = path.stem if path.is_file() else path.name
-        pipeline = _load_path(path, dtype)
+        pipeline = _load_path(path, dtype, prediction_type)
+    _set_prediction_type(pipeline, prediction_type)
     pipeline = pipeline.to(device)
     family = family_of(pipeline)
+    _align_weights(pipeline, family)
     if dtype == torch.float16 and getattr(pipeline.vae.config, "force_upcast", False):
         pipeline.vae.to(dtype=torch.float32)
     for component in family.weight_components:
@@ -142,7 +145,13 @@ def load_base_model(
     return model
 
 
-def _load_path(path: Path, dtype: torch.dtype):
+def _set_prediction_type(pipeline, prediction_type: str) -> None:
+    scheduler = pipeline.scheduler
+    if prediction_type != "auto" and scheduler.config.get("prediction_type") != prediction_type:
+        pipeline.scheduler = type(scheduler).from_config(scheduler.config, prediction_type=prediction_type)
+
+
+def _load_path(path: Path, dtype: torch.dtype, prediction_type: str = "auto"):
     if not path.exists():
         raise BaseModelError(
             f"base model {str(path)!r} not found: give a diffusers folder, a single-file .safetensors "
@@ -162,7 +171,7 @@ def _load_path(path: Path, dtype: torch.dtype):
 
     _refuse_pickle_bytes(path)
     try:
-        return load_single_file(path, dtype=dtype)
+        return load_single_file(path, dtype=dtype, prediction_type=prediction_type)
     except BaseModelError:
         raise
     except Exception as error:  # diffusers raises many types for a file it cannot map
@@ -173,9 +182,16 @@ def _load_path(path: Path, dtype: torch.dtype):
 
 
 def _refuse_pickle_bytes(path: Path) -> None:
-    """A pickle or a torch zip archive renamed ``.safetensors`` is refused before any parsing."""
+    """A pickle or a torch zip archive renamed ``.safetensors`` is refused before any parsing.
+
+    A safetensors file starts with its JSON header's length (8 bytes, little-endian) and the
+    header's ``{``; that length's first byte may well be 0x80, so the header is recognised first.
+    """
     with path.open("rb") as handle:
-        head = handle.read(8)
+        head = handle.read(9)
+    header_length = int.from_bytes(head[:8], "little")
+    if head[8:9] == b"{" and 8 + header_length <= path.stat().st_size:
+        return
     if head[:2] == b"PK" or head[:1] == b"\x80":
         raise BaseModelError(f"{path.name} is a pickle/zip archive named .safetensors. {CONVERT_HINT}")
 
@@ -214,6 +230,19 @@ def _load_folder(path: Path, dtype: torch.dtype):
         )
     pipeline.set_progress_bar_config(disable=True)
     return pipeline
+
+
+def _align_weights(pipeline, family: Family) -> None:
+    """Copy weights a loader left at their offsets in the file's memory map to aligned memory.
+
+    transformers keeps some safetensors tensors in place, not on 64-byte boundaries, and CPU
+    matmuls round differently there: equal weights gave images ~1e-6 apart by load path.
+    """
+    for component in family.weight_components:
+        module = getattr(pipeline, component)
+        for tensor in (*module.parameters(), *module.buffers()):
+            if tensor.device.type == "cpu" and tensor.data_ptr() % 64:
+                tensor.data = tensor.data.clone()
 
 
 def folder_family(path: Path) -> Family:

@@ -1,153 +1,88 @@
-"""Single-file SD 1.x checkpoints (the original LDM layout, as A1111 and ComfyUI use).
+"""Single-file checkpoints of SD 1.x, SD 2.x and SDXL, in the layout A1111 and ComfyUI use.
 
-Reading goes through diffusers' own converter (``from_single_file``) with a
-local config folder, so nothing is fetched from a hub: files we wrote carry
-their diffusers configs in the safetensors metadata; any other file is read as
-SD 1.5 with the configs shipped here. Writing is the inverse mapping, derived
-from the UNet and VAE configs so it works for any SD-1.x-shaped topology (the
-factory's tiny models included), not just the 4-block SD layout.
+Writing (``save_single_file``): the UNet under ``model.diffusion_model.`` and the VAE under
+``first_stage_model.`` (LDM names; SDXL's added conditioning as ``label_emb.0``); the text
+encoders as each family's original stores them: SD 1.x ``cond_stage_model.transformer.``
+(transformers' CLIP names), SD 2.x ``cond_stage_model.model.`` (OpenCLIP), SDXL
+``conditioner.embedders.0.transformer.`` (CLIP) and ``conditioner.embedders.1.model.`` (OpenCLIP).
+The diffusers configs go into the safetensors metadata, so the file reloads exactly.
+
+Reading (``load_single_file``) goes through diffusers' own converter (``from_single_file``)
+with a local config folder, so nothing is fetched from a hub. The family is told by the keys
+(``checkpoint_family``); a file without our metadata is read with the published configs of
+its family (``checkpoint_configs``), which only fit real-size checkpoints.
 """
 
 from __future__ import annotations
 
 import json
 import tempfile
+from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 import torch
 
+from server.models import checkpoint_configs
+from server.models import ldm_keys as ldm
 from server.models import tokenizer as clip
+from server.models.checkpoint_configs import CONFIG_METADATA_KEY
+from server.models.errors import BaseModelError
+from server.models.families import SD1, SD2, SDXL, Family, family_of
 from server.models.noise import no_loading_bars
 
-CONFIG_METADATA_KEY = "loraloom.diffusers_config"
-
-_RESNET_TO_LDM = (
-    ("norm1", "in_layers.0"),
-    ("conv1", "in_layers.2"),
-    ("norm2", "out_layers.0"),
-    ("conv2", "out_layers.3"),
-    ("time_emb_proj", "emb_layers.1"),
-    ("conv_shortcut", "skip_connection"),
-)
+SDXL_OPEN_CLIP = "conditioner.embedders.1.model."
+_SDXL_CLIP_POSITIONS = "conditioner.embedders.0.transformer.text_model.embeddings.position_embedding.weight"
 
 
-def _rename_unet_key(key: str, config: dict) -> str:
-    layers = config["layers_per_block"]
-    fixed = {
-        "time_embedding.linear_1.": "time_embed.0.",
-        "time_embedding.linear_2.": "time_embed.2.",
-        "conv_in.": "input_blocks.0.0.",
-        "conv_norm_out.": "out.0.",
-        "conv_out.": "out.2.",
-    }
-    for prefix, ldm in fixed.items():
-        if key.startswith(prefix):
-            return ldm + key[len(prefix) :]
-    parts = key.split(".")
-    if parts[0] == "mid_block":
-        kind, index, rest = parts[1], int(parts[2]), parts[3:]
-        slot = 1 if kind == "attentions" else 2 * index
-        return ".".join(["middle_block", str(slot), *_resnet_rest(kind, rest)])
-    if parts[0] == "down_blocks":
-        block, kind = int(parts[1]), parts[2]
-        if kind == "downsamplers":  # down_blocks.i.downsamplers.0.conv.weight
-            return ".".join(["input_blocks", str((block + 1) * (layers + 1)), "0", "op", *parts[5:]])
-        index, rest = int(parts[3]), parts[4:]
-        slot = "1" if kind == "attentions" else "0"
-        ldm_index = 1 + block * (layers + 1) + index
-        return ".".join(["input_blocks", str(ldm_index), slot, *_resnet_rest(kind, rest)])
-    if parts[0] == "up_blocks":
-        block, kind = int(parts[1]), parts[2]
-        if kind == "upsamplers":  # up_blocks.i.upsamplers.0.conv.weight
-            has_attention = "CrossAttn" in config["up_block_types"][block]
-            slot = "2" if has_attention else "1"
-            ldm_index = block * (layers + 1) + layers
-            return ".".join(["output_blocks", str(ldm_index), slot, *parts[4:]])
-        index, rest = int(parts[3]), parts[4:]
-        slot = "1" if kind == "attentions" else "0"
-        ldm_index = block * (layers + 1) + index
-        return ".".join(["output_blocks", str(ldm_index), slot, *_resnet_rest(kind, rest)])
-    raise ValueError(f"unexpected UNet weight {key!r}")
-
-
-def _resnet_rest(kind: str, rest: list[str]) -> list[str]:
-    if kind != "resnets":
-        return rest
-    name = ".".join(rest)
-    for diffusers_name, ldm_name in _RESNET_TO_LDM:
-        if name.startswith(diffusers_name + "."):
-            return (ldm_name + name[len(diffusers_name) :]).split(".")
-    return rest
-
-
-_VAE_ATTENTION_TO_LDM = (
-    ("group_norm.", "norm."),
-    ("to_q.", "q."),
-    ("to_k.", "k."),
-    ("to_v.", "v."),
-    ("to_out.0.", "proj_out."),
-)
-
-
-def _rename_vae_key(key: str, blocks: int) -> str:
-    parts = key.split(".")
-    side = parts[0]  # encoder / decoder / quant_conv / post_quant_conv
-    if side not in ("encoder", "decoder"):
-        return key
-    body = parts[1:]
-    if body[0] == "conv_norm_out":
-        return ".".join([side, "norm_out", *body[1:]])
-    if body[0] == "mid_block":
-        if body[1] == "resnets":
-            rest = ".".join(body[3:]).replace("conv_shortcut", "nin_shortcut")
-            return f"{side}.mid.block_{int(body[2]) + 1}.{rest}"
-        rest = ".".join(body[3:]) + "."
-        for diffusers_name, ldm_name in _VAE_ATTENTION_TO_LDM:
-            if rest.startswith(diffusers_name):
-                rest = ldm_name + rest[len(diffusers_name) :]
-        return f"{side}.mid.attn_1.{rest.rstrip('.')}"
-    if body[0] in ("down_blocks", "up_blocks"):
-        block = int(body[1])
-        ldm_block = block if side == "encoder" else blocks - 1 - block
-        group = "down" if side == "encoder" else "up"
-        if body[2] == "resnets":
-            rest = ".".join(body[4:]).replace("conv_shortcut", "nin_shortcut")
-            return f"{side}.{group}.{ldm_block}.block.{body[3]}.{rest}"
-        sampler = "downsample" if body[2] == "downsamplers" else "upsample"
-        return f"{side}.{group}.{ldm_block}.{sampler}.{'.'.join(body[4:])}"
-    return key
+def checkpoint_family(keys: Iterable[str]) -> Family:
+    """The family of a checkpoint from its weight names: SGM's second embedder means SDXL, an
+    OpenCLIP ``cond_stage_model.model`` SD 2.x, anything else SD 1.x."""
+    keys = list(keys)
+    if any(key.startswith("conditioner.embedders.1.") for key in keys):
+        return SDXL
+    if any(key.startswith("conditioner.embedders.0.model.") for key in keys):
+        raise BaseModelError(
+            "this checkpoint has one OpenCLIP embedder in SGM layout: an SDXL refiner (or an SD 2.x "
+            "model saved the SGM way), which loraloom does not read; give an SDXL base checkpoint, "
+            "or save the model as a diffusers folder"
+        )
+    if any(key.startswith("cond_stage_model.model.") for key in keys):
+        return SD2
+    return SD1
 
 
 def to_ldm_state_dict(pipeline) -> dict[str, torch.Tensor]:
-    """The pipeline's UNet, VAE and text encoder weights in the original SD 1.x layout."""
-    state: dict[str, torch.Tensor] = {}
-    unet_config = dict(pipeline.unet.config)
-    for key, value in pipeline.unet.state_dict().items():
-        state["model.diffusion_model." + _rename_unet_key(key, unet_config)] = value
-    blocks = len(pipeline.vae.config.block_out_channels)
-    for key, value in pipeline.vae.state_dict().items():
-        ldm_key = _rename_vae_key(key, blocks)
-        if ".mid.attn_1." in ldm_key and ldm_key.endswith(".weight") and value.dim() == 2:
-            value = value.reshape(*value.shape, 1, 1)  # LDM's attention uses 1x1 convs
-        state["first_stage_model." + ldm_key] = value
-    # transformers >= 5.6 flattens CLIPTextModel; the LDM layout keeps the ``text_model.`` level.
-    text_prefix = "" if hasattr(pipeline.text_encoder, "text_model") else "text_model."
-    for key, value in pipeline.text_encoder.state_dict().items():
-        state["cond_stage_model.transformer." + text_prefix + key] = value
+    """The pipeline's weights in its family's original single-file layout (LDM / SGM)."""
+    family = family_of(pipeline)
+    state = {**ldm.unet_state_dict(pipeline.unet), **ldm.vae_state_dict(pipeline.vae)}
+    if family is SDXL:
+        state.update(ldm.clip_state_dict(pipeline.text_encoder, "conditioner.embedders.0.transformer."))
+        state.update(ldm.open_clip_state_dict(pipeline.text_encoder_2, SDXL_OPEN_CLIP))
+    elif family is SD2:
+        state.update(ldm.open_clip_state_dict(pipeline.text_encoder, "cond_stage_model.model."))
+    else:
+        state.update(ldm.clip_state_dict(pipeline.text_encoder, "cond_stage_model.transformer."))
     return {key: value.detach().contiguous() for key, value in state.items()}
 
 
-def pipeline_configs(pipeline) -> dict[str, dict]:
-    return {
+def pipeline_configs(pipeline) -> dict[str, Any]:
+    """Everything ``from_single_file`` needs besides the weights: the pipeline's own configs."""
+    family = family_of(pipeline)
+    configs: dict[str, Any] = {
+        "model_index": {key: value for key, value in pipeline.config.items() if not key.startswith("_")},
         "unet": dict(pipeline.unet.config),
         "vae": dict(pipeline.vae.config),
-        "text_encoder": pipeline.text_encoder.config.to_dict(),
         "scheduler": dict(pipeline.scheduler.config),
+        "tokenizers": {name: getattr(pipeline, name).pad_token for name in family.tokenizers},
     }
+    for name in family.text_encoders:
+        configs[name] = getattr(pipeline, name).config.to_dict()
+    return configs
 
 
 def save_single_file(pipeline, path: str | Path, *, dtype: torch.dtype | None = None) -> Path:
-    """Write ``pipeline`` as one SD 1.x ``.safetensors`` checkpoint with its configs embedded."""
+    """Write ``pipeline`` as one ``.safetensors`` checkpoint (LDM/SGM layout), configs embedded."""
     from safetensors.torch import save_file
 
     path = Path(path)
@@ -165,47 +100,71 @@ def _json_default(value):
     raise TypeError(f"not JSON serializable: {type(value).__name__}")
 
 
-def write_config_folder(configs: dict[str, dict], folder: Path) -> Path:
+def write_config_folder(configs: dict[str, Any], family: Family, folder: Path) -> Path:
     """A diffusers folder without weights: what ``from_single_file(config=...)`` reads offline."""
-    from server.models.sd15_configs import MODEL_INDEX
-
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "model_index.json").write_text(json.dumps(MODEL_INDEX, indent=2))
-    names = {"scheduler": "scheduler_config.json"}
-    for component, config in configs.items():
+    index = checkpoint_configs.model_index(configs, family)
+    (folder / "model_index.json").write_text(json.dumps(index, indent=2, default=_json_default))
+    for component in ("unet", "vae", *family.text_encoders, "scheduler"):
+        name = "scheduler_config.json" if component == "scheduler" else "config.json"
+        text = json.dumps(configs[component], indent=2, default=_json_default)
         (folder / component).mkdir(exist_ok=True)
-        (folder / component / names.get(component, "config.json")).write_text(
-            json.dumps(config, indent=2, default=_json_default)
-        )
-    clip.write_tokenizer_files(folder / "tokenizer")
+        (folder / component / name).write_text(text)
+    pads = checkpoint_configs.tokenizer_pads(configs, family)
+    for tokenizer in family.tokenizers:
+        clip.write_tokenizer_files(folder / tokenizer, pad_token=pads[tokenizer])
     return folder
 
 
-def embedded_configs(path: Path) -> dict[str, dict] | None:
+def load_single_file(path: Path, *, dtype: torch.dtype = torch.float32, prediction_type: str = "auto"):
+    """Load a single-file SD 1.x / SD 2.x / SDXL checkpoint into its diffusers pipeline, offline.
+
+    ``prediction_type`` (auto, epsilon, v_prediction) matters for files without our configs:
+    auto tells it from the checkpoint (``checkpoint_configs.detect_prediction_type``).
+    """
     from safetensors import safe_open
 
     with safe_open(str(path), framework="pt") as handle:
-        metadata = handle.metadata() or {}
-    raw = metadata.get(CONFIG_METADATA_KEY)
-    return json.loads(raw) if raw else None
-
-
-def load_single_file(path: Path, *, dtype: torch.dtype = torch.float32):
-    """Load an SD 1.x single-file checkpoint into a ``StableDiffusionPipeline``, offline."""
-    from diffusers import StableDiffusionPipeline
-
-    from server.models.sd15_configs import SD15_CONFIGS
-
-    configs = embedded_configs(path) or SD15_CONFIGS
+        keys = list(handle.keys())
+        family = checkpoint_family(keys)
+        configs = checkpoint_configs.file_configs(handle, keys, family, path.name, prediction_type)
+        encoder_2 = None
+        if family is SDXL and _encoders_look_alike(handle, keys):
+            encoder_2 = {key: handle.get_tensor(key) for key in keys if key.startswith(SDXL_OPEN_CLIP)}
+    extra: dict[str, Any] = {"safety_checker": None, "requires_safety_checker": False}
     with tempfile.TemporaryDirectory(prefix="loraloom-config-") as tmp, no_loading_bars():
-        folder = write_config_folder(configs, Path(tmp))
-        pipeline = StableDiffusionPipeline.from_single_file(
-            str(path),
-            config=str(folder),
-            local_files_only=True,
-            torch_dtype=dtype,
-            safety_checker=None,
-            requires_safety_checker=False,
+        folder = write_config_folder(configs, family, Path(tmp))
+        if family is SDXL:
+            extra = {"add_watermarker": False}
+            if encoder_2 is not None:
+                extra["text_encoder_2"] = _open_clip_encoder(encoder_2, folder, dtype)
+        pipeline = family.pipeline_type().from_single_file(
+            str(path), config=str(folder), local_files_only=True, torch_dtype=dtype, **extra
         )
     pipeline.set_progress_bar_config(disable=True)
     return pipeline
+
+
+def _encoders_look_alike(handle, keys: list[str]) -> bool:
+    """Whether SDXL's two encoders have one width: then diffusers would read encoder 1's CLIP
+    weights as encoder 2 (it tells them apart by width), so encoder 2 is read on its own."""
+    second = SDXL_OPEN_CLIP + "positional_embedding"
+    if _SDXL_CLIP_POSITIONS not in keys or second not in keys:
+        return False
+    widths = {handle.get_slice(key).get_shape()[-1] for key in (_SDXL_CLIP_POSITIONS, second)}
+    return len(widths) == 1
+
+
+def _open_clip_encoder(state: dict[str, torch.Tensor], folder: Path, dtype: torch.dtype):
+    """SDXL's second encoder through diffusers' own OpenCLIP converter, from its weights alone."""
+    from diffusers.loaders.single_file_utils import create_diffusers_clip_model_from_ldm
+    from transformers import CLIPTextModelWithProjection
+
+    return create_diffusers_clip_model_from_ldm(
+        CLIPTextModelWithProjection,
+        checkpoint=state,
+        subfolder="text_encoder_2",
+        config=str(folder),
+        torch_dtype=dtype,
+        local_files_only=True,
+    )

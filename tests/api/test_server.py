@@ -40,7 +40,7 @@ def test_server_info_and_health(client):
         1024,
         10.0,
     )
-    assert info.queue.completed >= 1  # the warm-up
+    assert info.queue.completed == 0  # the warm-up ran (ready) but is not a client's request
     assert client.health("") == "SERVING"
     assert client.health() == "SERVING"
 
@@ -180,12 +180,31 @@ def test_incompatible_adapter_is_failed_precondition(client, tiny_pipeline):
     assert client.list_adapters(all_versions=True).adapters == []
 
 
-def test_unary_image_over_the_message_limit_is_failed_precondition(running, client):
+def test_unary_image_over_the_message_limit_is_resource_exhausted_not_to_retry(running, client):
+    """RESOURCE_EXHAUSTED, as the .proto says and as gRPC answers for an oversized message itself,
+    with a negative pushback (gRFC A6: do not retry) and a message saying what to do instead."""
+    from server.api.pb.loraloom.v1 import generate_pb2
+    from server.client import Client
+
     servicer = running.server.servicer
     servicer.config = servicer.config.replace(max_message_mb=0)  # a limit no image fits (read per call)
     try:
-        with pytest.raises(errors.FailedPrecondition, match="GenerateStream"):
+        with pytest.raises(errors.ResourceExhausted, match="GenerateStream.*fewer or smaller") as caught:
             client.generate("x", steps=1)
+        assert caught.value.retry_after_s < 0
+        with Client(running.address, timeout=60, retries=3) as retrying:
+            started = time.monotonic()
+            with pytest.raises(errors.ResourceExhausted):
+                retrying.generate("x", steps=1)
+            assert time.monotonic() - started < 5  # not retried (3 retries would each wait)
+        with grpc.insecure_channel(running.address) as channel:
+            stub = service_pb2_grpc.LoraloomStub(channel)
+            with pytest.raises(grpc.RpcError) as raw:
+                stub.Generate(generate_pb2.GenerateRequest(prompt="x", steps=1), timeout=60)
+        assert raw.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        trailers = dict(raw.value.trailing_metadata())
+        assert trailers["grpc-retry-pushback-ms"] == "-1" and "retry-after-s" not in trailers
+        assert trailers["loraloom-answered"] == "1"
     finally:
         servicer.config = servicer.config.replace(max_message_mb=64)
 

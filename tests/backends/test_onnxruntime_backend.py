@@ -100,3 +100,14 @@ def test_swap_reaches_the_session(own_tiny, backend):
         expected = own_tiny.unet(sample, timestep, encoder_hidden_states=hidden, return_dict=False)[0]
     assert (after - before).abs().max() > 1e-3
     assert (after - expected).abs().max() < 1e-4
+
+
+def test_a_prompt_of_several_chunks_runs_as_on_torch(own_tiny, backend):
+    """The exported UNet takes any token count: A1111-style long prompts are 77 tokens per chunk."""
+    import dataclasses
+
+    long = dataclasses.replace(JOB, prompt=" ".join(["a red square with a thin blue border"] * 12))
+    view = with_unet(own_tiny, backend)
+    expected = denoise(own_tiny, long, output_type="np").images[0]
+    got = denoise(view, long, output_type="np").images[0]
+    assert np.abs(got - expected).max() < IMAGE_TOLERANCE

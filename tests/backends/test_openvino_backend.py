@@ -214,6 +214,12 @@ def test_text_encoder_swaps_in_place(own_tiny, fingerprint):
         assert (encoder(ids)[0] - expected).abs().max() < 1e-4
     assert torch.equal(encoder(ids)[0], base)
     assert len(encoder.compiled_shapes) == 1
+    # A clip skip's reads: a hidden state from the end, through the encoder's final layer norm.
+    with torch.no_grad():
+        expected = own_tiny.text_encoder(ids, output_hidden_states=True).hidden_states[-2]
+        expected = own_tiny.text_encoder.final_layer_norm(expected)
+        got = encoder.final_layer_norm(encoder(ids, output_hidden_states=True).hidden_states[-2])
+    assert (got - expected).abs().max() < 1e-4
 
 
 def test_bad_settings_are_refused_clearly(tiny_pipeline, caplog):

@@ -201,11 +201,14 @@ def test_cancel_while_queued_and_progress_events(gated):
     turnstile.release(3)
     with pytest.raises(Cancelled):
         queued.result(timeout=60)
-    assert first.result(timeout=60).images
+    result = first.result(timeout=60)
+    assert result.images
     assert [e.stage for e in events] == ["queued"] and events[0].queue_position == 1
     steps = [e for e in first_events if e.stage == "step"]
     assert [(e.step, e.total_steps) for e in steps] == [(1, 2), (2, 2)]
-    assert all(e.preview is not None and e.preview.size == (64, 64) for e in steps)
+    # 64 px on the longer side, or the image's own size (32 px on micro) when smaller; its seed
+    assert all(e.preview is not None and e.preview.size == (32, 32) for e in steps)
+    assert all(e.seed == result.parameters.seed for e in steps)
     assert first_events[0].stage == "queued" and first_events[0].queue_position == 0
 
 

@@ -2,20 +2,32 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import torch
 
+# Rows of different lengths are tiled up to the least common multiple of their lengths when it is
+# at most this many times the longest; beyond, they are padded with empty-prompt chunks.
+MAX_TILING = 4
+
 
 @dataclass(frozen=True)
 class Conditioning:
-    """A prompt's encoding: the cross-attention states, and SDXL's added conditioning."""
+    """A prompt's encoding: the cross-attention states, and SDXL's added conditioning.
+
+    A long prompt has more tokens (77 per chunk of 75). Rows of different lengths (a long prompt
+    and its short negative, or batch mates) are made one length by :meth:`cat`.
+    """
 
     embeds: torch.Tensor  # (n, tokens, dim)
     pooled: torch.Tensor | None = None  # (n, projection): SDXL's pooled text embedding
     time_ids: torch.Tensor | None = None  # (n, 6): SDXL's (original size, crop, target size)
+    # The empty prompt's encoding, one chunk (1, 77, dim), made when asked: what :meth:`cat` pads
+    # this row with when tiling would cost too much.
+    padding: Callable[[], torch.Tensor] | None = field(default=None, compare=False, repr=False)
 
     def repeat(self, n: int) -> Conditioning:
         """This encoding for ``n`` images (the prompt's one row repeated)."""
@@ -25,10 +37,32 @@ class Conditioning:
                 return None
             return tensor.repeat(n, *([1] * (tensor.dim() - 1)))
 
-        return Conditioning(rows(self.embeds), rows(self.pooled), rows(self.time_ids))
+        return Conditioning(rows(self.embeds), rows(self.pooled), rows(self.time_ids), self.padding)
+
+    @property
+    def tokens(self) -> int:
+        return int(self.embeds.shape[1])
 
     @staticmethod
     def cat(parts: Sequence[Conditioning]) -> Conditioning:
+        """The parts' rows as one batch; rows of different token counts are made one length.
+
+        Tiling: each part's states repeated whole up to the least common multiple of the lengths.
+        Cross-attention over keys and values repeated k times equals attention over them once, so
+        a tiled row conditions the UNet as it would alone (as A1111 running prompt and negative
+        in separate passes, and ComfyUI's batching); a short prompt's image does not depend on a
+        long one beside it. When the multiple is over ``MAX_TILING`` times the longest, the
+        shorter rows are padded with the empty prompt's chunks instead (A1111's "pad
+        prompt/negative prompt" option), which changes their images somewhat.
+        """
+        lengths = {part.tokens for part in parts}
+        if len(lengths) > 1:
+            longest, common = max(lengths), math.lcm(*lengths)
+            if common <= MAX_TILING * longest:
+                parts = [part.tiled(common // part.tokens) for part in parts]
+            else:
+                parts = [part.padded(longest) for part in parts]
+
         def joined(tensors: list[torch.Tensor | None]) -> torch.Tensor | None:
             return None if tensors[0] is None else torch.cat(tensors)  # type: ignore[arg-type]
 
@@ -37,6 +71,29 @@ class Conditioning:
             joined([part.pooled for part in parts]),
             joined([part.time_ids for part in parts]),
         )
+
+    def tiled(self, times: int) -> Conditioning:
+        """Each row's states repeated ``times`` times along the tokens (the same attention)."""
+        if times == 1:
+            return self
+        embeds = self.embeds.repeat(1, times, 1)
+        return Conditioning(embeds, self.pooled, self.time_ids, self.padding)
+
+    def padded(self, tokens: int) -> Conditioning:
+        """Each row followed by empty-prompt chunks up to ``tokens`` (A1111's padding)."""
+        missing = tokens - self.tokens
+        if missing == 0:
+            return self
+        chunk = None if self.padding is None else self.padding()
+        if chunk is None or missing % chunk.shape[1]:
+            raise ValueError(
+                f"cannot pad a conditioning of {self.tokens} tokens to {tokens}: "
+                f"no empty-prompt chunk that fits"
+            )
+        rows = self.embeds.shape[0]
+        pad = chunk.to(self.embeds.dtype).to(self.embeds.device).repeat(rows, missing // chunk.shape[1], 1)
+        embeds = torch.cat([self.embeds, pad], dim=1)
+        return Conditioning(embeds, self.pooled, self.time_ids, self.padding)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -57,6 +114,7 @@ SD_LATENT_RGB: tuple[tuple[float, float, float], ...] = (
     (-0.2829, 0.1762, 0.2721),
     (-0.2120, -0.2616, -0.7177),
 )
+
 
 class Encoder(Protocol):
     """A prompt's conditioning, one row: ``clip_skip`` in A1111's numbering (1 = the last layer);

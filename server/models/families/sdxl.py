@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import torch
 
-from server.models.families.base import Conditioning, Family, tokenize
+from server.models.families.base import Conditioning, Family
+from server.models.families.prompt_chunks import emphasize, tokenize_chunks
 
 PENULTIMATE = -2
 # SDXL's VAE has its own latent space; the latent2rgb approximation ComfyUI uses for it.
@@ -38,26 +39,46 @@ def zeros_for_empty_negative(pipeline) -> bool:
 def encode(
     pipeline, text: str, *, height: int, width: int, negative: bool, clip_skip: int = 1
 ) -> Conditioning:
-    """diffusers' ``StableDiffusionXLPipeline.encode_prompt`` for one prompt."""
+    """diffusers' ``StableDiffusionXLPipeline.encode_prompt`` for one prompt, with A1111's emphasis
+    and chunks: each chunk through both encoders (states concatenated along the features, each
+    encoder's emphasized on its own), the chunks along the tokens; the pooled embedding is the first
+    chunk's. A1111's ``clip_skip`` n reads hidden state ``-(n + 1)`` (diffusers' ``clip_skip=n - 1``,
+    for the prompt and the negative prompt alike). A short plain prompt's embeddings are diffusers'
+    bit for bit."""
     device = pipeline.unet.device
-    hidden: list[torch.Tensor] = []
-    pooled: torch.Tensor | None = None
+    layer = PENULTIMATE - (max(clip_skip, 1) - 1)
     pairs = ((pipeline.tokenizer, pipeline.text_encoder), (pipeline.tokenizer_2, pipeline.text_encoder_2))
-    for tokenizer, text_encoder in pairs:
-        output = text_encoder(tokenize(tokenizer, text, device), output_hidden_states=True)
-        if pooled is None and output[0].dim() == 2:
-            pooled = output[0]  # CLIPTextModelWithProjection's text_embeds (encoder 2)
-        hidden.append(output.hidden_states[PENULTIMATE])
-    embeds = torch.cat(hidden, dim=-1)
+    chunked = [tokenize_chunks(tokenizer, text, device) for tokenizer, _ in pairs]
+    count = max(len(chunks) for chunks in chunked)
+    if any(len(chunks) != count for chunks in chunked):  # tokenizers of different vocabularies
+        chunked = [tokenize_chunks(tokenizer, text, device, count=count) for tokenizer, _ in pairs]
+    pooled: torch.Tensor | None = None
+    rows: list[torch.Tensor] = []
+    for index in range(count):
+        hidden: list[torch.Tensor] = []
+        for (_, text_encoder), chunks in zip(pairs, chunked, strict=True):
+            chunk = chunks[index]
+            output = text_encoder(chunk.ids, output_hidden_states=True)
+            if index == 0 and pooled is None and output[0].dim() == 2:
+                pooled = output[0]  # CLIPTextModelWithProjection's text_embeds (encoder 2)
+            hidden.append(emphasize(output.hidden_states[layer], chunk.weights))
+        rows.append(torch.cat(hidden, dim=-1))
+    embeds = rows[0] if count == 1 else torch.cat(rows, dim=1)
     if pooled is None:
         raise ValueError("SDXL's second text encoder must be a CLIPTextModelWithProjection (pooled output)")
     dtype = pipeline.text_encoder_2.dtype
     if negative and not text and zeros_for_empty_negative(pipeline):
         embeds, pooled = torch.zeros_like(embeds), torch.zeros_like(pooled)
+
+    def padding() -> torch.Tensor:  # the empty prompt encoded (not zeros), as A1111 pads
+        empty = encode(pipeline, "", height=height, width=width, negative=False, clip_skip=clip_skip)
+        return empty.embeds
+
     return Conditioning(
         embeds=embeds.to(dtype=dtype, device=device),
         pooled=pooled.to(dtype=dtype, device=device),
         time_ids=time_ids(height, width).to(dtype=dtype, device=device),
+        padding=padding,
     )
 
 

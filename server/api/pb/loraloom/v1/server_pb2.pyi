@@ -53,23 +53,27 @@ class Limits(_message.Message):
     def __init__(self, max_message_bytes: _Optional[int] = ..., max_upload_bytes: _Optional[int] = ..., max_queue: _Optional[int] = ..., max_steps: _Optional[int] = ..., max_images: _Optional[int] = ..., max_adapters: _Optional[int] = ..., max_size: _Optional[int] = ..., max_prompt_bytes: _Optional[int] = ..., max_rank: _Optional[int] = ..., max_abs_weight: _Optional[float] = ..., max_input_pixels: _Optional[int] = ...) -> None: ...
 
 class QueueStats(_message.Message):
-    __slots__ = ("queued", "running", "completed", "failed", "cancelled", "rejected")
+    __slots__ = ("queued", "running", "completed", "failed", "cancelled", "rejected", "deadline_exceeded", "invalid")
     QUEUED_FIELD_NUMBER: _ClassVar[int]
     RUNNING_FIELD_NUMBER: _ClassVar[int]
     COMPLETED_FIELD_NUMBER: _ClassVar[int]
     FAILED_FIELD_NUMBER: _ClassVar[int]
     CANCELLED_FIELD_NUMBER: _ClassVar[int]
     REJECTED_FIELD_NUMBER: _ClassVar[int]
+    DEADLINE_EXCEEDED_FIELD_NUMBER: _ClassVar[int]
+    INVALID_FIELD_NUMBER: _ClassVar[int]
     queued: int
     running: int
     completed: int
     failed: int
     cancelled: int
     rejected: int
-    def __init__(self, queued: _Optional[int] = ..., running: _Optional[int] = ..., completed: _Optional[int] = ..., failed: _Optional[int] = ..., cancelled: _Optional[int] = ..., rejected: _Optional[int] = ...) -> None: ...
+    deadline_exceeded: int
+    invalid: int
+    def __init__(self, queued: _Optional[int] = ..., running: _Optional[int] = ..., completed: _Optional[int] = ..., failed: _Optional[int] = ..., cancelled: _Optional[int] = ..., rejected: _Optional[int] = ..., deadline_exceeded: _Optional[int] = ..., invalid: _Optional[int] = ...) -> None: ...
 
 class ServerInfo(_message.Message):
-    __slots__ = ("version", "base_model", "backend", "device", "dtype", "limits", "cache", "queue", "ready")
+    __slots__ = ("version", "base_model", "backend", "device", "dtype", "limits", "cache", "queue", "ready", "precision")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     BASE_MODEL_FIELD_NUMBER: _ClassVar[int]
     BACKEND_FIELD_NUMBER: _ClassVar[int]
@@ -79,6 +83,7 @@ class ServerInfo(_message.Message):
     CACHE_FIELD_NUMBER: _ClassVar[int]
     QUEUE_FIELD_NUMBER: _ClassVar[int]
     READY_FIELD_NUMBER: _ClassVar[int]
+    PRECISION_FIELD_NUMBER: _ClassVar[int]
     version: str
     base_model: BaseModel
     backend: str
@@ -88,4 +93,5 @@ class ServerInfo(_message.Message):
     cache: _adapters_pb2.CacheStats
     queue: QueueStats
     ready: bool
-    def __init__(self, version: _Optional[str] = ..., base_model: _Optional[_Union[BaseModel, _Mapping]] = ..., backend: _Optional[str] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., cache: _Optional[_Union[_adapters_pb2.CacheStats, _Mapping]] = ..., queue: _Optional[_Union[QueueStats, _Mapping]] = ..., ready: _Optional[bool] = ...) -> None: ...
+    precision: str
+    def __init__(self, version: _Optional[str] = ..., base_model: _Optional[_Union[BaseModel, _Mapping]] = ..., backend: _Optional[str] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., cache: _Optional[_Union[_adapters_pb2.CacheStats, _Mapping]] = ..., queue: _Optional[_Union[QueueStats, _Mapping]] = ..., ready: _Optional[bool] = ..., precision: _Optional[str] = ...) -> None: ...

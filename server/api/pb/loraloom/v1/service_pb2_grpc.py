@@ -102,8 +102,10 @@ class LoraloomServicer:
     """Missing associated documentation comment in .proto file."""
 
     def Generate(self, request, context):
-        """Generate images and return them in one response. Images larger than the
-        message limit fail with RESOURCE_EXHAUSTED: use GenerateStream for them.
+        """Generate images and return them in one response. Images that together exceed
+        the message limit (limits.max_message_bytes, less 64 KiB for the rest of the
+        response) fail with RESOURCE_EXHAUSTED after generation, with pushback -1 (do
+        not retry): use GenerateStream for them, or ask for fewer or smaller images.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -111,7 +113,13 @@ class LoraloomServicer:
 
     def GenerateStream(self, request, context):
         """Generate images, streaming queue position, per-step progress (with
-        optional previews), then the images in chunks, then a done event.
+        optional previews), then the images in chunks, then a done event. The
+        request is checked before it is queued: a malformed one fails with no event.
+        Once queued (after one or more queued events, or progress events), it may
+        still end with an error status instead of done: DEADLINE_EXCEEDED, CANCELLED,
+        RESOURCE_EXHAUSTED (out of memory), FAILED_PRECONDITION or INVALID_ARGUMENT
+        (an adapter that does not fit or cannot be used), DATA_LOSS, UNAVAILABLE
+        (shutdown), INTERNAL. Only a done event means the images are complete.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -184,7 +192,7 @@ class LoraloomServicer:
         raise NotImplementedError('Method not implemented!')
 
     def GetServerInfo(self, request, context):
-        """Base model, backend, device, dtype, limits, cache and queue statistics, version.
+        """Base model, backend and precision, device, dtype, limits, cache and queue statistics, version.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
