@@ -8,8 +8,9 @@ import pkgutil
 import sys
 from pathlib import Path
 
-# Every module of this package except the harness's own (and the GenAI peer package) is a suite.
-HARNESS = {"report", "__main__", "genai"}
+# Every module of this package except the harness's own (the real-size model cache, the GenAI peer
+# package) is a suite.
+HARNESS = {"report", "realsize", "__main__", "genai"}
 SUITES = {
     info.name: f"bench.{info.name}"
     for info in pkgutil.iter_modules([str(Path(__file__).parent)])
@@ -31,7 +32,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--only",
         metavar="SECTIONS",
-        help="comma-separated sections to run, of the suite's SECTIONS (default: all)",
+        help="comma-separated sections to run, of the suite's SECTIONS (default: all but its "
+        "OPT_IN sections, which take minutes)",
     )
     parser.add_argument("--skip", metavar="SECTIONS", help="comma-separated sections to leave out")
     args = parser.parse_args(argv)
@@ -47,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
         import torch
 
         torch.set_num_threads(threads)
-    sections = _sections(parser, args, getattr(module, "SECTIONS", ()))
+    sections = _sections(parser, args, getattr(module, "SECTIONS", ()), getattr(module, "OPT_IN", ()))
     metrics = module.run(quick=args.quick, **({"sections": sections} if sections is not None else {}))
     print_table(args.suite, metrics, peer=module.PEER)
     if args.json:
@@ -55,8 +57,14 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _sections(parser: argparse.ArgumentParser, args: argparse.Namespace, known: tuple[str, ...]):
-    """The sections to run (``None``: the suite has none), from ``--only`` and ``--skip``."""
+def _sections(
+    parser: argparse.ArgumentParser,
+    args: argparse.Namespace,
+    known: tuple[str, ...],
+    opt_in: tuple[str, ...] = (),
+):
+    """The sections to run (``None``: the suite has none), from ``--only`` and ``--skip``; without
+    ``--only``, every section but the ``opt_in`` ones (those run only when named)."""
     only, skip = _names(args.only), _names(args.skip)
     if not known:
         if only or skip:
@@ -65,7 +73,7 @@ def _sections(parser: argparse.ArgumentParser, args: argparse.Namespace, known: 
     unknown = sorted((only | skip) - set(known))
     if unknown:
         parser.error(f"suite {args.suite} has no section {', '.join(unknown)}: use {', '.join(known)}")
-    return frozenset((only or set(known)) - skip)
+    return frozenset((only or set(known) - set(opt_in)) - skip)
 
 
 def _names(text: str | None) -> set[str]:

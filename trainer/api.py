@@ -35,6 +35,8 @@ class TrainResult:
     checkpoints: list[Path]
     seconds: float
     resumed_from: int = 0
+    loss_curve: Path | None = None  # loss-curve.png next to the checkpoints
+    sample_grid: Path | None = None  # sample-grid.png: prompts x sample steps
 
     @property
     def steps_per_second(self) -> float:
@@ -71,9 +73,11 @@ def train(
         epoch=-(-outcome.steps * config.grad_accum // max(1, trainer.batches_per_epoch)),
         batches_per_epoch=trainer.batches_per_epoch,
         resolution=trainer.resolution,
-        has_conv=any(module.is_conv for module in modules.values()),
+        has_conv=trainer.network.has_conv,
         final_loss=outcome.losses[-1] if outcome.losses else None,
+        text_encoder_lrs=trainer.text_encoder_lrs,
     )
+    metadata.update(trainer.network.kohya_metadata())  # LoHa, LoKr, DoRA: lycoris.kohya and its algo
     exported = build_adapter(modules, metadata, trainer.base)
     path = write_file(exported.data, config.out or trainer.output_dir / f"{config.adapter_name}.safetensors")
     log.info("wrote %s (sha256 %s)", path, exported.sha256)
@@ -95,6 +99,8 @@ def train(
         checkpoints=outcome.checkpoints,
         seconds=outcome.seconds,
         resumed_from=outcome.resumed_from,
+        loss_curve=outcome.loss_curve,
+        sample_grid=outcome.sample_grid,
     )
 
 

@@ -27,6 +27,8 @@ PREFIX = "checkpoint-"
 # Options that must match for a resumed run to equal an uninterrupted one.
 MUST_MATCH = (
     "base",
+    "network",
+    "dora",
     "rank",
     "alpha",
     "targets",
@@ -35,6 +37,7 @@ MUST_MATCH = (
     "epochs",
     "lr",
     "text_encoder_lr",
+    "text_encoder_2_lr",
     "lr_scheduler",
     "warmup_steps",
     "batch_size",

@@ -52,6 +52,8 @@ def train_command(
         Path | None, typer.Option("--config", "-c", help="TOML file with these options (flags override it)")
     ] = None,
     base: Annotated[str | None, typer.Option(help=_help("base"))] = None,
+    network: Annotated[str | None, typer.Option(help=_help("network"))] = None,
+    dora: Annotated[bool | None, typer.Option("--dora/--no-dora", help=_help("dora"))] = None,
     rank: Annotated[int | None, typer.Option(help=_help("rank"))] = None,
     alpha: Annotated[float | None, typer.Option(help=_help("alpha"))] = None,
     targets: Annotated[str | None, typer.Option(help="comma-separated " + _help("targets"))] = None,
@@ -62,7 +64,12 @@ def train_command(
     steps: Annotated[int | None, typer.Option(help=_help("steps"))] = None,
     epochs: Annotated[int | None, typer.Option(help=_help("epochs"))] = None,
     lr: Annotated[float | None, typer.Option(help=_help("lr"))] = None,
-    text_encoder_lr: Annotated[float | None, typer.Option(help=_help("text_encoder_lr"))] = None,
+    text_encoder_lr: Annotated[
+        float | None, typer.Option("--text-encoder-lr", "--te-lr", help=_help("text_encoder_lr"))
+    ] = None,
+    text_encoder_2_lr: Annotated[
+        float | None, typer.Option("--text-encoder-2-lr", "--te2-lr", help=_help("text_encoder_2_lr"))
+    ] = None,
     lr_scheduler: Annotated[str | None, typer.Option(help=_help("lr_scheduler"))] = None,
     warmup_steps: Annotated[int | None, typer.Option(help=_help("warmup_steps"))] = None,
     batch_size: Annotated[int | None, typer.Option(help=_help("batch_size"))] = None,
@@ -76,6 +83,9 @@ def train_command(
     buckets: Annotated[bool | None, typer.Option("--buckets/--no-buckets", help=_help("buckets"))] = None,
     random_flip: Annotated[
         bool | None, typer.Option("--random-flip/--no-random-flip", help=_help("random_flip"))
+    ] = None,
+    cache_latents: Annotated[
+        bool | None, typer.Option("--cache-latents/--no-cache-latents", help=_help("cache_latents"))
     ] = None,
     trigger_word: Annotated[str | None, typer.Option(help=_help("trigger_word"))] = None,
     caption_dropout: Annotated[float | None, typer.Option(help=_help("caption_dropout"))] = None,
@@ -111,6 +121,8 @@ def train_command(
         "data_dir": data_dir,
         "name": name,
         "base": base,
+        "network": network,
+        "dora": dora,
         "rank": rank,
         "alpha": alpha,
         "targets": _csv(targets),
@@ -119,6 +131,7 @@ def train_command(
         "epochs": epochs,
         "lr": lr,
         "text_encoder_lr": text_encoder_lr,
+        "text_encoder_2_lr": text_encoder_2_lr,
         "lr_scheduler": lr_scheduler,
         "warmup_steps": warmup_steps,
         "batch_size": batch_size,
@@ -131,6 +144,7 @@ def train_command(
         "min_snr_gamma": min_snr_gamma,
         "buckets": buckets,
         "random_flip": random_flip,
+        "cache_latents": cache_latents,
         "trigger_word": trigger_word,
         "caption_dropout": caption_dropout,
         "shuffle_tags": shuffle_tags,
@@ -179,6 +193,10 @@ def train_command(
     typer.echo(f"adapter: {result.path} (sha256 {result.sha256})")
     for sample in result.samples:
         typer.echo(f"sample: {sample}")
+    if result.sample_grid is not None:
+        typer.echo(f"sample grid: {result.sample_grid}")
+    if result.loss_curve is not None:
+        typer.echo(f"loss curve: {result.loss_curve}")
     if result.registration is not None:
         typer.echo(f"registered {result.registration.ref} in {result.registration.where}")
 

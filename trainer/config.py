@@ -25,6 +25,8 @@ TARGET_PRESETS: dict[str, tuple[str, ...]] = {
 }
 TEXT_ENCODER_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
 LR_SCHEDULERS = ("constant", "cosine", "linear")
+# Network types (``trainer.network``); ``locon`` is LoRA with the UNet's conv layers added to the targets.
+NETWORKS = ("lora", "locon", "loha", "lokr")
 MIXED_PRECISION = ("no", "fp16", "bf16")
 DEFAULT_STEPS = 1000
 # The base model `loraloom serve` loads unless told otherwise (its LORALOOM_MODEL variable, else tiny):
@@ -51,6 +53,10 @@ class TrainConfig:
         },
     )
     # Network.
+    network: str = _opt(
+        "lora", "network type: lora, locon (lora plus the UNet's conv layers), loha or lokr (LyCORIS')"
+    )
+    dora: bool = _opt(False, "DoRA: also train a magnitude per output row (lora and locon networks)")
     rank: int = _opt(8, "LoRA rank (network dim)")
     alpha: float = _opt(8.0, "LoRA alpha; the update is scaled by alpha / rank")
     targets: list[str] = field(
@@ -59,12 +65,19 @@ class TrainConfig:
             "help": "UNet modules to adapt: presets attn, ff, proj, conv, or module-name suffixes (to_q)"
         },
     )
-    train_text_encoder: bool = _opt(False, "also train LoRA on the text encoder's attention projections")
+    train_text_encoder: bool = _opt(
+        False,
+        "also train LoRA on the text encoders' attention projections (SDXL: both; a learning rate of 0 "
+        "leaves that encoder frozen)",
+    )
     # Length and optimizer.
     steps: int | None = _opt(None, f"optimizer steps to train (default {DEFAULT_STEPS} unless epochs is set)")
     epochs: int | None = _opt(None, "train this many passes over the data instead of a step count")
     lr: float = _opt(1e-4, "learning rate (AdamW)")
-    text_encoder_lr: float | None = _opt(None, "learning rate for the text encoder (default: lr)")
+    text_encoder_lr: float | None = _opt(None, "learning rate for the (first) text encoder (default: lr)")
+    text_encoder_2_lr: float | None = _opt(
+        None, "learning rate for SDXL's second text encoder (default: text_encoder_lr, else lr)"
+    )
     lr_scheduler: str = _opt("constant", "learning-rate schedule: constant, cosine or linear")
     warmup_steps: int = _opt(0, "linear warm-up steps at the start of the schedule")
     weight_decay: float = _opt(1e-2, "AdamW weight decay")
@@ -83,6 +96,12 @@ class TrainConfig:
     min_bucket: int = _opt(256, "smallest bucket side (pixels)")
     max_bucket: int = _opt(1024, "largest bucket side (pixels)")
     random_flip: bool = _opt(False, "randomly mirror images left-right")
+    cache_latents: bool = _opt(
+        False,
+        "cache VAE latents on disk (<LORALOOM_HOME>/cache/trainer; with random_flip both mirror images) "
+        "and, while the text encoders are frozen, the caption embeddings: later epochs and runs skip the "
+        "VAE encoder",
+    )
     caption_extension: str = _opt(".txt", "caption file extension (kohya convention)")
     trigger_word: str = _opt("", "prepended to every caption (also recorded as the adapter's trigger word)")
     caption_dropout: float = _opt(0.0, "probability of training on an empty caption")
@@ -151,6 +170,13 @@ class TrainConfig:
         problems = []
         if not self.data_dir:
             problems.append("data_dir is required: the folder of training images")
+        if self.network not in NETWORKS:
+            problems.append(f"network must be one of {', '.join(NETWORKS)}, not {self.network!r}")
+        elif self.dora and self.network not in ("lora", "locon"):
+            problems.append(
+                f"dora is trained on lora or locon networks, not {self.network} (PEFT, the trainer's "
+                "network library, has DoRA for LoRA only)"
+            )
         if self.rank < 1:
             problems.append(f"rank must be at least 1, not {self.rank}")
         if self.alpha <= 0:
@@ -163,6 +189,10 @@ class TrainConfig:
                 problems.append(f"{name} must be at least 1, not {value}")
         if self.lr <= 0:
             problems.append(f"lr must be positive, not {self.lr}")
+        for name in ("text_encoder_lr", "text_encoder_2_lr"):
+            value = getattr(self, name)
+            if value is not None and value < 0:
+                problems.append(f"{name} must not be negative, not {value} (0 leaves that encoder frozen)")
         if self.lr_scheduler not in LR_SCHEDULERS:
             problems.append(
                 f"lr_scheduler must be one of {', '.join(LR_SCHEDULERS)}, not {self.lr_scheduler!r}"
@@ -201,7 +231,7 @@ class TrainConfig:
     def unet_target_modules(self) -> list[str]:
         """The PEFT ``target_modules`` list: presets expanded, order kept, duplicates dropped."""
         expanded: list[str] = []
-        for item in self.targets:
+        for item in [*self.targets, *(["conv"] if self.network == "locon" else [])]:
             for name in TARGET_PRESETS.get(item, (item,)):
                 if name not in expanded:
                     expanded.append(name)
@@ -222,7 +252,7 @@ def _coerce(spec: dataclasses.Field, value: Any, source: str) -> Any:
         if not isinstance(value, bool):
             raise InvalidArgument(f"{source}: {name} must be true or false, not {value!r}")
         return value
-    if isinstance(default, float) or name in ("min_snr_gamma", "text_encoder_lr"):
+    if isinstance(default, float) or name in ("min_snr_gamma", "text_encoder_lr", "text_encoder_2_lr"):
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise InvalidArgument(f"{source}: {name} must be a number, not {value!r}")
         return float(value)

@@ -8,15 +8,20 @@ training starts, by name.
 Everything random here (data order, caption shuffling and dropout, flips) is a
 pure function of the seed and the position in training, so a resumed run sees
 exactly the batches an uninterrupted run would.
+
+Each example also knows its geometry as SDXL conditions on it (kohya's sd-scripts
+and diffusers' SDXL scripts alike): the image's original size, the top-left corner
+of the crop taken from the resized image, and the bucket it is trained at.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import random
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 
@@ -44,12 +49,36 @@ class Example:
     size: tuple[int, int]  # original (width, height)
     bucket: tuple[int, int]  # training (width, height)
 
+    def crop_top_left(self, flip: bool = False) -> tuple[int, int]:
+        """Where the bucket-sized crop starts in the resized image, (top, left); mirrored with the
+        image when ``flip`` (the crop of the flipped image, as kohya's sd-scripts record it)."""
+        (width, _), (left, top) = cover_geometry(self.size, self.bucket)
+        if flip:
+            left = width - left - self.bucket[0]
+        return top, left
+
+    def size_conditioning(self, flip: bool = False) -> tuple[int, ...]:
+        """SDXL's ``time_ids`` for this example: original (height, width), crop (top, left),
+        target (height, width)."""
+        top, left = self.crop_top_left(flip)
+        return (self.size[1], self.size[0], top, left, self.bucket[1], self.bucket[0])
+
+
+@dataclass(frozen=True)
+class Item:
+    """One example as drawn for one micro-batch: mirrored or not, and its caption as edited."""
+
+    index: int
+    flip: bool
+    caption: str
+
 
 @dataclass(frozen=True)
 class Batch:
     pixels: torch.Tensor  # (batch, 3, height, width) in [-1, 1]
     captions: list[str]
     indices: list[int]
+    flips: list[bool] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -98,15 +127,21 @@ def nearest_bucket(size: tuple[int, int], buckets: list[tuple[int, int]]) -> tup
     return min(buckets, key=lambda b: (abs(math.log(b[0] / b[1]) - ratio), -b[0] * b[1]))
 
 
+def cover_geometry(size: tuple[int, int], target: tuple[int, int]) -> tuple[tuple[int, int], tuple[int, int]]:
+    """How an image of ``size`` (width, height) becomes ``target``: the size it is resized to so it
+    covers the target, and the (left, top) of the centered crop taken from that."""
+    width, height = target
+    scale = max(width / size[0], height / size[1])
+    resized = (max(width, round(size[0] * scale)), max(height, round(size[1] * scale)))
+    return resized, ((resized[0] - width) // 2, (resized[1] - height) // 2)
+
+
 def resize_and_crop(image: Image.Image, target: tuple[int, int]) -> Image.Image:
     """Scale so the image covers ``target`` (width, height), then center-crop to it."""
     width, height = target
-    scale = max(width / image.width, height / image.height)
-    resized = (max(width, round(image.width * scale)), max(height, round(image.height * scale)))
+    resized, (left, top) = cover_geometry(image.size, target)
     if resized != image.size:
         image = image.resize(resized, Image.Resampling.BICUBIC)
-    left = (image.width - width) // 2
-    top = (image.height - height) // 2
     return image.crop((left, top, left + width, top + height))
 
 
@@ -131,6 +166,7 @@ class Dataset:
         self.caption_options = caption_options
         self._pixels: dict[int, torch.Tensor] = {}
         self._cached_bytes = 0
+        self._digests: dict[int, str] = {}
 
     def __len__(self) -> int:
         return len(self.examples)
@@ -152,18 +188,40 @@ class Dataset:
 
     # ------------------------------------------------------------------ loading
 
-    def load(self, indices: list[int], rng: random.Random, *, random_flip: bool = False) -> Batch:
-        pixels, captions = [], []
+    def draw(self, indices: list[int], rng: random.Random, *, random_flip: bool = False) -> list[Item]:
+        """What a micro-batch trains on, decoding nothing: each example's flip and edited caption."""
+        items = []
         for index in indices:
-            tensor = self.pixels(index)
-            if random_flip and rng.random() < 0.5:
-                tensor = tensor.flip(-1)
-            pixels.append(tensor)
-            captions.append(process_caption(self.examples[index].caption, self.caption_options, rng))
-        return Batch(pixels=torch.stack(pixels), captions=captions, indices=list(indices))
+            flip = bool(random_flip and rng.random() < 0.5)
+            caption = process_caption(self.examples[index].caption, self.caption_options, rng)
+            items.append(Item(index, flip, caption))
+        return items
 
-    def pixels(self, index: int) -> torch.Tensor:
-        """Example ``index`` resized and cropped to its bucket, (3, h, w) in [-1, 1]; cached while small."""
+    def load(self, indices: list[int], rng: random.Random, *, random_flip: bool = False) -> Batch:
+        items = self.draw(indices, rng, random_flip=random_flip)
+        pixels = [self.pixels(item.index, flip=item.flip) for item in items]
+        return Batch(
+            pixels=torch.stack(pixels),
+            captions=[item.caption for item in items],
+            indices=list(indices),
+            flips=[item.flip for item in items],
+        )
+
+    def digest(self, index: int) -> str:
+        """sha256 of example ``index``'s image file (the bytes, not the name: a cache key)."""
+        digest = self._digests.get(index)
+        if digest is None:
+            digest = hashlib.sha256(self.examples[index].image.read_bytes()).hexdigest()
+            self._digests[index] = digest
+        return digest
+
+    def pixels(self, index: int, *, flip: bool = False, keep: bool = True) -> torch.Tensor:
+        """Example ``index`` resized and cropped to its bucket, (3, h, w) in [-1, 1], mirrored left-right
+        when ``flip``; kept in memory while small (unless not ``keep``: decoded once, as for caching)."""
+        tensor = self._pixels_of(index, keep)
+        return tensor.flip(-1) if flip else tensor
+
+    def _pixels_of(self, index: int, keep: bool) -> torch.Tensor:
         cached = self._pixels.get(index)
         if cached is not None:
             return cached
@@ -172,7 +230,7 @@ class Dataset:
         array = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
         tensor = torch.from_numpy(array).permute(2, 0, 1).contiguous()
         size = tensor.numel() * tensor.element_size()
-        if self._cached_bytes + size <= IMAGE_CACHE_BYTES:
+        if keep and self._cached_bytes + size <= IMAGE_CACHE_BYTES:
             self._pixels[index] = tensor
             self._cached_bytes += size
         return tensor
@@ -188,6 +246,17 @@ class Dataset:
     def bucket_counts(self) -> dict[str, int]:
         counts = Counter(f"{w}x{h}" for w, h in (e.bucket for e in self.examples))
         return dict(sorted(counts.items()))
+
+    def bucket_info(self) -> dict:
+        """kohya's ``ss_bucket_info``: each bucket's resolution and image count, and the mean
+        difference between an image's aspect ratio and its bucket's."""
+        counts = Counter(e.bucket for e in self.examples)
+        buckets = {
+            str(i): {"resolution": list(bucket), "count": count}
+            for i, (bucket, count) in enumerate(sorted(counts.items()))
+        }
+        errors = [abs(e.bucket[0] / e.bucket[1] - e.size[0] / e.size[1]) for e in self.examples]
+        return {"buckets": buckets, "mean_img_ar_error": sum(errors) / len(errors) if errors else 0.0}
 
 
 @lru_cache(maxsize=4)

@@ -10,9 +10,11 @@ continues exactly as the uninterrupted run would have.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import math
 import random
+import re
 import signal
 import threading
 import time
@@ -25,14 +27,20 @@ import torch.nn.functional as F
 
 from adapters.errors import Cancelled, FailedPrecondition, InvalidArgument
 from adapters.home import data_home
+from server.models.families import Conditioning
 from server.models.loader import BaseModel, load_base_model
 from trainer import checkpoint as ckpt
+from trainer.cache import LatentCache, TextCache, modules_fingerprint, tokenizer_fingerprint
 from trainer.config import DEFAULT_STEPS, TEXT_ENCODER_TARGETS, TrainConfig
-from trainer.data import CaptionOptions, Dataset, read_pairs, scan_dataset
-from trainer.network import LoraNetwork, add_lora
+from trainer.data import CaptionOptions, Dataset, Item, read_pairs, scan_dataset
+from trainer.network import LoraNetwork, add_network
+from trainer.plots import LOSS_CURVE, SAMPLE_GRID, draw_loss_curve, draw_sample_grid
+from trainer.progress import ProgressBar, RunClock
 from trainer.samples import sample_images
 
 log = logging.getLogger(__name__)
+
+PLOT_EVERY_SECONDS = 60.0  # the loss curve is also redrawn at checkpoints, samples and the end
 
 
 class TrainingInterrupted(Cancelled):
@@ -50,6 +58,8 @@ class StepInfo:
     total_steps: int
     loss: float
     lr: float
+    steps_per_second: float | None = None  # optimizer steps only (sampling, checkpoints excluded)
+    eta_seconds: float | None = None  # the steps left, plus the sampling and checkpoints to come
 
 
 @dataclass
@@ -61,6 +71,8 @@ class LoopOutcome:
     checkpoints: list[Path] = field(default_factory=list)
     resumed_from: int = 0
     seconds: float = 0.0
+    loss_curve: Path | None = None
+    sample_grid: Path | None = None
 
 
 def pick_device(name: str) -> torch.device:
@@ -79,6 +91,12 @@ def pick_device(name: str) -> torch.device:
 
 def _derived_seed(seed: int, micro_step: int) -> int:
     return (seed * 1_000_003 + micro_step * 7_919 + 17) % (2**63 - 1)
+
+
+def literal_prompt(caption: str) -> str:
+    """``caption`` as the family's encoder reads it literally: brackets and backslashes escaped, so a
+    caption's ``(...)`` is text, not A1111 emphasis (kohya's sd-scripts read captions literally too)."""
+    return re.sub(r"([\\()\[\]])", r"\\\1", caption)
 
 
 class _StopOnSigint:
@@ -155,19 +173,23 @@ class Trainer:
         )
         # Describe the base before LoRA layers change its module tree and state dict.
         _ = self.base.module_shapes, self.base.fingerprint
-        self.network: LoraNetwork = add_lora(
+        self.family = self.base.family
+        self.text_encoder_lrs = self._text_encoder_lrs()
+        self.latent_cache, self.text_cache = self._caches()
+        self.network: LoraNetwork = add_network(
             pipeline,
+            network=config.network,
+            dora=config.dora,
             rank=config.rank,
             alpha=config.alpha,
             unet_targets=config.unet_target_modules(),
-            text_encoder_targets=list(TEXT_ENCODER_TARGETS) if config.train_text_encoder else None,
+            text_encoder_targets=list(TEXT_ENCODER_TARGETS) if self.text_encoder_lrs else None,
+            text_encoders=tuple(self.text_encoder_lrs),
             seed=config.seed,
         )
         groups = [{"params": self.network.parameters("unet"), "lr": config.lr}]
-        if config.train_text_encoder:
-            groups.append(
-                {"params": self.network.parameters("text_encoder"), "lr": config.text_encoder_lr or config.lr}
-            )
+        for component, lr in self.text_encoder_lrs.items():
+            groups.append({"params": self.network.parameters(component), "lr": lr})
         self.optimizer = torch.optim.AdamW(groups, lr=config.lr, weight_decay=config.weight_decay)
         from diffusers import DDPMScheduler
         from diffusers.optimization import get_scheduler
@@ -185,7 +207,6 @@ class Trainer:
         self.scaler = torch.amp.GradScaler("cuda") if self.autocast_dtype == torch.float16 else None
         self.step = 0
         self.losses: list[float] = []
-        self._token_cache: dict[str, torch.Tensor] = {}
 
     # ------------------------------------------------------------------ one micro-batch
 
@@ -200,11 +221,8 @@ class Trainer:
         generator = torch.Generator(device=self.device).manual_seed(_derived_seed(config.seed, micro_step))
         rng = random.Random(_derived_seed(config.seed, micro_step))
         indices = self.dataset.batch_at(micro_step, config.batch_size, config.seed)
-        batch = self.dataset.load(indices, rng, random_flip=config.random_flip)
-        pixels = batch.pixels.to(self.device)
-        with torch.no_grad(), self._autocast():
-            latent_dist = pipeline.vae.encode(pixels).latent_dist
-        latents = latent_dist.sample(generator=generator).float() * pipeline.vae.config.scaling_factor
+        items = self.dataset.draw(indices, rng, random_flip=config.random_flip)
+        latents = self.latents(items, generator)
         noise = torch.randn(latents.shape, generator=generator, device=self.device)
         if config.noise_offset:
             offset = torch.randn(
@@ -225,12 +243,9 @@ class Trainer:
             if prediction_type == "epsilon"
             else self.noise_scheduler.get_velocity(latents, noise, timesteps)
         )
-        tokens = torch.stack([self._tokens(caption) for caption in batch.captions]).to(self.device)
-        text_grad = torch.enable_grad() if config.train_text_encoder else torch.no_grad()
+        conditioning = self.conditioning(items)
         with self._autocast():
-            with text_grad:
-                encoded = pipeline.text_encoder(tokens)[0]
-            prediction = pipeline.unet(noisy, timesteps, encoded).sample
+            prediction = pipeline.unet(noisy, timesteps, **conditioning.unet_kwargs()).sample
         loss = F.mse_loss(prediction.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
         if config.min_snr_gamma:
             from diffusers.training_utils import compute_snr
@@ -241,20 +256,91 @@ class Trainer:
             loss = loss * weights
         return loss.mean()
 
-    def _tokens(self, caption: str) -> torch.Tensor:
-        ids = self._token_cache.get(caption)
-        if ids is None:
-            tokenizer = self.pipeline.tokenizer
-            ids = tokenizer(
-                caption,
-                padding="max_length",
-                max_length=tokenizer.model_max_length,
-                truncation=True,
-                return_tensors="pt",
-            ).input_ids[0]
-            if len(self._token_cache) < 100_000:
-                self._token_cache[caption] = ids
-        return ids
+    # ------------------------------------------------------------------ latents and conditioning
+
+    def _text_encoder_lrs(self) -> dict[str, float]:
+        """The text encoders trained (the family's, in order), each with its learning rate; 0: frozen."""
+        config = self.config
+        if not config.train_text_encoder:
+            return {}
+        first = config.lr if config.text_encoder_lr is None else config.text_encoder_lr
+        second = first if config.text_encoder_2_lr is None else config.text_encoder_2_lr
+        if config.text_encoder_2_lr is not None and len(self.family.text_encoders) < 2:
+            log.warning("text_encoder_2_lr ignored: %s has one text encoder", self.family.title)
+        rates = dict(zip(self.family.text_encoders, (first, second), strict=False))
+        trained = {component: lr for component, lr in rates.items() if lr > 0}
+        if not trained:
+            log.warning("train_text_encoder with text-encoder learning rates of 0: the encoders stay frozen")
+        return trained
+
+    def _caches(self) -> tuple[LatentCache | None, TextCache | None]:
+        """The latent cache (``cache_latents``) and, while every text encoder is frozen, the text cache."""
+        config, pipeline = self.config, self.pipeline
+        latents = None
+        if config.cache_latents:
+            latents = LatentCache(
+                self.dataset,
+                self._vae_parameters,
+                vae_fingerprint=modules_fingerprint([("vae", pipeline.vae)]),
+                dtype=f"{pipeline.vae.dtype}/{self.autocast_dtype}",
+                both_flips=config.random_flip,
+            )
+        if self.text_encoder_lrs:
+            return latents, None
+        on_disk = config.cache_latents and not config.shuffle_tags
+        fingerprint = ""
+        if on_disk:
+            encoders = [(name, getattr(pipeline, name)) for name in self.family.text_encoders]
+            tokenizers = [tokenizer_fingerprint(getattr(pipeline, name)) for name in self.family.tokenizers]
+            fingerprint = modules_fingerprint(encoders) + ":" + ":".join(tokenizers)
+            fingerprint = hashlib.sha256(fingerprint.encode()).hexdigest()
+        text = TextCache(self._encode_caption, fingerprint=fingerprint, family=self.family.name, disk=on_disk)
+        return latents, text
+
+    def _vae_parameters(self, pixels: torch.Tensor) -> torch.Tensor:
+        """The VAE encoder's latent-distribution parameters (mean, log-variance) of ``pixels``."""
+        with torch.no_grad(), self._autocast():
+            return self.pipeline.vae.encode(pixels.to(self.device)).latent_dist.parameters
+
+    def latents(self, items: list[Item], generator: torch.Generator) -> torch.Tensor:
+        """The scaled latents of a micro-batch, sampled with ``generator`` from the VAE's distribution
+        (computed now, or read from the latent cache: the same draw either way)."""
+        from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+
+        if self.latent_cache is None:
+            pixels = torch.stack([self.dataset.pixels(item.index, flip=item.flip) for item in items])
+            parameters = self._vae_parameters(pixels)
+        else:
+            cached = [self.latent_cache.parameters(item.index, item.flip) for item in items]
+            parameters = torch.stack(cached).to(self.device)
+        config = self.pipeline.vae.config
+        latents = DiagonalGaussianDistribution(parameters).sample(generator=generator).float()
+        shift = getattr(config, "shift_factor", None) or 0.0
+        return (latents - shift) * config.scaling_factor
+
+    def conditioning(self, items: list[Item]) -> Conditioning:
+        """The UNet's conditioning of a micro-batch: each caption through the family's encoder (as
+        the server encodes a prompt; kept while the encoders are frozen), rows of different lengths
+        joined as the server joins them; SDXL's pooled embedding, and ``time_ids`` built from each
+        image's original size, crop and bucket (as SDXL was trained)."""
+        with self._autocast():
+            rows = [self._caption_conditioning(item.caption) for item in items]
+        joined = Conditioning.cat(rows)
+        if joined.pooled is None:
+            return joined
+        sizes = [self.dataset.examples[item.index].size_conditioning(item.flip) for item in items]
+        time_ids = torch.tensor(sizes, dtype=joined.dtype, device=joined.embeds.device)
+        return Conditioning(joined.embeds, joined.pooled, time_ids)
+
+    def _caption_conditioning(self, caption: str) -> Conditioning:
+        text = literal_prompt(caption)
+        if self.text_cache is not None:
+            return self.text_cache.get(text, self.device)
+        return self._encode_caption(text)
+
+    def _encode_caption(self, text: str) -> Conditioning:
+        size = self.resolution
+        return self.family.encode(self.pipeline, text, height=size, width=size, negative=False)
 
     # ------------------------------------------------------------------ resume and checkpoints
 
@@ -326,24 +412,52 @@ class Trainer:
             outcome.resumed_from = self.resume(config.resume)
         sample_at = set(config.sample_steps) | {self.total_steps} if config.validation_prompts else set()
         self.pipeline.unet.train()
-        if config.train_text_encoder:
-            self.pipeline.text_encoder.train()
-        started = time.perf_counter()
-        with _StopOnSigint() as stop, self._progress() as bar:
+        for component in self.text_encoder_lrs:
+            getattr(self.pipeline, component).train()
+        every = config.checkpoint_every
+        clock = RunClock(
+            self.total_steps,
+            events={"sample": sample_at, "checkpoint": (lambda s: s % every == 0) if every else ()},
+        )
+        started = plotted = time.perf_counter()
+        with _StopOnSigint() as stop, self._progress(clock) as bar:
             while self.step < self.total_steps:
-                loss = self.optimizer_step()
+                with clock.timing_step():
+                    loss = self.optimizer_step()
                 self.losses.append(loss)
                 lr = self.lr_scheduler.get_last_lr()[0]
-                bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", refresh=False)
-                bar.update(1)
-                if config.checkpoint_every and self.step % config.checkpoint_every == 0:
-                    outcome.checkpoints.append(self.save_checkpoint())
+                bar.update(self.step, loss=f"{loss:.4f}", lr=f"{lr:.2e}")
+                plot = self.step == self.total_steps or time.perf_counter() - plotted >= PLOT_EVERY_SECONDS
+                if every and self.step % every == 0:
+                    bar.busy("checkpoint")
+                    with clock.timing("checkpoint"):
+                        outcome.checkpoints.append(self.save_checkpoint())
+                        outcome.loss_curve = self._draw_loss_curve()
+                    plot, plotted = False, time.perf_counter()
                 if self.step in sample_at:
-                    outcome.samples.extend(self._sample())
+                    bar.busy("sampling")
+                    with clock.timing("sample"):
+                        outcome.samples.extend(self._sample())
+                        outcome.sample_grid = self._draw_sample_grid() or outcome.sample_grid
+                        outcome.loss_curve = self._draw_loss_curve()
+                    plot, plotted = False, time.perf_counter()
+                if plot:
+                    outcome.loss_curve = self._draw_loss_curve()
+                    plotted = time.perf_counter()
                 if on_step is not None:
-                    on_step(StepInfo(step=self.step, total_steps=self.total_steps, loss=loss, lr=lr))
+                    on_step(
+                        StepInfo(
+                            step=self.step,
+                            total_steps=self.total_steps,
+                            loss=loss,
+                            lr=lr,
+                            steps_per_second=clock.steps_per_second,
+                            eta_seconds=clock.eta(self.step),
+                        )
+                    )
                 if stop.requested and self.step < self.total_steps:
                     path = self.save_checkpoint()
+                    self._draw_loss_curve()
                     raise TrainingInterrupted(
                         f"training stopped at step {self.step} of {self.total_steps}; checkpoint saved to "
                         f"{path}. Resume with --resume latest (same options) to finish the run",
@@ -351,7 +465,8 @@ class Trainer:
                         checkpoint=path,
                     )
         self.pipeline.unet.eval()
-        self.pipeline.text_encoder.eval()
+        for component in self.family.text_encoders:
+            getattr(self.pipeline, component).eval()
         outcome.steps = self.step
         outcome.losses = list(self.losses)
         outcome.seconds = time.perf_counter() - started
@@ -368,17 +483,27 @@ class Trainer:
             inference_steps=self.config.sample_inference_steps,
         )
 
-    @contextlib.contextmanager
-    def _progress(self) -> Iterator:
-        from tqdm.auto import tqdm
+    def _draw_loss_curve(self) -> Path:
+        title = f"{self.config.adapter_name} ({self.config.network}{' + DoRA' if self.config.dora else ''})"
+        return draw_loss_curve(
+            self.losses, self.output_dir / LOSS_CURVE, total_steps=self.total_steps, title=title
+        )
 
-        bar = tqdm(
-            total=self.total_steps,
+    def _draw_sample_grid(self) -> Path | None:
+        return draw_sample_grid(
+            self.output_dir / "samples",
+            self.config.validation_prompts,
+            self.output_dir / SAMPLE_GRID,
+            up_to_step=self.step,
+        )
+
+    @contextlib.contextmanager
+    def _progress(self, clock: RunClock) -> Iterator[ProgressBar]:
+        bar = ProgressBar(
+            clock,
             initial=self.step,
             desc=f"training {self.config.adapter_name}",
-            unit="step",
-            disable=not self.config.progress,
-            dynamic_ncols=True,
+            enabled=self.config.progress,
         )
         try:
             yield bar

@@ -8,6 +8,12 @@ from pathlib import Path
 import torch
 
 
+def sample_path(folder: Path, step: int, number: int, prompt: str) -> Path:
+    """``<folder>/step-<step>-<n>-<slug>.png``: the sample of prompt ``number`` at ``step``."""
+    slug = re.sub(r"[^a-z0-9]+", "-", prompt.lower()).strip("-")[:40] or "prompt"
+    return folder / f"step-{step:07d}-{number}-{slug}.png"
+
+
 def sample_images(
     pipeline,
     prompts: list[str],
@@ -20,10 +26,11 @@ def sample_images(
 ) -> list[Path]:
     """One PNG per prompt, ``step-<step>-<n>-<slug>.png``; same seed each time so steps compare."""
     folder.mkdir(parents=True, exist_ok=True)
-    unet, text_encoder = pipeline.unet, pipeline.text_encoder
-    was_training = unet.training, text_encoder.training
-    unet.eval()
-    text_encoder.eval()
+    models = [getattr(pipeline, name, None) for name in ("unet", "text_encoder", "text_encoder_2")]
+    models = [model for model in models if model is not None]
+    was_training = [model.training for model in models]
+    for model in models:
+        model.eval()
     paths = []
     try:
         for number, prompt in enumerate(prompts):
@@ -37,11 +44,10 @@ def sample_images(
                     width=resolution,
                     output_type="pil",
                 ).images[0]
-            slug = re.sub(r"[^a-z0-9]+", "-", prompt.lower()).strip("-")[:40] or "prompt"
-            path = folder / f"step-{step:07d}-{number}-{slug}.png"
+            path = sample_path(folder, step, number, prompt)
             image.save(path)
             paths.append(path)
     finally:
-        unet.train(was_training[0])
-        text_encoder.train(was_training[1])
+        for model, mode in zip(models, was_training, strict=True):
+            model.train(mode)
     return paths

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from imagegen import make_folder
@@ -47,7 +49,9 @@ def test_text_encoder_buckets_accumulation_snr_offset_and_captions(tmp_path, one
     assert unet_suffixes == {"to_q", "to_v", "proj", "2"}  # ff.net.0.proj and ff.net.2
     assert any(torch.count_nonzero(m.up) for k, m in adapter.modules.items() if k in text_keys)
     meta = adapter.metadata
-    assert meta["ss_enable_bucket"] == "True" and "24x40" in meta["ss_bucket_info"]
+    assert meta["ss_enable_bucket"] == "True"
+    buckets = json.loads(meta["ss_bucket_info"])["buckets"].values()  # kohya's layout
+    assert {"resolution": [24, 40], "count": 2} in buckets
     assert meta["ss_gradient_accumulation_steps"] == "2" and meta["ss_min_snr_gamma"] == "5.0"
     assert meta["ss_network_train_unet_only"] == "False" and meta["ss_text_encoder_lr"] == "0.0005"
 
