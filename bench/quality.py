@@ -8,7 +8,9 @@ diffusers ``pipeline(...)``, same seeds, 20 steps, guidance 7.5; the two should
 agree, so a ratio far from 1 means the engine's sampling differs):
 
 - ``color_acc``: % of images whose shape has the prompt's color (dominant hue);
-- ``shape_acc``: % of images the shape classifier reads as the prompt's shape.
+- ``shape_acc``: % of images the shape classifier reads as the prompt's shape;
+- ``background_acc``: % of images whose background (the border ring's median
+  color by HSL lightness and saturation: white, gray, black or none) is the prompt's.
 
 Style adapters (:mod:`server.models.toy.styles`; the shipped examples, or every
 ``<style>.safetensors`` in ``$LORALOOM_STYLE_ADAPTERS``, a ``styles build``
@@ -242,5 +244,6 @@ def run(quick: bool = False) -> list[Metric]:
     return [
         Metric("color_acc", ours.color * 100, theirs.color * 100, "%", "higher", note),
         Metric("shape_acc", ours.shape * 100, theirs.shape * 100, "%", "higher", note),
+        Metric("background_acc", ours.background * 100, theirs.background * 100, "%", "higher", note),
         *style_metrics(STYLE_QUICK_COUNT if quick else STYLE_FULL_COUNT),
     ]

@@ -234,6 +234,11 @@ def generate(
     typer.echo(line.rstrip())
 
 
+from server.cli import sweep as _sweep  # noqa: E402  (registers `sweep` on app; imports no torch)
+
+_sweep.register(app)
+
+
 @app.command()
 def info(server: Server = DEFAULT_SERVER, timeout: Timeout = 10.0, json: Json = False) -> None:
     """Show the server's base model, backend, limits, cache and queue."""

@@ -76,6 +76,7 @@ def test_limits_derived_from_the_settings():
         [],
         ["serve"],
         ["generate"],
+        ["sweep"],
         ["info"],
         ["adapters"],
         ["adapters", "list"],

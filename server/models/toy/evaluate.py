@@ -28,6 +28,7 @@ class Prompt:
     text: str
     color: str
     shape: str
+    background: str = "white"
 
 
 def prompts(count: int, seed: int = 0) -> list[Prompt]:
@@ -39,7 +40,9 @@ def prompts(count: int, seed: int = 0) -> list[Prompt]:
         color = list(COLORS)[i % len(COLORS)]
         shape = SHAPES[(i // len(COLORS) + i) % len(SHAPES)]
         fitting = [c for c in captions if f" {color} {shape} " in c]
-        chosen.append(Prompt(text=fitting[int(rng.integers(len(fitting)))], color=color, shape=shape))
+        text = fitting[int(rng.integers(len(fitting)))]
+        background = text.removesuffix(" background").rsplit(" ", 1)[-1]
+        chosen.append(Prompt(text=text, color=color, shape=shape, background=background))
     return chosen
 
 
@@ -68,13 +71,15 @@ def pipeline_generator(pipeline, steps: int = DEFAULT_STEPS, guidance: float = D
 def score(
     generate: Generate, count: int, *, seed: int = 0, batch: int = 8
 ) -> tuple[Accuracy, list[Image.Image]]:
-    """Accuracy of ``count`` generated images (prompts from :func:`prompts`), and the images."""
+    """Color, shape and background accuracy of ``count`` generated images (prompts from :func:`prompts`)."""
     asked = prompts(count, seed)
     images: list[Image.Image] = []
     for start in range(0, count, batch):
         chunk = asked[start : start + batch]
         images += generate([p.text for p in chunk], [seed + start + i for i in range(len(chunk))])
-    result = accuracy(images, [p.color for p in asked], [p.shape for p in asked])
+    result = accuracy(
+        images, [p.color for p in asked], [p.shape for p in asked], [p.background for p in asked]
+    )
     return result, images
 
 
@@ -90,7 +95,7 @@ def grid(images: Sequence[Image.Image], columns: int = 8, scale: int = 2) -> Ima
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description="Color and shape accuracy of a toy-shaped model.")
+    parser = argparse.ArgumentParser(description="Color, shape and background accuracy of a toy model.")
     parser.add_argument("--model", default="toy", help="built-in name or diffusers folder")
     parser.add_argument("--count", type=int, default=200)
     parser.add_argument("--steps", type=int, default=DEFAULT_STEPS)
@@ -106,7 +111,8 @@ def main() -> None:
     result, images = score(generate, args.count, seed=args.seed)
     seconds = time.perf_counter() - started
     print(
-        f"{args.model}: color {result.color:.3f}, shape {result.shape:.3f} over {result.count} images "
+        f"{args.model}: color {result.color:.3f}, shape {result.shape:.3f}, "
+        f"background {result.background:.3f} over {result.count} images "
         f"({args.steps} steps, guidance {args.guidance}, {seconds:.0f}s)"
     )
     if args.grid:

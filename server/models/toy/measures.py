@@ -1,4 +1,4 @@
-"""What a toy-model image shows: the shape's color and the shape itself.
+"""What a toy-model image shows: the shape's color, the shape itself and the background.
 
 Backgrounds in the toy data are neutral (white, gray, black), shapes are fully
 saturated, so the shape's pixels are the ones with high chroma (max - min of
@@ -11,6 +11,11 @@ so a generated image with a tinted background is still judged on its shape.
   background), fitted on the synthetic data with a fixed seed. Its weights ship
   next to this file (``shape_classifier.safetensors``, ~30 KB, fp16);
   ``python -m server.models.toy.measures --refit`` rebuilds them the same way.
+- Background: the median color of the border ring (:data:`BORDER` pixels, not
+  white-balanced) classified by its HSL lightness L and saturation S: white
+  L > 0.80 and S < 0.25, gray 0.30 < L < 0.70 and S < 0.25, black L < 0.25,
+  else none (:func:`background_of`). The median ignores the odd shape pixel
+  that reaches into the ring and the texture's stripes and noise.
 - Style (the style adapters of :mod:`server.models.toy.styles`), each a number
   per image on the same white-balanced chroma map, higher = more of the style:
   :func:`stripe_anisotropy` (vertical over horizontal chroma gradients),
@@ -45,7 +50,19 @@ CLASSIFIER_SEED = 7919
 CLASSIFIER_SAMPLES = 8000
 
 
-BORDER = 3
+BORDER = 3  # pixels of the border ring (white balance, background)
+# HSL bounds of the background classes (lightness, saturation): the issue's definition.
+BACKGROUND_MAX_SATURATION = 0.25
+WHITE_MIN_LIGHTNESS = 0.80
+GRAY_LIGHTNESS = (0.30, 0.70)
+BLACK_MAX_LIGHTNESS = 0.25
+
+
+def _border_ring(rgb: np.ndarray) -> np.ndarray:
+    """The (N, 3) pixels of the :data:`BORDER`-pixel ring around ``rgb`` (H, W, 3), each pixel once."""
+    inner = np.ones(rgb.shape[:2], dtype=bool)
+    inner[BORDER:-BORDER, BORDER:-BORDER] = False
+    return rgb[inner]
 
 
 def _as_array(image: Image.Image | np.ndarray) -> np.ndarray:
@@ -95,6 +112,35 @@ def dominant_color(image: Image.Image | np.ndarray) -> str | None:
     distance = np.abs((hues[:, None] - centers[None, :] + 180.0) % 360.0 - 180.0)
     votes = np.bincount(distance.argmin(axis=1), minlength=len(names))
     return names[int(votes.argmax())]
+
+
+def hsl_lightness_saturation(rgb: np.ndarray) -> tuple[float, float]:
+    """HSL lightness and saturation of one float RGB color in [0, 1]."""
+    high, low = float(np.max(rgb)), float(np.min(rgb))
+    lightness = (high + low) / 2.0
+    spread = 1.0 - abs(2.0 * lightness - 1.0)
+    saturation = (high - low) / spread if spread > 1e-6 else 0.0
+    return lightness, saturation
+
+
+def background_of(image: Image.Image | np.ndarray) -> str | None:
+    """The background class (white, gray or black) of the border ring's median color, else None.
+
+    White: L > 0.80 and S < 0.25; gray: 0.30 < L < 0.70 and S < 0.25; black: L < 0.25 (HSL). The
+    image is not white-balanced first: the background's own tint is what is judged.
+    """
+    array = np.asarray(image.convert("RGB") if isinstance(image, Image.Image) else image)
+    rgb = array.astype(np.float32) / 255.0 if array.dtype == np.uint8 else array.astype(np.float32)
+    lightness, saturation = hsl_lightness_saturation(np.median(_border_ring(rgb), axis=0))
+    if lightness < BLACK_MAX_LIGHTNESS:
+        return "black"
+    if saturation >= BACKGROUND_MAX_SATURATION:
+        return None
+    if lightness > WHITE_MIN_LIGHTNESS:
+        return "white"
+    if GRAY_LIGHTNESS[0] < lightness < GRAY_LIGHTNESS[1]:
+        return "gray"
+    return None
 
 
 class ShapeClassifier(nn.Module):
@@ -316,23 +362,33 @@ def style_metric(style: str, images: Sequence[Image.Image | np.ndarray]) -> floa
 
 @dataclass(frozen=True)
 class Accuracy:
-    """Color and shape accuracy over ``count`` images, as fractions in [0, 1]."""
+    """Color, shape and (when asked) background accuracy over ``count`` images, as fractions in [0, 1]."""
 
     color: float
     shape: float
     count: int
+    background: float | None = None  # None: no backgrounds were given
 
 
 def accuracy(
-    images: Sequence[Image.Image | np.ndarray], colors: Sequence[str], shapes: Sequence[str]
+    images: Sequence[Image.Image | np.ndarray],
+    colors: Sequence[str],
+    shapes: Sequence[str],
+    backgrounds: Sequence[str] | None = None,
 ) -> Accuracy:
-    """How many images show the asked color / shape."""
+    """How many images show the asked color / shape / background (the last only if ``backgrounds``)."""
     if not (len(images) == len(colors) == len(shapes)) or not images:
         raise ValueError("accuracy needs one color and one shape per image, and at least one image")
+    if backgrounds is not None and len(backgrounds) != len(images):
+        raise ValueError("accuracy needs one background per image")
     color_hits = sum(dominant_color(image) == color for image, color in zip(images, colors, strict=True))
     shape_hits = sum(guess == shape for guess, shape in zip(classify_shapes(images), shapes, strict=True))
     count = len(images)
-    return Accuracy(color=color_hits / count, shape=shape_hits / count, count=count)
+    background = None
+    if backgrounds is not None:
+        hits = sum(background_of(image) == asked for image, asked in zip(images, backgrounds, strict=True))
+        background = hits / count
+    return Accuracy(color=color_hits / count, shape=shape_hits / count, count=count, background=background)
 
 
 def main() -> None:
@@ -346,8 +402,16 @@ def main() -> None:
         save_shape_classifier(model)
         shape_classifier.cache_clear()
     images, labels = ShapesDataset(seed=1).arrays(0, 1000)
-    result = accuracy(list(images), [lab.color for lab in labels], [lab.shape for lab in labels])
-    print(f"on 1000 held-out drawn images: color {result.color:.3f}, shape {result.shape:.3f}")
+    result = accuracy(
+        list(images),
+        [lab.color for lab in labels],
+        [lab.shape for lab in labels],
+        [lab.background for lab in labels],
+    )
+    print(
+        f"on 1000 held-out drawn images: color {result.color:.3f}, shape {result.shape:.3f}, "
+        f"background {result.background:.3f}"
+    )
 
 
 if __name__ == "__main__":
