@@ -33,14 +33,44 @@ slows both alike; figures are medians. Both sides use one torch thread unless
   files cover the UNet and both text encoders' attention, and each side's swap,
   fuse and load covers all three components.
 
+Real sizes (sections ``sd15`` and ``sdxl-base``, run only when named: they take
+minutes and ~15 GB): SD 1.5's and SDXL base 1.0's exact component configs with
+seeded random weights (``bench.realsize``: built once, cached in the data folder),
+four rank-32 diffusers-format LoRA files over the modules a kohya LoRA trains
+(``kohya_targets``: UNet attention, feed-forward and ``proj_in``/``proj_out``, the
+text encoders' attention and MLP; 264 modules at SD 1.5). Each engine warms up as
+``loraloom serve`` does (``Engine.warm_up``); the peer is one diffusers pipeline.
+
+- ``swap_ms_<size>``: switch between two cached 2-adapter blends (as above).
+- ``first_blend_ms_<size>``: a blend of loaded adapters never used before (new
+  weights each time). loraloom: plan, compute and keep its weights, apply; peer:
+  the same unfuse, ``set_adapters``, fuse as for any switch (PEFT keeps nothing).
+- ``cold_load_ms_<size>``: first use of an adapter file (as above).
+- ``first_activation_ms_<size>``: the first blend a fresh server applies (two
+  adapter files never read): loraloom after its warm-up (in the note); peer:
+  ``load_lora_weights`` twice, ``set_adapters``, ``fuse_lora``.
+- ``swap_pct_of_generation_<size>`` (full run only): the switch between cached
+  blends as a share of one default generation (20 steps at the model's size)
+  with a blend, each side on its own generation.
+- ``rss_mb_<size>_torch``: resident memory of a fresh process after loading the
+  model and applying a 2-adapter blend (loraloom: an engine with default
+  settings; peer: ``from_pretrained``, two ``load_lora_weights``, ``fuse_lora``),
+  each in its own subprocess.
+
 Sections (``--only``/``--skip``): ``sd1`` (the LoRA rows on ``tiny`` and
-``small``), ``lycoris``, ``mixed``, ``sdxl``.
+``small``), ``lycoris``, ``mixed``, ``sdxl`` (``tiny-sdxl``); opt-in: ``sd15``,
+``sdxl-base``.
 """
 
 from __future__ import annotations
 
 import copy
+import gc
+import json
+import os
 import statistics
+import subprocess
+import sys
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -51,7 +81,13 @@ import torch
 from bench.report import Metric, cpu_timed, median_ms, quiet_peers, timed
 from server.engine import Engine, GenerateRequest, MemoryResolver
 from server.engine.scheduler import Scheduler
-from server.engine.synthetic import attention_targets, diffusers_file, random_adapter, random_lycoris
+from server.engine.synthetic import (
+    attention_targets,
+    diffusers_file,
+    kohya_targets,
+    random_adapter,
+    random_lycoris,
+)
 from server.models.loader import BaseModel, load_base_model
 
 PEER = "diffusers 0.42 + PEFT (LoHa/LoKr rows: lycoris-lora)"
@@ -65,7 +101,15 @@ BLEND_X = [("a0", 1.0), ("a1", 0.5)]
 BLEND_Y = [("a2", 0.8), ("a3", 0.6)]
 MIXED_BLENDS = [BLEND_X, BLEND_Y, [("a0", 0.5), ("a2", 0.5)], [("a1", 0.7), ("a3", -0.4)]]
 PROMPT = "a watercolor fox in a snowy forest"
-SECTIONS = ("sd1", "lycoris", "mixed", "sdxl")
+SECTIONS = ("sd1", "lycoris", "mixed", "sdxl", "sd15", "sdxl-base")
+OPT_IN = ("sd15", "sdxl-base")  # real sizes: minutes and gigabytes, run only when named
+REAL_SIZES = {"sd15": "sd15", "sdxl-base": "sdxl"}  # section -> bench.realsize model
+REAL_RANK = 32
+# The memory a real-size run needs (two copies of the model, blends, adapters) by model and dtype,
+# in the order tried. SDXL in float32 is ~14 GB a copy: it does not run on a 24 GB machine (in
+# float16 it would fit, but CPU float16 kernels are no measure of what users run). One SDXL
+# blend over kohya's modules (both text encoders too) is 2.9e9 weights: 11.7 GB in float32.
+REAL_MEMORY_GB = {"sd15": {"float32": 16}, "sdxl": {"float32": 48}}
 
 
 @dataclass(frozen=True)
@@ -77,6 +121,9 @@ class Config:
     mixed_requests: int
     mixed_steps: int
     mixed_chunks: int
+    real_swap_repeats: int = 8
+    real_cold_repeats: int = 3
+    real_generation: bool = True
 
 
 FULL = Config(
@@ -96,6 +143,9 @@ QUICK = Config(
     mixed_requests=8,
     mixed_steps=8,
     mixed_chunks=1,
+    real_swap_repeats=4,
+    real_cold_repeats=2,
+    real_generation=False,
 )
 
 
@@ -337,7 +387,266 @@ def mixed_rps(side: Side, count: int, steps: int, chunks: int, max_batch: int = 
     return Metric(name, count / our_s, count / their_s, "req/s", "higher", note)
 
 
-def run(quick: bool = False, sections: frozenset[str] = frozenset(SECTIONS)) -> list[Metric]:
+# ---------------------------------------------------------------- real sizes
+
+
+class RealSide:
+    """A real-size model (``bench.realsize``) with rank-32 adapter files over kohya's modules; one
+    resident copy for loraloom's engines (restored to the base between rows) and one peer pipeline."""
+
+    def __init__(self, model: str, folder: Path, dtype: torch.dtype = torch.float32) -> None:
+        from bench.realsize import real_size_folder
+
+        self.model, self.label, self.dtype = model, model, dtype
+        self.model_folder = real_size_folder(model, dtype)
+        self.base: BaseModel = load_base_model(self.model_folder, dtype=dtype)
+        self.targets = kohya_targets(self.base.module_shapes)
+        self.folder = folder
+        self.files = {name: self.write_file(name, seed=index) for index, name in enumerate(NAMES)}
+        self.peer = load_base_model(self.model_folder, dtype=dtype).pipeline
+        self._engine: Engine | None = None
+
+    def write_file(self, name: str, seed: int) -> Path:
+        adapter = random_adapter(
+            self.base.module_shapes, seed=seed, rank=REAL_RANK, targets=self.targets, strength=0.05
+        )
+        path = self.folder / f"{self.model}-{name}.safetensors"
+        path.write_bytes(diffusers_file(adapter, self.base.pipeline))
+        return path
+
+    def engine(self) -> tuple[Engine, float]:
+        """A fresh engine with default settings over the base, warmed up as ``serve`` does;
+        (engine, warm-up ms). The previous engine gives the base back first."""
+        self.release()
+        resolver = MemoryResolver()
+        for name, path in self.files.items():
+            resolver.add_file(name, path)
+        self._engine = Engine(self.base, resolver=resolver)
+        return self._engine, self._engine.warm_up()
+
+    def peer_with(self, names) -> object:
+        """The peer pipeline with ``names`` loaded (and nothing else, nothing fused)."""
+        self.peer.unfuse_lora()
+        self.peer.unload_lora_weights()
+        for name in names:
+            self.peer.load_lora_weights(str(self.files[name]), adapter_name=name)
+        return self.peer
+
+    def release(self) -> None:
+        if self._engine is not None:
+            self._engine.activate([])  # the base's own tensors again: the next engine's W0
+            self._engine = None
+        gc.collect()
+
+    def drop_models(self) -> None:
+        """Free both copies of the model (the files stay)."""
+        self.release()
+        del self.base, self.peer
+        gc.collect()
+
+
+def real_swap_ms(side: RealSide, repeats: int) -> tuple[Metric, float, float]:
+    """The switch between cached blends; also returns (loraloom ms, peer ms) for the generation share."""
+    (engine, _), peer = side.engine(), side.peer_with(NAMES)
+    for blend in (BLEND_X, BLEND_Y, BLEND_X):
+        engine.activate(blend)
+        _peer_swap(peer, blend)
+    ours, theirs = [], []
+    for index in range(repeats):
+        blend = BLEND_Y if index % 2 == 0 else BLEND_X
+        ours.append(timed(lambda b=blend: engine.activate(b)))
+        theirs.append(timed(lambda b=blend: _peer_swap(peer, b)))
+    mine, peers = median_ms(ours), median_ms(theirs)
+    note = f"plan cache {engine.plan_capacity_bytes >> 20} MiB, {engine.stats().plan_bytes >> 20} MiB held"
+    return Metric(f"swap_ms_{side.label}", mine, peers, "ms", "lower", note), mine, peers
+
+
+def real_first_blend_ms(side: RealSide, repeats: int) -> Metric:
+    (engine, _), peer = side.engine(), side.peer_with(NAMES)
+    for blend in (BLEND_X, BLEND_Y):  # adapters loaded (and the peer fused once)
+        engine.activate(blend)
+        _peer_swap(peer, blend)
+    ours, theirs = [], []
+    for index in range(repeats):
+        weight = round(0.3 + 0.1 * index, 2)  # a new blend each time
+        blend = [("a0", weight), ("a2", 1.0 - weight)]
+        ours.append(timed(lambda b=blend: engine.activate(b)))
+        theirs.append(timed(lambda b=blend: _peer_swap(peer, b)))
+    return Metric(f"first_blend_ms_{side.label}", median_ms(ours), median_ms(theirs), "ms", "lower")
+
+
+def real_cold_load_ms(side: RealSide, repeats: int) -> Metric:
+    (engine, _), peer = side.engine(), side.peer_with(())
+    ours, theirs = [], []
+    for index in range(repeats + 1):  # the first round warms both up and is dropped
+        name = f"cold{index}"
+        side.files[name] = path = side.write_file(name, seed=1000 + index)
+        engine.resolver.add_file(name, path)
+        mine = timed(lambda n=name: engine.activate([(n, 1.0)]))
+        peers = timed(lambda n=name, p=path: peer.load_lora_weights(str(p), adapter_name=n))
+        peer.delete_adapters(name)
+        del side.files[name]
+        path.unlink()
+        if index:
+            ours.append(mine)
+            theirs.append(peers)
+    return Metric(f"cold_load_ms_{side.label}", median_ms(ours), median_ms(theirs), "ms", "lower")
+
+
+def real_first_activation_ms(side: RealSide) -> Metric:
+    """The first blend of a fresh server (after its warm-up) vs a fresh peer pipeline's first."""
+    engine, warm_ms = side.engine()
+    peer = side.peer_with(())
+    mine = timed(lambda: engine.activate(BLEND_X))
+
+    def theirs() -> None:
+        for name, _ in BLEND_X:
+            peer.load_lora_weights(str(side.files[name]), adapter_name=name)
+        peer.set_adapters([n for n, _ in BLEND_X], [w for _, w in BLEND_X])
+        peer.fuse_lora(adapter_names=[n for n, _ in BLEND_X])
+
+    peers = timed(theirs)
+    note = f"loraloom's warm-up (serve, before ready): {warm_ms:.0f} ms"
+    return Metric(f"first_activation_ms_{side.label}", mine * 1000, peers * 1000, "ms", "lower", note)
+
+
+def real_swap_pct(side: RealSide, swap_ms_ours: float, swap_ms_peer: float) -> Metric:
+    """The switch as a share of one default generation (20 steps at the model's size) with a blend."""
+    engine, _ = side.engine()
+    peer = side.peer_with([name for name, _ in BLEND_X])
+    engine.activate(BLEND_X)
+    peer.set_adapters([n for n, _ in BLEND_X], [w for _, w in BLEND_X])
+    peer.fuse_lora(adapter_names=[n for n, _ in BLEND_X])
+    size = side.base.resolution
+    ours_s = timed(lambda: engine.generate(GenerateRequest(PROMPT, steps=20, seed=1, adapters=BLEND_X)))
+    generator = torch.Generator().manual_seed(1)
+    theirs_s = timed(
+        lambda: peer(PROMPT, num_inference_steps=20, height=size, width=size, generator=generator)
+    )
+    mine = swap_ms_ours / (ours_s * 1000) * 100
+    peers = swap_ms_peer / (theirs_s * 1000) * 100
+    note = f"generation {ours_s:.0f} s (loraloom) / {theirs_s:.0f} s (peer), 20 steps, {size} px"
+    return Metric(f"swap_pct_of_generation_{side.label}", mine, peers, "% of gen", "lower", note)
+
+
+RSS_SCRIPT = """
+import json, sys
+from bench.engine import rss_setup
+print("RSS " + json.dumps(rss_setup(*sys.argv[1:])))
+"""
+
+
+def rss_setup(side: str, model_folder: str, dtype: str, threads: str, *files: str) -> dict[str, float]:
+    """In a fresh process: load the model, apply the blend of ``files`` (weights of ``BLEND_X``;
+    loraloom: an engine with default settings, warmed up; peer: diffusers ``from_pretrained``,
+    ``load_lora_weights``, ``fuse_lora``), read every weight the pipeline runs with (as a first
+    generation does); returns the RSS then, its peak and its anonymous part, in MB."""
+    from server.models.families import family_of
+
+    torch.set_num_threads(int(threads))
+    quiet_peers()
+    weights = [weight for _, weight in BLEND_X]
+    names = [f"a{index}" for index in range(len(files))]
+    if side == "loraloom":
+        base = load_base_model(model_folder, dtype=getattr(torch, dtype))
+        resolver = MemoryResolver()
+        for name, path in zip(names, files, strict=True):
+            resolver.add_file(name, path)
+        engine = Engine(base, resolver=resolver)
+        engine.warm_up()
+        engine.activate(list(zip(names, weights, strict=True)))
+    else:
+        from server.models.loader import folder_family
+
+        family = folder_family(Path(model_folder))
+        extra = {}
+        if family.pipeline_class == "StableDiffusionPipeline":
+            extra = {"safety_checker": None, "requires_safety_checker": False}
+        pipeline = family.pipeline_type().from_pretrained(
+            model_folder, dtype=getattr(torch, dtype), local_files_only=True, **extra
+        )
+        for name, path in zip(names, files, strict=True):
+            pipeline.load_lora_weights(path, adapter_name=name)
+        pipeline.set_adapters(names, weights)
+        pipeline.fuse_lora(adapter_names=names)
+    # Read every weight the pipeline runs with, as its first generation would: a memory-mapped
+    # weight (diffusers keeps safetensors weights mapped) is resident only once it has been read.
+    runs = engine.pipeline if side == "loraloom" else pipeline
+    with torch.no_grad():
+        for component in family_of(runs).weight_components:
+            for parameter in getattr(runs, component).parameters():
+                parameter.sum()
+    gc.collect()
+    with open("/proc/self/status", encoding="ascii") as status:
+        fields = dict(line.split(":", 1) for line in status if ":" in line)
+    return {key: int(fields[key].split()[0]) / 1024 for key in ("VmRSS", "VmHWM", "RssAnon")}
+
+
+def real_rss_mb(side: RealSide) -> Metric:
+    """``rss_mb_<size>_torch``: a fresh subprocess per side, one after the other."""
+    found: dict[str, dict[str, float]] = {}
+    root = Path(__file__).resolve().parents[1]
+    files = [str(side.files[name]) for name, _ in BLEND_X]
+    dtype = str(side.dtype).removeprefix("torch.")
+    for who in ("loraloom", "peer"):
+        args = [who, str(side.model_folder), dtype, str(torch.get_num_threads()), *files]
+        done = subprocess.run(
+            [sys.executable, "-c", RSS_SCRIPT, *args],
+            cwd=root,
+            capture_output=True,
+            text=True,
+            env={**os.environ, "PYTHONPATH": str(root)},
+        )
+        lines = [line for line in done.stdout.splitlines() if line.startswith("RSS ")]
+        if done.returncode != 0 or not lines:
+            raise RuntimeError(f"the {who} RSS run failed: {done.stderr[-2000:]}")
+        found[who] = json.loads(lines[-1][4:])
+    ours, theirs = found["loraloom"], found["peer"]
+    note = (
+        f"every weight read; anonymous {ours['RssAnon']:.0f} / {theirs['RssAnon']:.0f} MB, "
+        f"peak {ours['VmHWM']:.0f} / {theirs['VmHWM']:.0f} MB (loraloom / peer)"
+    )
+    ours, theirs = ours["VmRSS"], theirs["VmRSS"]
+    return Metric(f"rss_mb_{side.label}_torch", ours, theirs, "MB", "lower", note)
+
+
+def real_size_rows(section: str, config: Config, folder: Path) -> list[Metric]:
+    """Every real-size row of ``section`` (``sd15``, ``sdxl-base``) in the first dtype of
+    ``REAL_MEMORY_GB`` the machine's memory allows; none when none does (it says so on stderr)."""
+    from server.engine.cache import host_memory_bytes
+
+    model = REAL_SIZES[section]
+    memory = (host_memory_bytes() or 0) / (1 << 30)
+    fitting = [dtype for dtype, needed in REAL_MEMORY_GB[model].items() if needed <= memory]
+    if not fitting:
+        needed = min(REAL_MEMORY_GB[model].values())
+        print(
+            f"bench engine {section}: NOT RUN: it needs about {needed} GB of memory (two copies of "
+            f"the model, its blends, the adapters); this machine has {memory:.0f} GB",
+            file=sys.stderr,
+            flush=True,
+        )
+        return []
+    dtype = getattr(torch, fitting[0])
+    side = RealSide(model, folder, dtype)
+    if dtype != torch.float32:
+        side.label = f"{model}_{fitting[0]}"
+    metrics: list[Metric] = []
+    swap, swap_ours, swap_peer = real_swap_ms(side, config.real_swap_repeats)
+    metrics += [
+        swap,
+        real_first_blend_ms(side, config.real_cold_repeats + 1),
+        real_cold_load_ms(side, config.real_cold_repeats),
+        real_first_activation_ms(side),
+    ]
+    if config.real_generation and dtype == torch.float32:  # float16 on a CPU: hours
+        metrics.append(real_swap_pct(side, swap_ours, swap_peer))
+    side.drop_models()  # the RSS subprocesses run with this process's models freed
+    metrics.append(real_rss_mb(side))
+    return metrics
+
+
+def run(quick: bool = False, sections: frozenset[str] = frozenset(SECTIONS) - set(OPT_IN)) -> list[Metric]:
     quiet_peers()
     config = QUICK if quick else FULL
     metrics: list[Metric] = []
@@ -366,4 +675,7 @@ def run(quick: bool = False, sections: frozenset[str] = frozenset(SECTIONS)) -> 
             metrics.append(mixed_rps(tiny, config.mixed_requests, config.mixed_steps, config.mixed_chunks))
             if not quick:
                 metrics.append(mixed_rps(tiny, 20, config.mixed_steps, 2, max_batch=1))
+        for section in OPT_IN:
+            if section in sections:
+                metrics += real_size_rows(section, config, Path(folder))
     return metrics

@@ -30,6 +30,7 @@ def build_service(settings: Settings, *, before_step: BeforeStep | None = None):
     from adapters.store.validation import make_validator
     from server.backends.select import build_backend, choose_backend
     from server.engine import Engine, StoreResolver
+    from server.engine.engine import default_plan_budget
     from server.engine.scheduler import Scheduler
     from server.models.loader import load_base_model
     from server.service import LoraloomService
@@ -53,7 +54,16 @@ def build_service(settings: Settings, *, before_step: BeforeStep | None = None):
         )
         asked = f"{engine_settings.backend}/{engine_settings.precision}"
         log.info("backend %s, precision %s (configured %s)", name, precision, asked)
-        plan_budget = engine_settings.cache_bytes // 4
+        plan_budget = engine_settings.plan_cache_bytes
+        if plan_budget is None:
+            plan_budget = default_plan_budget(base, engine_settings.cache_bytes)
+        sized = "configured" if engine_settings.plan_cache_bytes is not None else "sized from the memory"
+        log.info(
+            "adapter cache %d MiB, blend-plan cache %d MiB (%s)",
+            engine_settings.cache_bytes >> 20,
+            plan_budget >> 20,
+            sized,
+        )
         # Before any blend: the backend takes the base's weights as its pristine W0.
         backend = build_backend(name, base, precision, slot_budget_bytes=plan_budget)
         engine = Engine(

@@ -17,7 +17,7 @@ from collections.abc import Mapping
 import torch
 
 from adapters.blend import add_update
-from server.engine.plan import BIAS_SUFFIX, BlendPlan, one_thread
+from server.engine.plan import BIAS_SUFFIX, BlendPlan, KernelThreads, update_work
 
 
 def is_bias_key(key: str) -> bool:
@@ -73,22 +73,30 @@ class HostWeights:
 
     @torch.no_grad()
     def apply(self, plan: BlendPlan | None) -> int:
-        """Write ``plan``'s weights for these keys (``None``: base) in place; returns modules written."""
-        with one_thread():  # many small addmm: a thread pool costs more than it saves
-            return self._apply(plan)
+        """Write ``plan``'s weights for these keys (``None``: base) in place; returns modules written.
+        Each kernel runs on the threads its work calls for (one for small ones)."""
+        with KernelThreads() as threads:
+            return self._apply(plan, threads)
 
-    def _apply(self, plan: BlendPlan | None) -> int:
+    def _apply(self, plan: BlendPlan | None, threads: KernelThreads) -> int:
         updates = {k: v for k, v in (plan.updates.items() if plan is not None else ()) if k in self._buffers}
         written = 0
+        threads.fit(0)
         for key in self.touched - updates.keys():
             self._buffers[key].copy_(self.pristine[key])  # bf16: the same rounding as at start
             written += 1
-        for key, update in updates.items():
+
+        def work(key: str) -> int:
+            base = self._matrices[key][0]
+            return update_work(base.shape[0], base.shape[1], updates[key])
+
+        for key in sorted(updates, key=lambda key: threads.threads(work(key))):
             base, out, scratch = self._matrices[key]
+            threads.fit(work(key))
             if scratch is None:
-                add_update(base, update, out)
+                add_update(base, updates[key], out)
             else:  # W0 + update in float32, rounded once into the bf16 buffer
-                out.copy_(add_update(base, update, scratch))
+                out.copy_(add_update(base, updates[key], scratch))
             written += 1
         self.touched = frozenset(updates)
         self.signature = plan.signature if plan is not None else ()

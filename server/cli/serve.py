@@ -39,6 +39,7 @@ def register(app: typer.Typer) -> None:
         max_group_skips: Annotated[int | None, _opt("max_group_skips", "--max-group-skips")] = None,
         max_batch: Annotated[int | None, _opt("max_batch", "--max-batch")] = None,
         cache_mb: Annotated[int | None, _opt("cache_mb", "--cache-mb")] = None,
+        plan_cache_mb: Annotated[int | None, _opt("plan_cache_mb", "--plan-cache-mb")] = None,
         max_message_mb: Annotated[int | None, _opt("max_message_mb", "--max-message-mb")] = None,
         max_upload_mb: Annotated[int | None, _opt("max_upload_mb", "--max-upload-mb")] = None,
         image_chunk_bytes: Annotated[int | None, _opt("image_chunk_bytes", "--image-chunk-bytes")] = None,

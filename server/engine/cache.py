@@ -87,6 +87,20 @@ class ByteLRU(Generic[V]):
         self.used_bytes += nbytes
         return evicted
 
+    def make_room(self, nbytes: int) -> list[V]:
+        """Evict least recently used unpinned values until ``nbytes`` more fit (or none is left to
+        evict); returns the values evicted (their memory can be reused for the one coming)."""
+        evicted: list[V] = []
+        while self.used_bytes + nbytes > self.capacity_bytes:
+            victim = next((k for k, e in self._entries.items() if not e.pinned), None)
+            if victim is None:
+                break
+            entry = self._entries.pop(victim)
+            self.used_bytes -= entry.nbytes
+            self.evictions += 1
+            evicted.append(entry.value)
+        return evicted
+
     def pin(self, key: Hashable, pinned: bool = True) -> bool:
         entry = self._entries.get(key)
         if entry is None:
@@ -109,3 +123,52 @@ class ByteLRU(Generic[V]):
         """``(key, value, nbytes, pinned)``, most recently used first."""
         for key, entry in reversed(self._entries.items()):
             yield key, entry.value, entry.nbytes, entry.pinned
+
+
+MiB = 1 << 20
+GiB = 1 << 30
+# The plan cache's budget when none is given: this fraction of the memory left beside the base
+# model's weights, between the two bounds (the floor is the older fixed default, a quarter of the
+# adapter cache's default 512 MiB).
+PLAN_MEMORY_FRACTION = 0.25
+PLAN_MIN_BYTES = 128 * MiB
+PLAN_MAX_BYTES = 32 * GiB
+
+
+def plan_budget_bytes(memory_bytes: int | None, model_bytes: int = 0, *, floor: int = PLAN_MIN_BYTES) -> int:
+    """The blend-plan cache's budget on a device of ``memory_bytes`` (``None``: unknown, then
+    ``floor``) that holds ``model_bytes`` of base weights: ``PLAN_MEMORY_FRACTION`` of the rest,
+    at least ``floor``, at most ``PLAN_MAX_BYTES``. On the 24 GiB development machine with SD 1.5
+    (4.3 GB) it holds three of its 2-adapter blends (1.4 GB each, materialized)."""
+    if memory_bytes is None:
+        return floor
+    share = int(max(0, memory_bytes - model_bytes) * PLAN_MEMORY_FRACTION)
+    return max(floor, min(PLAN_MAX_BYTES, share))
+
+
+def host_memory_bytes() -> int | None:
+    """The memory this process may use on the host: the machine's RAM, or the container's limit
+    (cgroup v2 ``memory.max``, v1 ``memory.limit_in_bytes``) when lower; ``None`` when unknown."""
+    import os
+
+    found: list[int] = []
+    try:
+        found.append(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+    except (AttributeError, OSError, ValueError):
+        try:
+            with open("/proc/meminfo") as handle:
+                for line in handle:
+                    if line.startswith("MemTotal:"):
+                        found.append(int(line.split()[1]) * 1024)
+        except OSError:
+            pass
+    for path in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
+        try:
+            with open(path) as handle:
+                text = handle.read().strip()
+        except OSError:
+            continue
+        if text.isdigit() and int(text) < (1 << 60):  # "max" or a huge number: no limit
+            found.append(int(text))
+    found = [value for value in found if value > 0]
+    return min(found) if found else None

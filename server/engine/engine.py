@@ -35,7 +35,7 @@ from adapters.errors import (
 )
 from adapters.store.names import parse_ref
 from adapters.validation import validate_against_base
-from server.engine.cache import ByteLRU
+from server.engine.cache import ByteLRU, host_memory_bytes, plan_budget_bytes
 from server.engine.compiled import CompileSettings, compile_engine_unet
 from server.engine.denoise import BeforeStep, DenoiseOutput, denoise_batch
 from server.engine.fuse import FusedWeights, PreparedAdapter
@@ -65,6 +65,7 @@ from server.settings import EngineSettings
 log = logging.getLogger(__name__)
 
 DEFAULT_CACHE_BYTES = EngineSettings().cache_bytes
+WARM_UP_KEY = "warm-up"  # the warm-up adapter's key in its plan: never a sha256
 PREVIEW_SIZE = 64  # a preview's longer side in pixels (the image's own when smaller): in the .proto
 
 ProgressCallback = Callable[[Progress], None]
@@ -118,7 +119,8 @@ class Engine:
         ``cache_bytes`` bounds the prepared adapters (LRU, pinning). Blend plans
         (stacked factors, and the blend's weights when they fit, which makes a
         swap to it nearly free) are kept apart, in ``plan_cache_bytes`` (default
-        a quarter of ``cache_bytes``).
+        ``default_plan_budget``: a quarter of the memory the weights' device has
+        beside the base model, bounded).
         ``before_step(index, total)`` is a seam called before every denoising step
         (fault injection in tests: a slow step, a failure).
         ``compile`` (torch backend): ``torch.compile`` the UNet in place; swaps do not
@@ -150,7 +152,7 @@ class Engine:
         # What a request for the "default" sampler reports (the base scheduler's own name).
         self.default_sampler = sampler_name(self.pipeline.scheduler)
         self._run_pipeline = self._backend.view(self.pipeline)
-        plan_budget = cache_bytes // 4 if plan_cache_bytes is None else plan_cache_bytes
+        plan_budget = default_plan_budget(base, cache_bytes) if plan_cache_bytes is None else plan_cache_bytes
         self._cache: ByteLRU[PreparedAdapter] = ByteLRU(cache_bytes)
         self._plans: ByteLRU[BlendPlan] = ByteLRU(plan_budget)
         self._cache_lock = threading.Lock()
@@ -173,6 +175,11 @@ class Engine:
         return self._backend.label
 
     @property
+    def plan_capacity_bytes(self) -> int:
+        """The blend-plan cache's byte budget (materialized blends are held in it)."""
+        return self._plans.capacity_bytes
+
+    @property
     def blend_signature(self) -> str:
         """The id of the blend currently written into the weights (``""``: the base)."""
         return signature_id(self._fused.signature)
@@ -191,6 +198,7 @@ class Engine:
                 swap_ms_last=self._swap_ms_last,
                 scratch_bytes=self._fused.scratch_bytes,
                 plan_bytes=self._plans.used_bytes,
+                plan_capacity_bytes=self._plans.capacity_bytes,
                 blend_signature=self.blend_signature,
             )
 
@@ -317,7 +325,12 @@ class Engine:
             return plan
         plan = self._fused.plan(prepared, blend.merge)
         part = self._torch_part(plan)  # materialized weights only for what torch runs
-        if plan.update_bytes + self._fused.materialized_bytes(part) <= self._plans.capacity_bytes:
+        needed = plan.update_bytes + self._fused.materialized_bytes(part)
+        if needed <= self._plans.capacity_bytes:
+            with self._cache_lock:  # room first: an evicted blend's memory is reused, not faulted in anew
+                evicted = self._plans.make_room(needed)
+            for old in evicted:
+                self._fused.recycle(old)
             self._fused.materialize(part)
             plan.weights = part.weights
         with self._cache_lock:
@@ -368,6 +381,35 @@ class Engine:
         with self._run_lock:
             swap_ms = self._swap(blend, prepared)
         return blend, load_ms, swap_ms
+
+    def warm_up(self) -> float:
+        """Write one blend and restore the base, so that a user's first swap does not pay the
+        process's one-time costs (parsing a file, the swap's kernels at every thread count they
+        run with, the scratch buffers of a blend the plan cache cannot hold). The blend is a
+        synthetic rank-1 adapter over the modules a typical LoRA trains (kohya's defaults), read
+        from its file bytes like a stored version and written as a user's blend would be; nothing
+        of it stays cached but its memory (its blend's weights, or the scratch buffers of a blend
+        too large to keep), which the first user blend of about its size reuses.
+        Returns the milliseconds it took."""
+        from adapters.formats import load_adapter, save_canonical
+        from server.engine.synthetic import kohya_targets, random_adapter
+
+        started = time.perf_counter()
+        targets = kohya_targets(self._shapes) or sorted(self._shapes)[:1]
+        data = save_canonical(random_adapter(self._shapes, seed=0, rank=1, targets=targets))
+        adapter = load_adapter(data, module_names=self.module_names)
+        validate_against_base(adapter, self._shapes, self._base_ref, max_rank=self.limits.max_rank)
+        prepared = self._fused.prepare(adapter, name="warm-up", version=1, sha256=WARM_UP_KEY)
+        with self._run_lock:
+            plan = self._fused.plan([(prepared, 1.0)])
+            part = self._torch_part(plan)
+            if part.update_bytes + self._fused.materialized_bytes(part) <= self._plans.capacity_bytes:
+                self._fused.materialize(part)
+            for torch_part, whole in ((part, plan), (None, None)):  # the blend, then the base
+                self._fused.apply(torch_part)
+                self._backend.apply(whole)
+            self._fused.recycle(part)  # its memory, faulted in, for the first user blend
+        return (time.perf_counter() - started) * 1000.0
 
     # ------------------------------------------------------------ generating
 
@@ -480,6 +522,27 @@ class Engine:
             )
             for number, entry in enumerate(entries)
         ]
+
+
+def default_plan_budget(base: Any, cache_bytes: int = DEFAULT_CACHE_BYTES) -> int:
+    """The blend-plan cache budget for ``base`` (a ``BaseModel``) when none is given: a quarter of
+    the memory of the device its weights are on (the host's RAM or container limit, a GPU's memory)
+    less the weights themselves, at least a quarter of ``cache_bytes``, at most 32 GiB
+    (``server.engine.cache.plan_budget_bytes``)."""
+    import torch
+
+    device = torch.device(getattr(base, "device", "cpu"))
+    pipeline = base.pipeline
+    model_bytes = 0
+    for component in family_of(pipeline).weight_components:
+        module = getattr(pipeline, component, None)
+        if module is not None:
+            model_bytes += sum(p.numel() * p.element_size() for p in module.parameters())
+    if device.type == "cuda" and torch.cuda.is_available():
+        memory: int | None = torch.cuda.get_device_properties(device).total_memory
+    else:
+        memory = host_memory_bytes()
+    return plan_budget_bytes(memory, model_bytes, floor=cache_bytes // 4)
 
 
 class _Stopped(Exception):

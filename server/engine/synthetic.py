@@ -14,12 +14,23 @@ from adapters.canonical import BaseModelRef, LoraAdapter, LoraModule, ModuleShap
 UNET_ATTENTION = ("attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0")
 UNET_CROSS = ("attn2.to_q", "attn2.to_k", "attn2.to_v", "attn2.to_out.0")
 TEXT_ATTENTION = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj")
+UNET_FEED_FORWARD = ("ff.net.0.proj", "ff.net.2")
+UNET_PROJECTIONS = ("proj_in", "proj_out")
+TEXT_MLP = ("mlp.fc1", "mlp.fc2")
 
 
 def attention_targets(shapes: ModuleShapes, *, text_encoder: bool = True) -> list[str]:
     """The module keys a typical SD LoRA trains: attention projections (and the text encoder's)."""
     suffixes = UNET_ATTENTION + UNET_CROSS + (TEXT_ATTENTION if text_encoder else ())
     return sorted(key for key in shapes if key.endswith(suffixes) and len(shapes[key]) == 2)
+
+
+def kohya_targets(shapes: ModuleShapes) -> list[str]:
+    """The module keys a kohya sd-scripts LoRA trains by default: every linear layer (and 1x1
+    ``proj_in``/``proj_out`` convolution) of the UNet's transformer blocks (attention, feed-forward,
+    projections) and the text encoders' attention and MLP (SD 1.5: 192 + 72 = 264 modules)."""
+    suffixes = UNET_ATTENTION + UNET_CROSS + UNET_FEED_FORWARD + UNET_PROJECTIONS + TEXT_ATTENTION + TEXT_MLP
+    return sorted(key for key in shapes if key.endswith(suffixes))
 
 
 def random_adapter(

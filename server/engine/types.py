@@ -296,7 +296,7 @@ class EngineStats:
 
     ``used_bytes``/``capacity_bytes``/``entries``/``hits``/``misses``/``evictions``
     are the adapter cache's; ``plan_bytes`` is held by blend plans (stacked factors
-    or merged deltas, and materialized blend weights); ``scratch_bytes`` by the
+    or merged deltas, and materialized blend weights), of ``plan_capacity_bytes``; ``scratch_bytes`` by the
     buffers that blends too large to materialize are written into.
     """
 
@@ -312,3 +312,4 @@ class EngineStats:
     scratch_bytes: int
     plan_bytes: int
     blend_signature: str
+    plan_capacity_bytes: int = 0

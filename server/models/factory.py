@@ -314,3 +314,75 @@ def build_pipeline(size: str = "tiny", seed: int = 0, dtype: torch.dtype = torch
         )
     pipeline.set_progress_bar_config(disable=True)
     return pipeline if dtype == torch.float32 else pipeline.to(dtype=dtype)
+
+
+# The published model each real size copies the component configs of (server/models/*_configs.py).
+REAL_SIZES: dict[str, str] = {"sd15": "SD 1.5", "sdxl": "SDXL base 1.0"}
+
+
+def build_real_size(
+    name: str, seed: int = 0, dtype: torch.dtype = torch.float32, *, device: str | torch.device = "cpu"
+):
+    """A pipeline with the exact component configs of SD 1.5 (``sd15``) or SDXL base 1.0
+    (``sdxl``) and seeded random weights: benchmarks at the sizes users run.
+
+    Gigabytes and half a minute or more to build (SD 1.5 ~4.3 GB, SDXL ~14 GB in float32),
+    so never in tests but on ``device="meta"`` (the topology and shapes, no weights);
+    ``bench`` builds each once and caches it as a diffusers folder.
+    """
+    from diffusers import AutoencoderKL, UNet2DConditionModel, schedulers
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    from server.models.checkpoint_configs import shipped
+    from server.models.families import SD1, SDXL
+    from server.models.noise import quiet_library_noise
+
+    quiet_library_noise()
+    if name not in REAL_SIZES:
+        raise ValueError(f"unknown real size {name!r}; choose one of {', '.join(REAL_SIZES)}")
+    family = SDXL if name == "sdxl" else SD1
+    configs = shipped(family, "epsilon")[1]
+    scheduler_config = configs["scheduler"]
+    scheduler = getattr(schedulers, scheduler_config["_class_name"]).from_config(scheduler_config)
+    with torch.device(device):
+        _seeded(seed, 1)
+        unet = UNet2DConditionModel.from_config(configs["unet"]).eval()
+        _seeded(seed, 2)
+        vae = AutoencoderKL.from_config(configs["vae"]).eval()
+        _seeded(seed, 3)
+        text_encoder = CLIPTextModel(CLIPTextConfig.from_dict(configs["text_encoder"])).eval()
+        _seeded(seed, 4)
+        encoder_2 = (
+            CLIPTextModelWithProjection(CLIPTextConfig.from_dict(configs["text_encoder_2"])).eval()
+            if family is SDXL
+            else None
+        )
+    if family is SDXL:
+        from diffusers import StableDiffusionXLPipeline
+
+        pipeline = StableDiffusionXLPipeline(
+            vae=vae,
+            text_encoder=text_encoder,
+            text_encoder_2=encoder_2,
+            tokenizer=clip.clip_tokenizer(),
+            tokenizer_2=clip.clip_tokenizer(pad_token=clip.OPEN_CLIP_PAD),
+            unet=unet,
+            scheduler=scheduler,
+            force_zeros_for_empty_prompt=True,
+            add_watermarker=False,
+        )
+    else:
+        from diffusers import StableDiffusionPipeline
+
+        pipeline = StableDiffusionPipeline(
+            vae=vae,
+            text_encoder=text_encoder,
+            tokenizer=clip.clip_tokenizer(),
+            unet=unet,
+            scheduler=scheduler,
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
+        )
+    pipeline.set_progress_bar_config(disable=True)
+    return pipeline if dtype == torch.float32 else pipeline.to(dtype=dtype)

@@ -42,11 +42,13 @@ def base_from(
 
 def engine_on(base: BaseModel, backend: str, precision: str = "fp32", **kwargs) -> Engine:
     """An engine on ``backend``, built as ``server.bootstrap`` builds it (slot budget = plan budget)."""
-    from server.engine.engine import DEFAULT_CACHE_BYTES
+    from server.engine.engine import DEFAULT_CACHE_BYTES, default_plan_budget
 
-    plans = kwargs.get("plan_cache_bytes") or kwargs.get("cache_bytes", DEFAULT_CACHE_BYTES) // 4
+    plans = kwargs.get("plan_cache_bytes")
+    if plans is None:
+        plans = default_plan_budget(base, kwargs.get("cache_bytes", DEFAULT_CACHE_BYTES))
     built = build_backend(backend, base, precision, slot_budget_bytes=plans)
-    return Engine(base, backend=built, **kwargs)
+    return Engine(base, backend=built, **{**kwargs, "plan_cache_bytes": plans})
 
 
 def make_adapters(pipeline, count: int = 5) -> dict[str, LoraAdapter]:

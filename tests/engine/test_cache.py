@@ -46,3 +46,14 @@ def test_replacing_keeps_the_pin_and_the_accounting():
     cache.put("a", "A2", 50)
     assert cache.is_pinned("a") and cache.used_bytes == 50 and cache.peek("a") == "A2"
     assert cache.pop("a") == "A2" and cache.used_bytes == 0 and len(cache) == 0
+
+
+def test_make_room_evicts_the_least_recently_used_unpinned_and_hands_them_back():
+    cache: ByteLRU[str] = ByteLRU(100)
+    cache.put("pinned", "P", 30, pin=True)
+    cache.put("a", "A", 30)
+    cache.put("b", "B", 30)
+    assert cache.make_room(10) == []  # 90 + 10 fit
+    assert cache.make_room(40) == ["A"] and cache.used_bytes == 60 and cache.evictions == 1
+    assert cache.make_room(100) == ["B"]  # as much as it can: the pinned one stays
+    assert "pinned" in cache and cache.used_bytes == 30

@@ -18,7 +18,8 @@ from tests.memory import rss_bytes
 WARMUP_SWAPS = 60
 SWAPS = 500
 MAX_DRIFT = 0.05
-CACHE_BYTES = 32 << 20  # blend plans get a quarter: 8 MiB, a few dozen micro plans
+CACHE_BYTES = 32 << 20
+PLAN_BYTES = CACHE_BYTES // 4  # 8 MiB, a few dozen micro plans (the default is sized from the RAM)
 
 
 def blends(seed: int):
@@ -41,7 +42,9 @@ def blends(seed: int):
 
 
 def test_rss_stays_flat_over_500_blend_swaps(micro_pipeline, micro_adapters):
-    engine = make_engine(micro_pipeline, "micro", micro_adapters, cache_bytes=CACHE_BYTES)
+    engine = make_engine(
+        micro_pipeline, "micro", micro_adapters, cache_bytes=CACHE_BYTES, plan_cache_bytes=PLAN_BYTES
+    )
     swaps = blends(seed=7)
     for _ in range(WARMUP_SWAPS):
         engine.activate(next(swaps))
@@ -55,7 +58,7 @@ def test_rss_stays_flat_over_500_blend_swaps(micro_pipeline, micro_adapters):
             samples.append(rss_bytes())
     stats = engine.stats()
     assert stats.swaps == WARMUP_SWAPS + SWAPS
-    assert stats.plan_bytes <= CACHE_BYTES // 4 and stats.used_bytes <= CACHE_BYTES
+    assert stats.plan_bytes <= PLAN_BYTES and stats.used_bytes <= CACHE_BYTES
     drift = [(sample - start) / start for sample in samples]
     shown = ", ".join(f"{d:+.2%}" for d in drift)
     assert max(drift) < MAX_DRIFT, f"RSS from {start >> 20} MiB, every 50 swaps: {shown}"

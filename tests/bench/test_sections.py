@@ -1,0 +1,31 @@
+"""``python -m bench``'s sections: opt-in sections run only when named."""
+
+from __future__ import annotations
+
+import argparse
+
+import pytest
+
+from bench.__main__ import SUITES, _sections
+
+
+def _chosen(only=None, skip=None, known=("a", "b", "big"), opt_in=("big",)):
+    parser = argparse.ArgumentParser()
+    args = argparse.Namespace(only=only, skip=skip, suite="engine")
+    return _sections(parser, args, known, opt_in)
+
+
+def test_opt_in_sections_run_only_when_named():
+    assert _chosen() == {"a", "b"}
+    assert _chosen(only="big") == {"big"}
+    assert _chosen(only="a,big") == {"a", "big"}
+    assert _chosen(skip="a") == {"b"}
+    with pytest.raises(SystemExit):
+        _chosen(only="nope")
+
+
+def test_engine_declares_its_real_sizes_opt_in_and_the_model_cache_is_no_suite():
+    from bench import engine
+
+    assert set(engine.OPT_IN) == {"sd15", "sdxl-base"} <= set(engine.SECTIONS)
+    assert "realsize" not in SUITES and "engine" in SUITES
