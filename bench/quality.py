@@ -14,8 +14,11 @@ agree, so a ratio far from 1 means the engine's sampling differs):
 
 Style adapters (:mod:`server.models.toy.styles`; the shipped examples, or every
 ``<style>.safetensors`` in ``$LORALOOM_STYLE_ADAPTERS``, a ``styles build``
-output folder), all through the engine, the same plain captions and seeds with
-and without the adapter (style adapters have no trigger word):
+output folder, together with variants of a style trained another way, named
+``<style>-<variant>.safetensors`` (``striped-loha``, ``striped-lokr``,
+``striped-cached``: judged on their style's metric)), all through the engine,
+the same plain captions and seeds with and without the adapter (style adapters
+have no trigger word):
 
 - ``style_<s>``: the style's metric with the adapter (loraloom) and without it
   (peer: the base model on the same prompts); the ratio is the factor it moves;
@@ -115,16 +118,23 @@ def score_styles(images: Sequence[Image.Image], colors: Sequence[str], styles: S
     return StyleScore({style: style_metric(style, images) for style in styles}, hits / len(images))
 
 
+def measured_style(name: str) -> str:
+    """The style an adapter named ``<style>`` or ``<style>-<variant>`` (``striped-loha``) is judged on."""
+    return name.split("-", 1)[0]
+
+
 def style_adapter_files() -> dict[str, Path]:
-    """Style name -> adapter file: ``$LORALOOM_STYLE_ADAPTERS/<style>.safetensors``, else the shipped ones."""
+    """Adapter name -> file: ``$LORALOOM_STYLE_ADAPTERS/<style>.safetensors`` and variants of a style
+    trained another way (``<style>-<variant>.safetensors``: ``striped-loha``, ``striped-cached``...),
+    else the shipped ones."""
     from server.models.toy.styles import SHIPPED, STYLES, shipped_adapter
 
     folder = os.environ.get(STYLE_ADAPTERS_ENV)
     if folder:
         found = {
-            s: Path(folder) / f"{s}.safetensors"
-            for s in STYLES
-            if (Path(folder) / f"{s}.safetensors").is_file()
+            path.stem: path
+            for path in sorted(Path(folder).glob("*.safetensors"))
+            if measured_style(path.stem) in STYLES
         }
         if not found:
             raise FileNotFoundError(
@@ -148,7 +158,7 @@ def style_metrics(count: int) -> list[Metric]:
     asked = prompts(count, seed=1)
     seeds = [1000 + i for i in range(count)]
     colors = [p.color for p in asked]
-    styles = list(files)
+    styles = list(dict.fromkeys(measured_style(name) for name in files))
 
     texts = [p.text for p in asked]
 
@@ -159,16 +169,19 @@ def style_metrics(count: int) -> list[Metric]:
     with_adapter: dict[str, StyleScore] = {}
     note = f"{count} images, {DEFAULT_STEPS} steps, guidance {DEFAULT_GUIDANCE}; peer: no adapter"
     base = run(())
-    for style in styles:
-        with_adapter[style] = tuned = run(((style, 1.0),))
+    for name in files:
+        style = measured_style(name)
+        with_adapter[name] = tuned = run(((name, 1.0),))
+        label = name.replace("-", "_")
         metrics.append(
-            Metric(f"style_{style}", tuned.metrics[style], base.metrics[style], "score", "higher", note)
+            Metric(f"style_{label}", tuned.metrics[style], base.metrics[style], "score", "higher", note)
         )
         metrics.append(
-            Metric(f"style_{style}_color_acc", tuned.color * 100, base.color * 100, "%", "higher", note)
+            Metric(f"style_{label}_color_acc", tuned.color * 100, base.color * 100, "%", "higher", note)
         )
-    if len(styles) >= 2:
-        metrics += blend_metrics(styles[0], styles[1], with_adapter, run)
+    plain = [name for name in files if name == measured_style(name)]
+    if len(plain) >= 2:
+        metrics += blend_metrics(plain[0], plain[1], with_adapter, run)
     return metrics
 
 
