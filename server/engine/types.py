@@ -114,11 +114,6 @@ class GenerationSettings:
         return tuple(self.seed + i for i in range(self.num_images))
 
     @property
-    def uses_init_image(self) -> bool:
-        """Whether the init image's latents start the run (img2img, or inpainting below strength 1)."""
-        return self.init_image is not None and (self.strength < 1.0 or self.mask is not None)
-
-    @property
     def batch_key(self) -> tuple:
         """What requests must share to be denoised in one batch (besides their blend)."""
         return (

@@ -106,3 +106,18 @@ def test_unrelated_safetensors_is_a_clear_error(tmp_path):
     save_file({"lora_unet_x.lora_down.weight": torch.zeros(2, 2)}, str(path))
     with pytest.raises(BaseModelError, match="not a loadable SD 1.x, SD 2.x or SDXL checkpoint"):
         load_base_model(path)
+
+
+@pytest.mark.parametrize(
+    ("index", "message"),
+    [
+        ({"_class_name": "StableDiffusionXLImg2ImgPipeline", "text_encoder": [None, None]}, "SDXL refiner"),
+        ({"_class_name": "KandinskyV22Pipeline"}, "is a KandinskyV22Pipeline folder"),
+    ],
+)
+def test_a_folder_of_another_pipeline_is_refused_saying_what_is_served(tmp_path, index, message):
+    import json
+
+    (tmp_path / "model_index.json").write_text(json.dumps(index))
+    with pytest.raises(BaseModelError, match=message):
+        load_base_model(tmp_path)

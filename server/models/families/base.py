@@ -155,20 +155,3 @@ class Family:
         import diffusers
 
         return getattr(diffusers, self.pipeline_class)
-
-
-def tokenize(tokenizer, text: str, device: torch.device) -> torch.Tensor:
-    """``text`` as CLIP ids, padded and truncated to the tokenizer's length (diffusers' rule)."""
-    ids = tokenizer(
-        [text],
-        padding="max_length",
-        max_length=tokenizer.model_max_length,
-        truncation=True,
-        return_tensors="pt",
-    )
-    return ids.input_ids.to(device)
-
-
-def execution_device(module) -> torch.device:
-    device = getattr(module, "device", None)
-    return device if isinstance(device, torch.device) else torch.device("cpu")
