@@ -359,18 +359,31 @@ def prepare_module(
     out, n = matrix_shape(shape)
     dora = module.dora
     if dora is not None:
-        dora = DoraScale(dora.magnitude.to(device=device, dtype=torch.float32), dora.axis)
-    bias = None if module.bias is None else module.bias.to(device=device, dtype=torch.float32)
+        dora = DoraScale(
+            _owned(dora.magnitude.to(device=device, dtype=torch.float32), dora.magnitude), dora.axis
+        )
+    bias = (
+        None
+        if module.bias is None
+        else _owned(module.bias.to(device=device, dtype=torch.float32), module.bias)
+    )
     channels = int(shape[1])
     if isinstance(module, LoraModule) and module.rank * (out + n) <= out * n:
         rank = module.rank
-        down = module.down.reshape(rank, -1).to(device=device, dtype=dtype).contiguous()
+        down = _owned(module.down.reshape(rank, -1).to(device=device, dtype=dtype).contiguous(), module.down)
         up = module.up.reshape(module.up.shape[0], rank).to(device=device, dtype=torch.float32)
         up = (up * module.scale).to(dtype).contiguous()
         return PreparedModule(low_rank=LowRank(down, up), dora=dora, channels=channels, bias=bias)
     source = module if device is None else _on(module, device)
     dense = source.matrix(torch.float32).reshape(out, n).contiguous()
     return PreparedModule(dense=dense, dora=dora, channels=channels, bias=bias)
+
+
+def _owned(tensor: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
+    """``tensor``, copied when it still shares ``source``'s memory: a file's tensors are views on
+    the file's bytes (``adapters.safeparse``), and a cached adapter should hold its own bytes, not
+    keep the whole file alive."""
+    return tensor.clone() if tensor.data_ptr() == source.data_ptr() else tensor
 
 
 def _on(module: Module, device) -> Module:

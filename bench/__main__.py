@@ -9,8 +9,8 @@ import sys
 from pathlib import Path
 
 # Every module of this package except the harness's own (the real-size model cache, the GenAI peer
-# package) is a suite.
-HARNESS = {"report", "realsize", "__main__", "genai"}
+# package, ``bench cpu``'s served SD 1.5 rows) is a suite.
+HARNESS = {"report", "realsize", "__main__", "genai", "served"}
 SUITES = {
     info.name: f"bench.{info.name}"
     for info in pkgutil.iter_modules([str(Path(__file__).parent)])

@@ -47,7 +47,9 @@ else the notes of the adapter rows (blend, switch, fidelity) say the comparison 
 void. Without ``openvino_genai`` (or if the export fails) the suite says so and
 reports the other figures.
 
-Sections (``--only``/``--skip``): ``tiny``, ``small``, ``sdxl``.
+Sections (``--only``/``--skip``): ``tiny``, ``small``, ``sdxl``; opt-in: ``sd15`` (``loraloom serve``
+at SD 1.5 size against a diffusers process: restart to ready, resident memory, a 512 px generation
+with a blend; ``bench.served``).
 """
 
 from __future__ import annotations
@@ -78,7 +80,8 @@ PROMPT = "a watercolor fox in a snowy forest"
 SEED = 0
 GUIDANCE = 7.5
 SAMPLER = "euler"
-SECTIONS = ("tiny", "small", "sdxl")
+SECTIONS = ("tiny", "small", "sdxl", "sd15")
+OPT_IN = ("sd15",)  # SD 1.5 size through `loraloom serve` (bench.served): many minutes
 MODELS = {"tiny": "tiny", "small": "small", "sdxl": "tiny-sdxl"}  # section -> model
 STEPS = {"tiny": 20, "small": 5, "tiny-sdxl": 10}
 ADAPTER_ROWS = ("small", "tiny-sdxl")  # models with the blend, switch and fidelity rows
@@ -366,13 +369,18 @@ def _compare(model: Model, engine: Engine, label: str, peer: Peer, config: Confi
     return metrics
 
 
-def run(quick: bool = False, sections: frozenset[str] = frozenset(SECTIONS)) -> list[Metric]:
+def run(quick: bool = False, sections: frozenset[str] = frozenset(SECTIONS) - set(OPT_IN)) -> list[Metric]:
     quiet_peers()
     config = QUICK if quick else FULL
     threads = torch.get_num_threads()
     metrics: list[Metric] = []
     with tempfile.TemporaryDirectory(prefix="loraloom-bench-cpu-") as folder:
         for section in (section for section in SECTIONS if section in sections):
+            if section in OPT_IN:
+                from bench.served import sd15_rows
+
+                metrics += sd15_rows(threads)
+                continue
             model = Model(MODELS[section], Path(folder))
             reference_engine, _ = model.engine("torch", "fp32")
             reference = _image(reference_engine, model, BLEND_X)  # the blend on the torch fp32 engine

@@ -34,24 +34,33 @@ slows both alike; figures are medians. Both sides use one torch thread unless
   fuse and load covers all three components.
 
 Real sizes (sections ``sd15`` and ``sdxl-base``, run only when named: they take
-minutes and ~15 GB): SD 1.5's and SDXL base 1.0's exact component configs with
-seeded random weights (``bench.realsize``: built once, cached in the data folder),
+minutes and gigabytes): SD 1.5's and SDXL base 1.0's exact component configs with
+seeded random weights (``bench.realsize``: built once, cached in the data folder;
+SDXL in bfloat16 on a machine under 48 GB, its rows then named ``*_sdxl_bfloat16``),
 four rank-32 diffusers-format LoRA files over the modules a kohya LoRA trains
 (``kohya_targets``: UNet attention, feed-forward and ``proj_in``/``proj_out``, the
-text encoders' attention and MLP; 264 modules at SD 1.5). Each engine warms up as
-``loraloom serve`` does (``Engine.warm_up``); the peer is one diffusers pipeline.
+text encoders' attention and MLP; 264 modules at SD 1.5). The two sides run one
+after the other, each holding the only copy of the model (two SDXL copies and a
+blend do not fit 24 GB); run them on a quiet machine. loraloom's engine warms up
+as ``loraloom serve`` does (``Engine.warm_up``); the peer is one diffusers pipeline.
 
 - ``swap_ms_<size>``: switch between two cached 2-adapter blends (as above).
 - ``first_blend_ms_<size>``: a blend of loaded adapters never used before (new
   weights each time). loraloom: plan, compute and keep its weights, apply; peer:
   the same unfuse, ``set_adapters``, fuse as for any switch (PEFT keeps nothing).
-- ``cold_load_ms_<size>``: first use of an adapter file (as above).
+- ``cold_load_ms_<size>``: load an adapter file never read: loraloom reads,
+  validates and prepares it into the adapter cache (``Engine.load``: what the
+  scheduler does for a queued request while another generates); peer:
+  ``load_lora_weights``.
+- ``first_use_ms_<size>``: a file never read until the weights hold it. loraloom:
+  load and write it (``Engine.activate``); peer: ``load_lora_weights`` again (its
+  adapter runs unfused from then on, at a per-step cost).
 - ``first_activation_ms_<size>``: the first blend a fresh server applies (two
   adapter files never read): loraloom after its warm-up (in the note); peer:
   ``load_lora_weights`` twice, ``set_adapters``, ``fuse_lora``.
-- ``swap_pct_of_generation_<size>`` (full run only): the switch between cached
-  blends as a share of one default generation (20 steps at the model's size)
-  with a blend, each side on its own generation.
+- ``swap_pct_of_generation_<size>`` (full run, float32 only): the switch between
+  cached blends as a share of one default generation (20 steps at the model's
+  size, estimated from a 2- and a 4-step run) with a blend, each side on its own.
 - ``rss_mb_<size>_torch``: resident memory of a fresh process after loading the
   model and applying a 2-adapter blend (loraloom: an engine with default
   settings; peer: ``from_pretrained``, two ``load_lora_weights``, ``fuse_lora``),
@@ -65,6 +74,7 @@ Sections (``--only``/``--skip``): ``sd1`` (the LoRA rows on ``tiny`` and
 from __future__ import annotations
 
 import copy
+import dataclasses
 import gc
 import json
 import os
@@ -72,6 +82,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -109,7 +120,7 @@ REAL_RANK = 32
 # in the order tried. SDXL in float32 is ~14 GB a copy: it does not run on a 24 GB machine (in
 # float16 it would fit, but CPU float16 kernels are no measure of what users run). One SDXL
 # blend over kohya's modules (both text encoders too) is 2.9e9 weights: 11.7 GB in float32.
-REAL_MEMORY_GB = {"sd15": {"float32": 16}, "sdxl": {"float32": 48}}
+REAL_MEMORY_GB = {"sd15": {"float32": 16}, "sdxl": {"float32": 48, "bfloat16": 22}}
 
 
 @dataclass(frozen=True)
@@ -390,23 +401,28 @@ def mixed_rps(side: Side, count: int, steps: int, chunks: int, max_batch: int = 
 # ---------------------------------------------------------------- real sizes
 
 
-class RealSide:
-    """A real-size model (``bench.realsize``) with rank-32 adapter files over kohya's modules; one
-    resident copy for loraloom's engines (restored to the base between rows) and one peer pipeline."""
+class RealModel:
+    """A real-size model (``bench.realsize``) with rank-32 adapter files over kohya's modules.
+
+    The two sides run one after the other, each with the only resident copy of the model
+    (loraloom's engine, then the peer's pipeline): an SDXL copy is 7 GB in bfloat16 and its
+    blend's weights 5.8 GB more, so two sides at once do not fit a 24 GB machine."""
 
     def __init__(self, model: str, folder: Path, dtype: torch.dtype = torch.float32) -> None:
         from bench.realsize import real_size_folder
 
         self.model, self.label, self.dtype = model, model, dtype
         self.model_folder = real_size_folder(model, dtype)
-        self.base: BaseModel = load_base_model(self.model_folder, dtype=dtype)
-        self.targets = kohya_targets(self.base.module_shapes)
         self.folder = folder
+        self.base: BaseModel | None = load_base_model(self.model_folder, dtype=dtype)
+        self.resolution = int(self.base.resolution)
+        self.targets = kohya_targets(self.base.module_shapes)
         self.files = {name: self.write_file(name, seed=index) for index, name in enumerate(NAMES)}
-        self.peer = load_base_model(self.model_folder, dtype=dtype).pipeline
-        self._engine: Engine | None = None
+        self.cold: list[tuple[str, Path]] = []
+        self.use: list[tuple[str, Path]] = []
 
     def write_file(self, name: str, seed: int) -> Path:
+        assert self.base is not None
         adapter = random_adapter(
             self.base.module_shapes, seed=seed, rank=REAL_RANK, targets=self.targets, strength=0.05
         )
@@ -414,119 +430,181 @@ class RealSide:
         path.write_bytes(diffusers_file(adapter, self.base.pipeline))
         return path
 
+    def cold_files(self, count: int) -> None:
+        """Write ``count`` adapter files for loads and ``count`` for first uses, never read before
+        (both sides read the same ones, each its own first time): ``self.cold``, ``self.use``."""
+        self.cold = [(f"cold{i}", self.write_file(f"cold{i}", seed=1000 + i)) for i in range(count)]
+        self.use = [(f"use{i}", self.write_file(f"use{i}", seed=2000 + i)) for i in range(count)]
+
     def engine(self) -> tuple[Engine, float]:
-        """A fresh engine with default settings over the base, warmed up as ``serve`` does;
-        (engine, warm-up ms). The previous engine gives the base back first."""
-        self.release()
+        """A fresh engine with default settings over the base, warmed up as ``serve`` does."""
+        assert self.base is not None
         resolver = MemoryResolver()
         for name, path in self.files.items():
             resolver.add_file(name, path)
-        self._engine = Engine(self.base, resolver=resolver)
-        return self._engine, self._engine.warm_up()
+        engine = Engine(self.base, resolver=resolver)
+        return engine, engine.warm_up()
 
-    def peer_with(self, names) -> object:
-        """The peer pipeline with ``names`` loaded (and nothing else, nothing fused)."""
-        self.peer.unfuse_lora()
-        self.peer.unload_lora_weights()
-        for name in names:
-            self.peer.load_lora_weights(str(self.files[name]), adapter_name=name)
-        return self.peer
-
-    def release(self) -> None:
-        if self._engine is not None:
-            self._engine.activate([])  # the base's own tensors again: the next engine's W0
-            self._engine = None
+    def drop_base(self) -> None:
+        self.base = None
         gc.collect()
 
-    def drop_models(self) -> None:
-        """Free both copies of the model (the files stay)."""
-        self.release()
-        del self.base, self.peer
-        gc.collect()
+    def peer(self):
+        """A fresh diffusers pipeline of the model (no adapters)."""
+        return load_base_model(self.model_folder, dtype=self.dtype).pipeline
 
 
-def real_swap_ms(side: RealSide, repeats: int) -> tuple[Metric, float, float]:
-    """The switch between cached blends; also returns (loraloom ms, peer ms) for the generation share."""
-    (engine, _), peer = side.engine(), side.peer_with(NAMES)
-    for blend in (BLEND_X, BLEND_Y, BLEND_X):
+@dataclass
+class RealTimes:
+    """One side's real-size timings (seconds, lists of repeats)."""
+
+    swap: list[float]
+    first_blend: list[float]
+    cold_load: list[float]
+    first_use: list[float]
+    first_activation: float
+    generation: float | None = None  # one default generation with a blend, estimated (see below)
+    note: str = ""
+
+
+def _generation_s(run: Callable[[int], object]) -> float:
+    """A 20-step generation's seconds from two short runs (2 and 4 steps): fixed costs (text
+    encoding, decoding) plus 20 times the step time; 20 steps at SD 1.5 size take minutes here."""
+    two, four = timed(lambda: run(2)), timed(lambda: run(4))
+    step = max(0.0, (four - two) / 2)
+    return two - 2 * step + 20 * step
+
+
+def loraloom_real(real: RealModel, config: Config) -> RealTimes:
+    """loraloom's side: every real-size row on one fresh, warmed-up engine (the base restored after)."""
+    engine, warm_ms = real.engine()
+    first_activation = timed(lambda: engine.activate(BLEND_X))
+    for blend in (BLEND_Y, BLEND_X, BLEND_Y):  # both blends loaded and (where they fit) kept
         engine.activate(blend)
-        _peer_swap(peer, blend)
-    ours, theirs = [], []
-    for index in range(repeats):
-        blend = BLEND_Y if index % 2 == 0 else BLEND_X
-        ours.append(timed(lambda b=blend: engine.activate(b)))
-        theirs.append(timed(lambda b=blend: _peer_swap(peer, b)))
-    mine, peers = median_ms(ours), median_ms(theirs)
-    note = f"plan cache {engine.plan_capacity_bytes >> 20} MiB, {engine.stats().plan_bytes >> 20} MiB held"
-    return Metric(f"swap_ms_{side.label}", mine, peers, "ms", "lower", note), mine, peers
-
-
-def real_first_blend_ms(side: RealSide, repeats: int) -> Metric:
-    (engine, _), peer = side.engine(), side.peer_with(NAMES)
-    for blend in (BLEND_X, BLEND_Y):  # adapters loaded (and the peer fused once)
-        engine.activate(blend)
-        _peer_swap(peer, blend)
-    ours, theirs = [], []
-    for index in range(repeats):
+    swap = [
+        timed(lambda b=(BLEND_X if index % 2 == 0 else BLEND_Y): engine.activate(b))
+        for index in range(config.real_swap_repeats)
+    ]
+    first_blend = []
+    for index in range(config.real_cold_repeats + 1):
         weight = round(0.3 + 0.1 * index, 2)  # a new blend each time
-        blend = [("a0", weight), ("a2", 1.0 - weight)]
-        ours.append(timed(lambda b=blend: engine.activate(b)))
-        theirs.append(timed(lambda b=blend: _peer_swap(peer, b)))
-    return Metric(f"first_blend_ms_{side.label}", median_ms(ours), median_ms(theirs), "ms", "lower")
-
-
-def real_cold_load_ms(side: RealSide, repeats: int) -> Metric:
-    (engine, _), peer = side.engine(), side.peer_with(())
-    ours, theirs = [], []
-    for index in range(repeats + 1):  # the first round warms both up and is dropped
-        name = f"cold{index}"
-        side.files[name] = path = side.write_file(name, seed=1000 + index)
+        first_blend.append(timed(lambda w=weight: engine.activate([("a0", w), ("a2", 1.0 - w)])))
+    cold_load, first_use = [], []
+    for name, path in real.cold:
         engine.resolver.add_file(name, path)
-        mine = timed(lambda n=name: engine.activate([(n, 1.0)]))
-        peers = timed(lambda n=name, p=path: peer.load_lora_weights(str(p), adapter_name=n))
-        peer.delete_adapters(name)
-        del side.files[name]
-        path.unlink()
-        if index:
-            ours.append(mine)
-            theirs.append(peers)
-    return Metric(f"cold_load_ms_{side.label}", median_ms(ours), median_ms(theirs), "ms", "lower")
+        cold_load.append(timed(lambda n=name: engine.load(n)))
+        engine.unload(name)
+    for name, path in real.use:
+        engine.resolver.add_file(name, path)
+        first_use.append(timed(lambda n=name: engine.activate([(n, 1.0)])))
+        engine.unload(name)
+    generation = None
+    if config.real_generation:
+        engine.activate(BLEND_X)
+        generation = _generation_s(
+            lambda steps: engine.generate(GenerateRequest(PROMPT, steps=steps, seed=1, adapters=BLEND_X))
+        )
+    note = f"warm-up {warm_ms:.0f} ms; plan cache {engine.plan_capacity_bytes >> 20} MiB"
+    engine.activate([])  # the base's own tensors again
+    return RealTimes(swap, first_blend[1:], cold_load[1:], first_use[1:], first_activation, generation, note)
 
 
-def real_first_activation_ms(side: RealSide) -> Metric:
-    """The first blend of a fresh server (after its warm-up) vs a fresh peer pipeline's first."""
-    engine, warm_ms = side.engine()
-    peer = side.peer_with(())
-    mine = timed(lambda: engine.activate(BLEND_X))
+def peer_real(real: RealModel, config: Config) -> RealTimes:
+    """The peer's side: diffusers + PEFT on a fresh pipeline. A switch (and a new blend) is
+    ``unfuse_lora``, ``set_adapters``, ``fuse_lora``; an adapter's load and first use are
+    ``load_lora_weights`` (the adapter is active, unfused, once it returns)."""
+    pipeline = real.peer()
+    # PEFT warns each time a deleted adapter was the active one (every cold-load round).
+    warnings.filterwarnings("ignore", message="Adapter .* was active which is now deleted")
 
-    def theirs() -> None:
+    def first() -> None:
         for name, _ in BLEND_X:
-            peer.load_lora_weights(str(side.files[name]), adapter_name=name)
-        peer.set_adapters([n for n, _ in BLEND_X], [w for _, w in BLEND_X])
-        peer.fuse_lora(adapter_names=[n for n, _ in BLEND_X])
+            pipeline.load_lora_weights(str(real.files[name]), adapter_name=name)
+        pipeline.set_adapters([n for n, _ in BLEND_X], [w for _, w in BLEND_X])
+        pipeline.fuse_lora(adapter_names=[n for n, _ in BLEND_X])
 
-    peers = timed(theirs)
-    note = f"loraloom's warm-up (serve, before ready): {warm_ms:.0f} ms"
-    return Metric(f"first_activation_ms_{side.label}", mine * 1000, peers * 1000, "ms", "lower", note)
+    first_activation = timed(first)
+    for name, _ in BLEND_Y:
+        pipeline.load_lora_weights(str(real.files[name]), adapter_name=name)
+    for blend in (BLEND_Y, BLEND_X, BLEND_Y):
+        _peer_swap(pipeline, blend)
+    swap = [
+        timed(lambda b=(BLEND_X if index % 2 == 0 else BLEND_Y): _peer_swap(pipeline, b))
+        for index in range(config.real_swap_repeats)
+    ]
+    first_blend = []
+    for index in range(config.real_cold_repeats + 1):
+        weight = round(0.3 + 0.1 * index, 2)
+        first_blend.append(timed(lambda w=weight: _peer_swap(pipeline, [("a0", w), ("a2", 1.0 - w)])))
+    pipeline.unfuse_lora()
+    cold_load = []
+    for name, path in real.cold:
+        cold_load.append(timed(lambda n=name, p=path: pipeline.load_lora_weights(str(p), adapter_name=n)))
+        pipeline.delete_adapters(name)
+    generation = None
+    if config.real_generation:
+        pipeline.set_adapters([n for n, _ in BLEND_X], [w for _, w in BLEND_X])
+        pipeline.fuse_lora(adapter_names=[n for n, _ in BLEND_X])
+        size = real.resolution
+
+        def run(steps: int) -> None:
+            generator = torch.Generator().manual_seed(1)
+            pipeline(PROMPT, num_inference_steps=steps, height=size, width=size, generator=generator)
+
+        generation = _generation_s(run)
+    return RealTimes(swap, first_blend[1:], cold_load[1:], cold_load[1:], first_activation, generation)
 
 
-def real_swap_pct(side: RealSide, swap_ms_ours: float, swap_ms_peer: float) -> Metric:
-    """The switch as a share of one default generation (20 steps at the model's size) with a blend."""
-    engine, _ = side.engine()
-    peer = side.peer_with([name for name, _ in BLEND_X])
-    engine.activate(BLEND_X)
-    peer.set_adapters([n for n, _ in BLEND_X], [w for _, w in BLEND_X])
-    peer.fuse_lora(adapter_names=[n for n, _ in BLEND_X])
-    size = side.base.resolution
-    ours_s = timed(lambda: engine.generate(GenerateRequest(PROMPT, steps=20, seed=1, adapters=BLEND_X)))
-    generator = torch.Generator().manual_seed(1)
-    theirs_s = timed(
-        lambda: peer(PROMPT, num_inference_steps=20, height=size, width=size, generator=generator)
-    )
-    mine = swap_ms_ours / (ours_s * 1000) * 100
-    peers = swap_ms_peer / (theirs_s * 1000) * 100
-    note = f"generation {ours_s:.0f} s (loraloom) / {theirs_s:.0f} s (peer), 20 steps, {size} px"
-    return Metric(f"swap_pct_of_generation_{side.label}", mine, peers, "% of gen", "lower", note)
+def real_size_times(real: RealModel, config: Config) -> list[Metric]:
+    """Both sides, one after the other, as metrics."""
+    ours = loraloom_real(real, config)
+    real.drop_base()
+    theirs = peer_real(real, config)
+    gc.collect()
+    label = real.label
+    metrics = [
+        Metric(f"swap_ms_{label}", median_ms(ours.swap), median_ms(theirs.swap), "ms", "lower", ours.note),
+        Metric(
+            f"first_blend_ms_{label}",
+            median_ms(ours.first_blend),
+            median_ms(theirs.first_blend),
+            "ms",
+            "lower",
+        ),
+        Metric(
+            f"cold_load_ms_{label}",
+            median_ms(ours.cold_load),
+            median_ms(theirs.cold_load),
+            "ms",
+            "lower",
+            "read, validate, prepare into the adapter cache vs load_lora_weights",
+        ),
+        Metric(
+            f"first_use_ms_{label}",
+            median_ms(ours.first_use),
+            median_ms(theirs.first_use),
+            "ms",
+            "lower",
+            "loraloom: load and write it into the weights; peer: load_lora_weights (unfused)",
+        ),
+        Metric(
+            f"first_activation_ms_{label}",
+            ours.first_activation * 1000,
+            theirs.first_activation * 1000,
+            "ms",
+            "lower",
+            "a fresh server's first 2-adapter blend (loraloom after its warm-up)",
+        ),
+    ]
+    if ours.generation and theirs.generation:
+        mine = median_ms(ours.swap) / (ours.generation * 1000) * 100
+        peers = median_ms(theirs.swap) / (theirs.generation * 1000) * 100
+        note = (
+            f"20-step generation with a blend, {real.resolution} px, estimated from 2 and 4 steps: "
+            f"{ours.generation:.0f} s (loraloom, torch) / {theirs.generation:.0f} s (peer)"
+        )
+        metrics.append(Metric(f"swap_pct_of_generation_{label}", mine, peers, "% of gen", "lower", note))
+    return metrics
 
 
 RSS_SCRIPT = """
@@ -582,7 +660,7 @@ def rss_setup(side: str, model_folder: str, dtype: str, threads: str, *files: st
     return {key: int(fields[key].split()[0]) / 1024 for key in ("VmRSS", "VmHWM", "RssAnon")}
 
 
-def real_rss_mb(side: RealSide) -> Metric:
+def real_rss_mb(side: RealModel) -> Metric:
     """``rss_mb_<size>_torch``: a fresh subprocess per side, one after the other."""
     found: dict[str, dict[str, float]] = {}
     root = Path(__file__).resolve().parents[1]
@@ -621,28 +699,21 @@ def real_size_rows(section: str, config: Config, folder: Path) -> list[Metric]:
     if not fitting:
         needed = min(REAL_MEMORY_GB[model].values())
         print(
-            f"bench engine {section}: NOT RUN: it needs about {needed} GB of memory (two copies of "
-            f"the model, its blends, the adapters); this machine has {memory:.0f} GB",
+            f"bench engine {section}: NOT RUN: it needs about {needed} GB of memory (the model, its "
+            f"blends, the adapters); this machine has {memory:.0f} GB",
             file=sys.stderr,
             flush=True,
         )
         return []
     dtype = getattr(torch, fitting[0])
-    side = RealSide(model, folder, dtype)
+    real = RealModel(model, folder, dtype)
+    real.cold_files(config.real_cold_repeats + 1)
     if dtype != torch.float32:
-        side.label = f"{model}_{fitting[0]}"
-    metrics: list[Metric] = []
-    swap, swap_ours, swap_peer = real_swap_ms(side, config.real_swap_repeats)
-    metrics += [
-        swap,
-        real_first_blend_ms(side, config.real_cold_repeats + 1),
-        real_cold_load_ms(side, config.real_cold_repeats),
-        real_first_activation_ms(side),
-    ]
-    if config.real_generation and dtype == torch.float32:  # float16 on a CPU: hours
-        metrics.append(real_swap_pct(side, swap_ours, swap_peer))
-    side.drop_models()  # the RSS subprocesses run with this process's models freed
-    metrics.append(real_rss_mb(side))
+        real.label = f"{model}_{fitting[0]}"
+    if dtype != torch.float32:  # a half-precision generation on a CPU: an hour
+        config = dataclasses.replace(config, real_generation=False)
+    metrics = real_size_times(real, config)
+    metrics.append(real_rss_mb(real))
     return metrics
 
 

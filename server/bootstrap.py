@@ -65,7 +65,13 @@ def build_service(settings: Settings, *, before_step: BeforeStep | None = None):
             sized,
         )
         # Before any blend: the backend takes the base's weights as its pristine W0.
-        backend = build_backend(name, base, precision, slot_budget_bytes=plan_budget)
+        backend = build_backend(
+            name,
+            base,
+            precision,
+            slot_budget_bytes=plan_budget,
+            compile_cache=engine_settings.compile_cache,
+        )
         engine = Engine(
             base,
             backend=backend,

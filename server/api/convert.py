@@ -202,6 +202,8 @@ def cache_stats(stats: EngineStats) -> adapters_pb2.CacheStats:
         misses=stats.misses,
         evictions=stats.evictions,
         swaps=stats.swaps,
+        plan_bytes=stats.plan_bytes,
+        plan_capacity_bytes=stats.plan_capacity_bytes,
     )
 
 

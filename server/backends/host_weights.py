@@ -4,8 +4,11 @@ A runtime (OpenVINO, ONNX Runtime) binds each buffer's memory once as a graph
 input. A swap writes ``W0 + B @ A`` (from the pristine base, never from the
 previous blend) into the buffers of the modules the blend touches and restores
 those the previous blend touched; nothing is rebound. With bf16 buffers the
-blend is computed in float32 and rounded once, and a restore rounds ``W0`` the
-same way as at the start, so the base comes back bit for bit. Bias buffers (keys
+blend is computed in float32 and rounded once, and a restore copies ``W0`` as at
+the start, so the base comes back bit for bit. ``W0`` itself may be kept in bf16
+(``SharedWeights`` does, for bf16 buffers: half the bytes of float32): what a
+bf16 runtime reads of the base is then exactly ``W0``, and a blend is
+``bf16(float32(W0) + update)``. Bias buffers (keys
 ``<key>.bias``, for full-weight diffs that change a bias) stay float32 whatever
 ``dtype`` the weights have: a runtime reads them as it read its constant biases.
 """
@@ -35,8 +38,8 @@ def buffer_bytes(pristine: Mapping[str, torch.Tensor], dtype: torch.dtype) -> in
 
 
 class HostWeights:
-    """Buffers (``dtype``; biases float32) over the float32 ``pristine`` tensors (canonical key ->
-    tensor, not copied)."""
+    """Buffers (``dtype``; biases float32) over the ``pristine`` tensors (canonical key -> tensor,
+    not copied; float32, or a weight in ``dtype`` when that is bf16)."""
 
     def __init__(self, pristine: Mapping[str, torch.Tensor], dtype: torch.dtype = torch.float32) -> None:
         self.pristine = dict(pristine)
@@ -68,8 +71,20 @@ class HostWeights:
 
     @property
     def nbytes(self) -> int:
-        """The bytes of the buffers (not the shared ``pristine`` tensors)."""
+        """The bytes of the buffers (not the shared ``pristine`` tensors, nor the scratch)."""
         return sum(buffer.numel() * buffer.element_size() for buffer in self._buffers.values())
+
+    @property
+    def scratch_bytes(self) -> int:
+        """The bytes of the float32 scratch a bf16 blend is computed in (the largest bf16 weight)."""
+        return max(
+            (s.numel() * s.element_size() for _, _, s in self._matrices.values() if s is not None), default=0
+        )
+
+    @property
+    def pristine_bytes(self) -> int:
+        """The bytes of the ``pristine`` tensors (shared or not)."""
+        return sum(w.numel() * w.element_size() for w in self.pristine.values())
 
     @torch.no_grad()
     def apply(self, plan: BlendPlan | None) -> int:
@@ -95,8 +110,11 @@ class HostWeights:
             threads.fit(work(key))
             if scratch is None:
                 add_update(base, updates[key], out)
-            else:  # W0 + update in float32, rounded once into the bf16 buffer
+            elif base.dtype == scratch.dtype:  # W0 + update in float32, rounded once into the buffer
                 out.copy_(add_update(base, updates[key], scratch))
+            else:  # a bf16 W0: widened into the scratch, the update added there in place
+                scratch.copy_(base)
+                out.copy_(add_update(scratch, updates[key], scratch))
             written += 1
         self.touched = frozenset(updates)
         self.signature = plan.signature if plan is not None else ()

@@ -40,7 +40,7 @@ from server.backends.openvino_runtime import (
     effective_precision,
     openvino,
 )
-from server.backends.openvino_weights import SharedWeights, declare_bf16_inputs
+from server.backends.openvino_weights import SharedWeights, declare_bf16_inputs, share_pristine
 from server.engine.plan import BlendPlan
 from server.models.shapes import lora_targets
 
@@ -167,13 +167,16 @@ class OvTextEncoder:
         precision: str = "fp32",
         threads: int | None = None,
         folder: Path | None = None,
+        compile_cache: Path | None = None,
     ) -> None:
+        """``compile_cache``: the ``CACHE_DIR`` of compiled blobs (``None``: none)."""
         self.component = component
+        self.compile_cache = compile_cache
         self.precision = effective_precision(precision)
         self.threads = threads
         self.path = export_text_encoder(pipeline, fingerprint, component=component, folder=folder)
         dtype = torch.bfloat16 if self.precision == "bf16" else torch.float32
-        targets = text_targets(pipeline, component)
+        targets = self._targets = text_targets(pipeline, component)
         self.weights = SharedWeights(targets, dtype)
         self.bias_keys = frozenset(bias_targets(targets))
         model = core().read_model(str(self.path))
@@ -198,6 +201,26 @@ class OvTextEncoder:
         """The buffer bound to input ``key`` (what the runtime reads on the next call)."""
         return self.weights.buffer(key)
 
+    def share_pristine(self) -> int:
+        """Point the torch modules this replaces at ``W0`` where it is a bf16 copy (their float32
+        weights freed; the modules no longer run in torch); returns the bytes freed."""
+        return share_pristine(self._targets, self.weights)
+
+    def memory_bytes(self) -> dict[str, int]:
+        """The bytes this encoder holds on the host, by kind (as ``OvUnet.memory_bytes``; one slot)."""
+        pristine = self.weights.pristine
+        torch_bytes = sum(
+            m.weight.numel() * m.weight.element_size()
+            for key, m in self._targets.items()
+            if m.weight.data_ptr() != pristine[key].data_ptr()
+        )
+        return {
+            "pristine": self.weights.pristine_bytes,
+            "slots": self.weights.nbytes,
+            "scratch": self.weights.scratch_bytes,
+            "torch": torch_bytes,
+        }
+
     def request(self, shape: tuple[int, ...]) -> Any:
         """The infer request for token ids of ``shape`` (compiled and bound the first time)."""
         return self._requests.get(shape)[1]
@@ -206,7 +229,7 @@ class OvTextEncoder:
         log.info("compiling the OpenVINO %s (%s) for ids %s", self.component, self.precision, shape)
         model = self._model.clone()
         model.reshape({IDS: list(shape)})
-        compiled = compile_model(model, self.precision, self.threads)
+        compiled = compile_model(model, self.precision, self.threads, self.compile_cache)
         request = compiled.create_infer_request()
         self.weights.bind(request, {name for port in compiled.inputs for name in port.get_names()})
         return compiled, request  # the request's model stays referenced

@@ -5,6 +5,13 @@ it runs 2-5x faster (``bench backends``). The decoder is converted from torch
 once (``openvino.convert_model``) and kept as OpenVINO IR
 (``openvino_runtime.converted``). It is compiled for static shapes, once per
 latent shape.
+
+Compiled blobs (``compile_cache``) are used at fp32 only: OpenVINO 2026.4's bf16
+decoder imported from its blob gave wrong images (max error 0.94 of the [-1, 1]
+range against 0.02 compiled fresh), and OpenVINO's cache key (graph, constants,
+properties, version) does not tell that case apart, so no key of ours could make a
+bf16 blob safe. A bf16 decoder is compiled fresh on every start (seconds; it is the
+smallest part).
 """
 
 from __future__ import annotations
@@ -65,10 +72,13 @@ class OvVaeDecoder:
         precision: str = "fp32",
         threads: int | None = None,
         folder: Path | None = None,
+        compile_cache: Path | None = None,
     ) -> None:
+        """``compile_cache``: the ``CACHE_DIR`` of compiled blobs (``None``: none); ignored at bf16."""
         self.precision = effective_precision(precision)
         self.threads = threads
         self.folder = folder
+        self.compile_cache = compile_cache if self.precision == "fp32" else None
         self.path = export_vae_decoder(vae, fingerprint, folder=folder)
         self._source = core().read_model(str(self.path))
         self._requests = PerShape(self._compile)
@@ -89,7 +99,7 @@ class OvVaeDecoder:
         log.info("compiling the OpenVINO VAE decoder (%s) for latents %s", self.precision, shape)
         model = self._source.clone()
         model.reshape({0: list(shape)})
-        compiled = compile_model(model, self.precision, self.threads)
+        compiled = compile_model(model, self.precision, self.threads, self.compile_cache)
         return compiled, compiled.create_infer_request()  # the request's model stays referenced
 
     def encode(self, images: torch.Tensor, return_dict: bool = True) -> Any:

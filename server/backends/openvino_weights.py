@@ -30,15 +30,17 @@ class SharedWeights(HostWeights):
     ) -> None:
         """``pristine``: another set's ``W0`` to share (more blend slots over the same base)."""
         ov = openvino()
-        # W0: the base's own float32 tensors, shared, not copied. Nothing writes into them in place
-        # (the engine's fused path repoints parameters, and leaves a backend's modules alone).
+        # W0: at float32 the base's own tensors, shared, not copied; nothing writes into them in
+        # place (the engine's fused path repoints parameters, and leaves a backend's modules alone).
+        # With bf16 buffers the weights' W0 is kept in bf16 (half the bytes; biases stay float32,
+        # shared): ``share_pristine`` then points the torch modules at it, freeing their float32.
         if pristine is None:
-            pristine = target_tensors(dict(targets))
+            pristine = {
+                key: w if is_bias_key(key) or dtype == torch.float32 else w.to(dtype)
+                for key, w in target_tensors(dict(targets)).items()
+            }
         super().__init__(pristine, dtype)
-        self.tensors = {
-            key: _shared_tensor(ov, buffer, ov.Type.bf16 if buffer.dtype == torch.bfloat16 else ov.Type.f32)
-            for key, buffer in self._buffers.items()
-        }
+        self.tensors = {key: shared_tensor(ov, buffer) for key, buffer in self._buffers.items()}
 
     def bind(self, request: Any, names: set[str]) -> None:
         """Set every tensor whose key is one of the request's input ``names`` (once per request)."""
@@ -47,10 +49,34 @@ class SharedWeights(HostWeights):
                 request.set_tensor(key, tensor)
 
 
-def _shared_tensor(ov, buffer: torch.Tensor, ov_type) -> Any:
-    """An ``ov.Tensor`` over ``buffer``'s memory (the buffer must outlive it)."""
+def share_pristine(targets: Mapping[str, nn.Module], weights: HostWeights) -> int:
+    """Point each of ``targets``' (canonical key -> module) weights at ``weights``' ``W0`` where that
+    is a copy in another dtype (bf16), so the module's own float32 weight is freed; returns the
+    bytes freed.
+
+    For a component a backend runs instead of torch (never called, never written by the
+    engine's fused path): the module keeps its shape and its bias, and the engine, built after,
+    takes the shared ``W0`` as its pristine weight too (DoRA's norms, merges), but the module
+    no longer runs in torch (a bf16 weight in a float32 module).
+    """
+    freed = 0
+    for key, module in targets.items():
+        pristine = weights.pristine.get(key)
+        if pristine is None or module.weight.data_ptr() == pristine.data_ptr():
+            continue
+        if tuple(pristine.shape) != tuple(module.weight.shape):
+            raise ValueError(
+                f"{key}: W0 of shape {tuple(pristine.shape)}, module {tuple(module.weight.shape)}"
+            )
+        freed += module.weight.numel() * module.weight.element_size()
+        module.weight = nn.Parameter(pristine, requires_grad=False)
+    return freed
+
+
+def shared_tensor(ov, buffer: torch.Tensor) -> Any:
+    """An ``ov.Tensor`` over ``buffer``'s memory (float32 or bf16; the buffer must outlive it)."""
     if buffer.dtype == torch.bfloat16:
-        return ov.Tensor(buffer.view(torch.int16).numpy(), list(buffer.shape), ov_type)
+        return ov.Tensor(buffer.view(torch.int16).numpy(), list(buffer.shape), ov.Type.bf16)
     return ov.Tensor(buffer.numpy(), shared_memory=True)
 
 

@@ -9,6 +9,7 @@ encoders under ONNX Runtime).
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -18,6 +19,11 @@ from adapters.errors import InvalidArgument
 from server.backends.pipeline_view import with_components
 from server.engine.plan import BIAS_SUFFIX, BlendPlan
 from server.models.families import family_of
+from server.models.shapes import lora_targets
+
+log = logging.getLogger(__name__)
+
+MiB = 1 << 20
 
 # "tensorrt" exists (server.backends.tensorrt_backend) but is not selectable until it has run on a GPU.
 BACKENDS = ("torch", "onnxruntime", "openvino")
@@ -91,6 +97,12 @@ class Backend:
         """Write ``plan`` (``None``: base) into this backend's weights; returns modules written."""
         return sum(part.apply(plan) for part in self.parts.values())
 
+    def memory_bytes(self) -> dict[str, dict[str, int]]:
+        """What the weighted parts this backend runs hold on the host, by component and kind
+        (``OvUnet.memory_bytes``); parts that do not tell are left out."""
+        found = {name: getattr(getattr(self, name), "memory_bytes", None) for name in WEIGHTED_PARTS}
+        return {name: tell() for name, tell in found.items() if tell is not None}
+
     def view(self, pipeline: Any) -> Any:
         """``pipeline`` itself for torch, else a view of it with this backend's components."""
         components = {name: getattr(self, name) for name in (*WEIGHTED_PARTS, "vae")}
@@ -146,22 +158,30 @@ def build_backend(
     *,
     folder=None,
     slot_budget_bytes: int | None = None,
+    compile_cache: bool = True,
 ) -> Backend:
     """The backend ``name`` for ``base`` (a ``BaseModel``), at ``precision``.
 
-    Build it before any blend is applied: it takes the base's UNet weights as its pristine ``W0``.
+    Build it before any blend is applied, and before the engine: it takes the base's weights
+    as its pristine ``W0`` (OpenVINO at bf16 keeps ``W0`` in bf16 and points the torch modules it
+    replaces at it, freeing their float32 weights: ``share_pristine``).
     ``folder`` overrides where exports are cached (default: the data folder's cache).
     OpenVINO keeps a second blend slot (switching back to it writes nothing) when one
-    slot's weights fit in ``slot_budget_bytes`` (``None``: always).
+    slot's weights fit in ``slot_budget_bytes`` (``None``: always; the server passes the
+    plan budget, a quarter of the memory beside the model), and with ``compile_cache``
+    keeps its compiled models in ``<cache>/compiled`` (``openvino_runtime``).
     """
     check_backend(name, precision)
     if name == "torch":
+        _refuse_handed_over(base)
         return Backend(name, precision)
     if base.device.type != "cpu" or base.dtype != torch.float32:
         raise InvalidArgument(
             f"backend {name} runs on the CPU from float32 weights; the model is {base.dtype} on "
             f"{base.device}: use device=cpu dtype=float32, or backend=torch"
         )
+    if name != "openvino":
+        _refuse_handed_over(base)
     threads = torch.get_num_threads()
     if name == "onnxruntime":
         from server.backends.onnxruntime_backend import OrtUnet
@@ -170,20 +190,45 @@ def build_backend(
             name, precision, unet=OrtUnet(base.pipeline, base.fingerprint, threads=threads, folder=folder)
         )
     from server.backends.openvino_backend import OvUnet, slot_bytes
-    from server.backends.openvino_runtime import effective_precision
+    from server.backends.openvino_runtime import compiled_cache, effective_precision
     from server.backends.openvino_text import OvTextEncoder, supports
     from server.backends.openvino_vae import OvVaeDecoder
 
     pipeline, fingerprint = base.pipeline, base.fingerprint
     precision = effective_precision(precision)  # bf16 falls back to fp32 on a CPU without native BF16
+    if precision != "bf16":  # a bf16 W0 handed over before serves bf16 only
+        _refuse_handed_over(base)
     # A slot's real bytes at the precision that runs (bf16 weights, float32 biases).
-    fits = slot_budget_bytes is None or slot_bytes(pipeline, precision) <= slot_budget_bytes
-    settings = {"precision": precision, "threads": threads, "folder": folder}
-    unet = OvUnet(pipeline, fingerprint, slots=2 if fits else 1, **settings)
+    one_slot = slot_bytes(pipeline, precision)
+    slots = 2 if slot_budget_bytes is None or one_slot <= slot_budget_bytes else 1
+    budget = "no budget" if slot_budget_bytes is None else f"budget {slot_budget_bytes / MiB:.0f} MiB"
+    log.info("OpenVINO UNet: %d blend slot(s) of %.0f MiB (%s)", slots, one_slot / MiB, budget)
+    cache = compiled_cache(folder) if compile_cache else None
+    settings = {"precision": precision, "threads": threads, "folder": folder, "compile_cache": cache}
+    unet = OvUnet(pipeline, fingerprint, slots=slots, **settings)
     encoders = {
         component: OvTextEncoder(pipeline, fingerprint, component=component, **settings)
         for component in family_of(pipeline).text_encoders
         if component in WEIGHTED_PARTS and supports(pipeline, component)  # else torch runs it
     }
     vae = OvVaeDecoder(pipeline.vae, fingerprint, **settings)
+    # The torch modules OpenVINO replaces keep only W0 (bf16: shared with the backend).
+    freed = sum(part.share_pristine() for part in (unet, *encoders.values()))
+    if freed:
+        log.info(
+            "OpenVINO holds W0 in %s: the replaced torch weights' %.0f MiB freed", precision, freed / MiB
+        )
     return Backend(name, precision, unet=unet, vae=vae, **encoders)
+
+
+def _refuse_handed_over(base: Any) -> None:
+    """Refuse a float32 ``base`` one of whose UNet targets no longer holds float32 weights: an
+    OpenVINO bf16 backend took them over (``share_pristine``); the model must be loaded again."""
+    if getattr(base, "dtype", None) != torch.float32:
+        return
+    for key, module in lora_targets(base.pipeline).items():
+        if key.startswith("unet.") and module.weight.dtype != torch.float32:
+            raise InvalidArgument(
+                f"this base's weights were handed to backend openvino ({key} is {module.weight.dtype}): "
+                "load the model again"
+            )

@@ -263,6 +263,8 @@ def info(server: Server = DEFAULT_SERVER, timeout: Timeout = 10.0, json: Json = 
         f"message {output.size(limits.max_message_bytes)}, upload {output.size(limits.max_upload_bytes)}",
         f"cache       {cache.entries} adapters, {output.size(cache.used_bytes)} of "
         f"{output.size(cache.capacity_bytes)}, hits {cache.hits}, misses {cache.misses}, swaps {cache.swaps}",
+        f"blend cache {output.size(cache.plan_bytes)} of {output.size(cache.plan_capacity_bytes)} "
+        "(materialized blends)",
         f"queue       {queue.queued} waiting, {queue.running} running, {queue.completed} done, "
         f"{queue.failed} failed, {queue.cancelled} cancelled, {queue.deadline_exceeded} past deadline, "
         f"{queue.invalid} invalid, {queue.rejected} rejected (queue full)",

@@ -33,6 +33,9 @@ def register(app: typer.Typer) -> None:
         backend: Annotated[str | None, _opt("backend", "--backend")] = None,
         precision: Annotated[str | None, _opt("precision", "--precision")] = None,
         compile: Annotated[bool | None, _opt("compile", "--compile/--no-compile")] = None,
+        compile_cache: Annotated[
+            bool | None, _opt("compile_cache", "--compile-cache/--no-compile-cache")
+        ] = None,
         home: Annotated[Path | None, _opt("home", "--home")] = None,
         store_db_url: Annotated[str | None, _opt("store_db_url", "--store-db-url")] = None,
         max_queue: Annotated[int | None, _opt("max_queue", "--max-queue")] = None,

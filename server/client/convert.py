@@ -309,6 +309,8 @@ def cache_stats(message: adapters_pb2.CacheStats) -> types.CacheStats:
         misses=message.misses,
         evictions=message.evictions,
         swaps=message.swaps,
+        plan_bytes=message.plan_bytes,
+        plan_capacity_bytes=message.plan_capacity_bytes,
     )
 
 

@@ -198,6 +198,9 @@ class CacheStats:
     misses: int = 0
     evictions: int = 0
     swaps: int = 0
+    # The blend cache (materialized blends, kept apart from the adapters): bytes held and its budget.
+    plan_bytes: int = 0
+    plan_capacity_bytes: int = 0
 
 
 @dataclass(frozen=True)

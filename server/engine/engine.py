@@ -2,7 +2,9 @@
 
 Thread model: ``generate_batch`` may be called from any thread; the blend swap
 and the denoising run together under one lock, so a request sees one blend from
-its first step to its last. Adapter loading and parsing happen outside that lock.
+its first step to its last. Adapter loading and parsing happen outside that lock:
+``prefetch`` loads a queued request's adapters ahead, on the scheduler's prefetch
+thread, and one load of an adapter is shared by every thread asking for it meanwhile.
 The scheduler (``server.engine.scheduler``) is the usual caller; requests reach
 it normalized and resolved (``Job``), so the engine never asks the store where
 a reference points.
@@ -17,7 +19,10 @@ import hashlib
 import logging
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections import Counter
+from collections.abc import Callable, Collection, Iterator, Sequence
+from concurrent.futures import Future
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -157,6 +162,10 @@ class Engine:
         self._plans: ByteLRU[BlendPlan] = ByteLRU(plan_budget)
         self._cache_lock = threading.Lock()
         self._run_lock = threading.RLock()
+        # sha256 -> the load under way (one load per adapter however many threads ask for it).
+        self._loading: dict[str, Future[PreparedAdapter]] = {}
+        # sha256s of the blends being generated or activated now: a prefetch never evicts them.
+        self._busy: Counter[str] = Counter()
         self._hits = 0
         self._misses = 0
         self._swaps = 0
@@ -277,14 +286,106 @@ class Engine:
                 self._cache.pop(key)
         return bool(matches)
 
-    def _prepared(self, resolved: ResolvedAdapter) -> PreparedAdapter:
+    def prefetch(self, blend: ResolvedBlend, protect: Collection[str] = ()) -> int:
+        """Load the adapters of ``blend`` (a queued request's) into the cache ahead of its run;
+        returns how many were loaded. Never takes the run lock: the scheduler calls it on its
+        prefetch thread while another request generates. What is cached (or being loaded) is
+        skipped; an adapter is kept only if it fits without evicting a pinned one, one of the
+        blends being generated or written into the weights now, one of ``blend``'s own or one
+        in ``protect`` (the adapters of the blends queued ahead of it); else it is dropped.
+        Errors are logged at debug level and swallowed: the request's own load reports them.
+        """
+        shas = {resolved.sha256 for resolved, _ in blend.entries}
+        loaded = 0
+        for resolved, _ in blend.entries:
+            with self._cache_lock:
+                if resolved.sha256 in self._cache or resolved.sha256 in self._loading:
+                    continue
+                keep = frozenset(protect).union(shas, self._busy, (sha for sha, _ in self._fused.signature))
+                if self._cache.capacity_bytes <= self._held_bytes_locked(keep):
+                    log.debug("prefetch of %s skipped: the adapter cache has no room to give", resolved.ref)
+                    return loaded
+            try:
+                self._prepared(resolved, keep=keep)
+            except Exception as error:
+                log.debug("prefetch of %s failed (its request will report it): %s", resolved.ref, error)
+                continue
+            loaded += 1
+        return loaded
+
+    def _held_bytes_locked(self, keep: Collection[str]) -> int:
+        """Bytes of the cache a prefetch may not free: pinned entries and those in ``keep``."""
+        return sum(nbytes for key, _, nbytes, pinned in self._cache.items() if pinned or key in keep)
+
+    def _evicts_locked(self, nbytes: int, keep: Collection[str]) -> bool:
+        """Whether putting ``nbytes`` would evict (or be refused over) an entry in ``keep`` or a
+        pinned one: ``ByteLRU.put`` evicts the least recently used unpinned entries first."""
+        if self._cache.capacity_bytes < nbytes + self._held_bytes_locked(()):
+            return True
+        excess = self._cache.used_bytes + nbytes - self._cache.capacity_bytes
+        for key, _, size, pinned in reversed(list(self._cache.items())):  # least recently used first
+            if excess <= 0:
+                return False
+            if pinned:
+                continue
+            if key in keep:
+                return True
+            excess -= size
+        return excess > 0
+
+    def _prepared(self, resolved: ResolvedAdapter, *, keep: Collection[str] | None = None) -> PreparedAdapter:
+        """The prepared adapter, from the cache or loaded (and cached). While one thread loads an
+        adapter, the others asking for it wait for that load instead of loading it again (if it
+        fails, each then loads it itself and meets its own error). ``keep`` (a prefetch): count
+        no hit, and cache the adapter only if that evicts nothing in ``keep`` (``_evicts_locked``)."""
         key = resolved.sha256
+        while True:
+            with self._cache_lock:
+                prepared = self._cache.get(key)
+                if prepared is not None:
+                    if keep is None:
+                        self._hits += 1
+                    return prepared
+                loading = self._loading.get(key)
+                if loading is None:
+                    loading = self._loading[key] = Future()
+                    self._misses += 1
+                    break
+            try:
+                prepared = loading.result()
+            except Exception:
+                continue  # that load failed: this caller loads it itself and meets its own error
+            if keep is None:
+                with self._cache_lock:
+                    self._hits += 1
+                    if key not in self._cache:  # a prefetch did not keep it: a request's load does
+                        self._cache.put(key, prepared, prepared.nbytes)
+            return prepared
+        try:
+            prepared = self._load(resolved)
+        except BaseException as error:
+            with self._cache_lock:
+                self._loading.pop(key, None)
+            loading.set_exception(error)
+            raise
         with self._cache_lock:
-            prepared = self._cache.get(key)
-            if prepared is not None:
-                self._hits += 1
-                return prepared
-            self._misses += 1
+            self._loading.pop(key, None)
+            existing = self._cache.peek(key)
+            if existing is not None:
+                prepared = existing
+            elif keep is not None and self._evicts_locked(prepared.nbytes, keep):
+                log.debug("prefetched %s not kept: it would evict an adapter in use or queued", resolved.ref)
+            else:
+                try:
+                    self._cache.put(key, prepared, prepared.nbytes)
+                except BaseException as error:
+                    loading.set_exception(error)
+                    raise
+        loading.set_result(prepared)
+        return prepared
+
+    def _load(self, resolved: ResolvedAdapter) -> PreparedAdapter:
+        """Read, parse, validate and prepare ``resolved`` (no cache, no lock)."""
         adapter = resolved.load(self.module_names)
         try:
             validate_against_base(adapter, self._shapes, self._base_ref, max_rank=self.limits.max_rank)
@@ -294,11 +395,6 @@ class Engine:
             adapter, name=resolved.name, version=resolved.version, sha256=resolved.sha256
         )
         self._check_backend_writes(prepared)
-        with self._cache_lock:
-            existing = self._cache.peek(key)
-            if existing is not None:
-                return existing
-            self._cache.put(key, prepared, prepared.nbytes)
         return prepared
 
     def _check_backend_writes(self, prepared: PreparedAdapter) -> None:
@@ -344,6 +440,19 @@ class Engine:
                     log.debug("blend plan of %d bytes not cached", plan.nbytes)
         return plan
 
+    @contextmanager
+    def _in_use(self, blend: ResolvedBlend) -> Iterator[None]:
+        """Mark ``blend``'s adapters as being generated or written: a prefetch never evicts them."""
+        shas = [resolved.sha256 for resolved, _ in blend.entries]
+        with self._cache_lock:
+            self._busy.update(shas)
+        try:
+            yield
+        finally:
+            with self._cache_lock:
+                self._busy.subtract(shas)
+                self._busy += Counter()  # drop the keys at zero
+
     def _prepare_blend(self, blend: ResolvedBlend) -> tuple[list[tuple[PreparedAdapter, Weight]], float]:
         """Load (outside the run lock) what a blend needs; returns (prepared, ms)."""
         started = time.perf_counter()
@@ -377,9 +486,10 @@ class Engine:
         returns (the resolved blend, load ms, swap ms)."""
         if not isinstance(blend, ResolvedBlend):
             blend = self.resolve_blend(blend)
-        prepared, load_ms = self._prepare_blend(blend)
-        with self._run_lock:
-            swap_ms = self._swap(blend, prepared)
+        with self._in_use(blend):
+            prepared, load_ms = self._prepare_blend(blend)
+            with self._run_lock:
+                swap_ms = self._swap(blend, prepared)
         return blend, load_ms, swap_ms
 
     def warm_up(self) -> float:
@@ -435,6 +545,10 @@ class Engine:
         (its outcome is the error) between steps, while the others run on; an
         error that concerns them all (an unloadable adapter, a failing step) is raised.
         """
+        with self._in_use(entries[0].job.blend):
+            return self._generate_batch(entries)
+
+    def _generate_batch(self, entries: Sequence[BatchEntry]) -> list[GenerateResult | Exception]:
         jobs = [entry.job for entry in entries]
         first = jobs[0]
         if any(

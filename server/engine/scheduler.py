@@ -12,6 +12,17 @@ is plain FIFO.
 
 All torch work runs on the worker thread, never on the caller's (or an
 asyncio loop's) thread. ``submit`` only enqueues.
+
+While a run generates, a second thread (the prefetcher) loads the adapters of
+the next ``prefetch_blends`` distinct blends waiting in the queue into the
+engine's adapter cache (``Engine.prefetch``), so a request that waited behind
+another does not pay its cold adapters' load (parse, validate, prepare) on the
+critical path. It never takes the engine's run lock and never evicts what the
+running blend or the blends ahead of it use; cancelled or expired requests are
+not prefetched. Blend *plans* are not built ahead: ``FusedWeights.plan`` sets
+torch's process-wide thread count while the running step computes, and making
+room in the plan cache recycles an evicted blend's memory, which may be the
+very slab the running blend's weights point at; both need the run lock.
 """
 
 from __future__ import annotations
@@ -35,6 +46,7 @@ log = logging.getLogger(__name__)
 ProgressCallback = Callable[[Progress], None]
 
 
+PREFETCH_BLENDS = 2  # queued blends whose adapters are loaded ahead (0: none)
 RETRY_MIN_S = 0.5
 RETRY_MAX_S = 60.0
 RECENT = 16
@@ -91,14 +103,17 @@ class Scheduler:
         max_queue: int = SchedulerSettings.max_queue,
         max_group_skips: int = SchedulerSettings.max_group_skips,
         max_batch: int = SchedulerSettings.max_batch,
+        prefetch_blends: int = PREFETCH_BLENDS,
     ) -> None:
         """``max_batch`` > 1 lets up to that many requests of one run (same blend, size, steps,
         guidance and sampler) share one denoising loop: several times the throughput of
         small models on a CPU, at the cost of bit-exact reproducibility (a batched image
         equals the one made alone to about 1e-6 before 8-bit rounding, not bit for bit).
+        ``prefetch_blends``: how many distinct queued blends (next in line first) have their
+        adapters loaded ahead while another run generates; 0 turns the prefetcher off.
         """
-        if max_queue < 1 or max_group_skips < 0 or max_batch < 1:
-            raise ValueError("max_queue and max_batch must be >= 1 and max_group_skips >= 0")
+        if max_queue < 1 or max_group_skips < 0 or max_batch < 1 or prefetch_blends < 0:
+            raise ValueError("max_queue and max_batch must be >= 1, max_group_skips and prefetch_blends >= 0")
         self.engine = engine
         self.max_batch = max_batch
         self.max_queue = max_queue
@@ -114,8 +129,17 @@ class Scheduler:
         self._running_since = 0.0
         self._completed = self._failed = self._cancelled = self._rejected = 0
         self._deadline_exceeded = self._invalid = 0
+        self.prefetch_blends = prefetch_blends
+        self._prefetched: set[tuple[tuple[str, float], ...]] = set()  # blends loaded ahead, while queued
+        self._generating = False  # the engine runs a batch now (its requests' results not yet given)
         self._worker = threading.Thread(target=self._loop, name="loraloom-engine", daemon=True)
         self._worker.start()
+        self._prefetcher: threading.Thread | None = None
+        if prefetch_blends:
+            self._prefetcher = threading.Thread(
+                target=self._prefetch_loop, name="loraloom-prefetch", daemon=True
+            )
+            self._prefetcher.start()
 
     # ------------------------------------------------------------ callers
 
@@ -204,12 +228,16 @@ class Scheduler:
                 item.future.set_exception(Unavailable("the server shut down before this request ran"))
         left = timeout - (time.monotonic() - started)
         self._worker.join(max(5.0, left) if drain else max(0.0, left))
+        if self._prefetcher is not None:  # ends once the queue is empty; at most one load to finish
+            self._prefetcher.join(max(1.0, timeout - (time.monotonic() - started)))
         return self.stopped
 
     @property
     def stopped(self) -> bool:
-        """Whether the worker thread has ended (after ``close``)."""
-        return not self._worker.is_alive()
+        """Whether the worker thread (and the prefetcher) have ended (after ``close``)."""
+        return not self._worker.is_alive() and not (
+            self._prefetcher is not None and self._prefetcher.is_alive()
+        )
 
     # ------------------------------------------------------------ worker
 
@@ -241,6 +269,55 @@ class Scheduler:
                 with self._cond:
                     self._running = []
 
+    def _prefetch_loop(self) -> None:
+        """The prefetcher: load the next queued blends' adapters while the worker generates."""
+        while True:
+            with self._cond:
+                while True:
+                    if self._closed and not self._queue:
+                        return
+                    target = self._prefetch_target_locked()
+                    if target is not None:
+                        break
+                    self._cond.wait()
+                item, protect = target
+                self._prefetched.add(item.key)
+            try:
+                self.engine.prefetch(item.job.blend, protect)
+            except Exception:  # Engine.prefetch swallows load errors; this is a last guard
+                log.debug("prefetch of request %d's blend failed; ignored", item.seq, exc_info=True)
+
+    def _prefetch_target_locked(self) -> tuple[_Item, frozenset[str]] | None:
+        """The first of the next ``prefetch_blends`` distinct queued blends (not running, with
+        adapters, of a request still wanted) not prefetched yet, and the adapters a prefetch must
+        not evict: the running batch's and those of the blends before it in line. Nothing while
+        the engine runs no batch: the worker is about to take the queue's head and load it itself
+        (a prefetch would only race it, and a caller that waits for one result before sending the
+        next would see its adapters loaded twice when they fail); the blends behind are looked at
+        once the next batch generates."""
+        queued = {item.key for item in self._queue}
+        self._prefetched &= queued  # forget blends that left the queue: they may come back later
+        if not self._generating:
+            return None
+        running = {item.key for item in self._running}
+        protect = {resolved.sha256 for item in self._running for resolved, _ in item.job.blend.entries}
+        seen: set[tuple[tuple[str, float], ...]] = set()
+        now = time.monotonic()
+        for item in self._queue:
+            if len(seen) >= self.prefetch_blends:
+                break
+            key = item.key
+            if not key or key in running or key in seen:
+                continue
+            deadline = item.job.options.deadline
+            if item.future.cancelled() or item.is_set() or (deadline is not None and now >= deadline):
+                continue
+            if key not in self._prefetched:
+                return item, frozenset(protect)
+            seen.add(key)
+            protect.update(resolved.sha256 for resolved, _ in item.job.blend.entries)
+        return None
+
     def _batch_locked(self, first: _Item) -> list[_Item]:
         """``first`` and, up to ``max_batch``, later requests of its run that can share its loop."""
         batch = [first]
@@ -263,6 +340,8 @@ class Scheduler:
         started = time.perf_counter()
         with self._cond:
             self._running_since = started
+            self._generating = True
+            self._cond.notify_all()  # the prefetcher: the next in line can be loaded now
         self._current_key = live[0].key
         entries = [
             BatchEntry(
@@ -281,6 +360,9 @@ class Scheduler:
             for item in live:
                 item.future.set_exception(Cancelled("the worker was interrupted"))
             raise
+        finally:
+            with self._cond:  # before the results go out: a caller's next request is not prefetched
+                self._generating = False
         for item, outcome in zip(live, outcomes, strict=True):
             if isinstance(outcome, Exception):
                 if isinstance(outcome, Cancelled) and item.stop.is_set():

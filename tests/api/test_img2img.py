@@ -57,7 +57,7 @@ def test_strength_moves_the_image_away_from_the_picture_monotonically(client):
     distances = []
     for strength in (0.2, 0.4, 0.6, 0.8):
         result = client.generate(
-            "a large red circle on a black background",
+            "a large red circle on a white background",
             init_image=png(init),
             strength=strength,
             seed=5,

@@ -29,3 +29,17 @@ def test_engine_declares_its_real_sizes_opt_in_and_the_model_cache_is_no_suite()
 
     assert set(engine.OPT_IN) == {"sd15", "sdxl-base"} <= set(engine.SECTIONS)
     assert "realsize" not in SUITES and "engine" in SUITES
+
+
+def test_cpu_declares_its_served_sd15_rows_opt_in_and_they_are_no_suite():
+    from bench import cpu
+
+    assert set(cpu.OPT_IN) == {"sd15"} <= set(cpu.SECTIONS)
+    assert "served" not in SUITES and "cpu" in SUITES
+
+
+def test_a_20_step_generation_is_estimated_from_2_and_4_steps():
+    from bench.served import _estimate_20
+
+    assert _estimate_20(10.0, 14.0) == pytest.approx(8.0 - 2 * 2.0 + 20 * 2.0 + 2.0)
+    assert _estimate_20(5.0, 4.0) == 5.0  # noise: no negative step time

@@ -213,7 +213,7 @@ class ListResidentAdaptersResponse(_message.Message):
     def __init__(self, adapters: _Optional[_Iterable[_Union[ResidentAdapter, _Mapping]]] = ..., cache: _Optional[_Union[CacheStats, _Mapping]] = ...) -> None: ...
 
 class CacheStats(_message.Message):
-    __slots__ = ("used_bytes", "capacity_bytes", "entries", "hits", "misses", "evictions", "swaps")
+    __slots__ = ("used_bytes", "capacity_bytes", "entries", "hits", "misses", "evictions", "swaps", "plan_bytes", "plan_capacity_bytes")
     USED_BYTES_FIELD_NUMBER: _ClassVar[int]
     CAPACITY_BYTES_FIELD_NUMBER: _ClassVar[int]
     ENTRIES_FIELD_NUMBER: _ClassVar[int]
@@ -221,6 +221,8 @@ class CacheStats(_message.Message):
     MISSES_FIELD_NUMBER: _ClassVar[int]
     EVICTIONS_FIELD_NUMBER: _ClassVar[int]
     SWAPS_FIELD_NUMBER: _ClassVar[int]
+    PLAN_BYTES_FIELD_NUMBER: _ClassVar[int]
+    PLAN_CAPACITY_BYTES_FIELD_NUMBER: _ClassVar[int]
     used_bytes: int
     capacity_bytes: int
     entries: int
@@ -228,4 +230,6 @@ class CacheStats(_message.Message):
     misses: int
     evictions: int
     swaps: int
-    def __init__(self, used_bytes: _Optional[int] = ..., capacity_bytes: _Optional[int] = ..., entries: _Optional[int] = ..., hits: _Optional[int] = ..., misses: _Optional[int] = ..., evictions: _Optional[int] = ..., swaps: _Optional[int] = ...) -> None: ...
+    plan_bytes: int
+    plan_capacity_bytes: int
+    def __init__(self, used_bytes: _Optional[int] = ..., capacity_bytes: _Optional[int] = ..., entries: _Optional[int] = ..., hits: _Optional[int] = ..., misses: _Optional[int] = ..., evictions: _Optional[int] = ..., swaps: _Optional[int] = ..., plan_bytes: _Optional[int] = ..., plan_capacity_bytes: _Optional[int] = ...) -> None: ...
