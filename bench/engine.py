@@ -36,7 +36,7 @@ slows both alike; figures are medians. Both sides use one torch thread unless
 Real sizes (sections ``sd15`` and ``sdxl-base``, run only when named: they take
 minutes and gigabytes): SD 1.5's and SDXL base 1.0's exact component configs with
 seeded random weights (``bench.realsize``: built once, cached in the data folder;
-SDXL in bfloat16 on a machine under 48 GB, its rows then named ``*_sdxl_bfloat16``),
+SDXL in bfloat16 on a machine under 48 GB, as the ``swap_ms_sdxl`` note says),
 four rank-32 diffusers-format LoRA files over the modules a kohya LoRA trains
 (``kohya_targets``: UNet attention, feed-forward and ``proj_in``/``proj_out``, the
 text encoders' attention and MLP; 264 modules at SD 1.5). The two sides run one
@@ -76,10 +76,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import gc
-import json
-import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import warnings
@@ -89,7 +86,7 @@ from pathlib import Path
 
 import torch
 
-from bench.report import Metric, cpu_timed, median_ms, quiet_peers, timed
+from bench.report import Metric, cpu_timed, median_ms, quiet_peers, run_script, timed
 from server.engine import Engine, GenerateRequest, MemoryResolver
 from server.engine.scheduler import Scheduler
 from server.engine.synthetic import (
@@ -504,7 +501,8 @@ def loraloom_real(real: RealModel, config: Config) -> RealTimes:
         generation = _generation_s(
             lambda steps: engine.generate(GenerateRequest(PROMPT, steps=steps, seed=1, adapters=BLEND_X))
         )
-    note = f"warm-up {warm_ms:.0f} ms; plan cache {engine.plan_capacity_bytes >> 20} MiB"
+    dtype = str(real.dtype).removeprefix("torch.")
+    note = f"{dtype}; warm-up {warm_ms:.0f} ms; plan cache {engine.plan_capacity_bytes >> 20} MiB"
     engine.activate([])  # the base's own tensors again
     return RealTimes(swap, first_blend[1:], cold_load[1:], first_use[1:], first_activation, generation, note)
 
@@ -663,22 +661,11 @@ def rss_setup(side: str, model_folder: str, dtype: str, threads: str, *files: st
 def real_rss_mb(side: RealModel) -> Metric:
     """``rss_mb_<size>_torch``: a fresh subprocess per side, one after the other."""
     found: dict[str, dict[str, float]] = {}
-    root = Path(__file__).resolve().parents[1]
     files = [str(side.files[name]) for name, _ in BLEND_X]
     dtype = str(side.dtype).removeprefix("torch.")
     for who in ("loraloom", "peer"):
         args = [who, str(side.model_folder), dtype, str(torch.get_num_threads()), *files]
-        done = subprocess.run(
-            [sys.executable, "-c", RSS_SCRIPT, *args],
-            cwd=root,
-            capture_output=True,
-            text=True,
-            env={**os.environ, "PYTHONPATH": str(root)},
-        )
-        lines = [line for line in done.stdout.splitlines() if line.startswith("RSS ")]
-        if done.returncode != 0 or not lines:
-            raise RuntimeError(f"the {who} RSS run failed: {done.stderr[-2000:]}")
-        found[who] = json.loads(lines[-1][4:])
+        found[who] = run_script(RSS_SCRIPT, args, "RSS ", f"the {who} RSS run")
     ours, theirs = found["loraloom"], found["peer"]
     note = (
         f"every weight read; anonymous {ours['RssAnon']:.0f} / {theirs['RssAnon']:.0f} MB, "
@@ -708,8 +695,6 @@ def real_size_rows(section: str, config: Config, folder: Path) -> list[Metric]:
     dtype = getattr(torch, fitting[0])
     real = RealModel(model, folder, dtype)
     real.cold_files(config.real_cold_repeats + 1)
-    if dtype != torch.float32:
-        real.label = f"{model}_{fitting[0]}"
     if dtype != torch.float32:  # a half-precision generation on a CPU: an hour
         config = dataclasses.replace(config, real_generation=False)
     metrics = real_size_times(real, config)

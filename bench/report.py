@@ -111,3 +111,24 @@ def print_table(suite: str, metrics: Sequence[Metric], *, peer: str) -> None:
             metric.note,
         )
     Console().print(table)
+
+
+def run_script(script: str, args: Sequence[str], marker: str, what: str) -> dict:
+    """Run ``python -c script args`` from the repository root and return the JSON it printed after
+    ``marker`` on its last such line (a fresh process: its own memory, its own imports)."""
+    import os
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    done = subprocess.run(
+        [sys.executable, "-c", script, *args],
+        cwd=root,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(root)},
+    )
+    lines = [line for line in done.stdout.splitlines() if line.startswith(marker)]
+    if done.returncode != 0 or not lines:
+        raise RuntimeError(f"{what} failed: {done.stderr[-2000:]}")
+    return json.loads(lines[-1][len(marker) :])

@@ -29,7 +29,6 @@ layout (``bench.genai.export`` does that for the small models, minutes and gigab
 
 from __future__ import annotations
 
-import json
 import os
 import queue
 import re
@@ -40,7 +39,7 @@ import threading
 import time
 from pathlib import Path
 
-from bench.report import Metric
+from bench.report import Metric, run_script
 
 ROOT = Path(__file__).resolve().parents[1]
 LISTENING = re.compile(r"listening on (127\.0\.0\.1:\d+)")
@@ -206,17 +205,8 @@ print("PEER " + json.dumps({"ready_s": ready, "timings": timings, "memory": memo
 
 def peer_side(model: Path, files: list[Path], threads: int) -> dict[str, object]:
     script = f"PROMPT = {PROMPT!r}\nSIZE = {SIZE}\n" + PEER_SCRIPT
-    done = subprocess.run(
-        [sys.executable, "-c", script, str(model), str(threads), *map(str, files)],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
-    )
-    lines = [line for line in done.stdout.splitlines() if line.startswith("PEER ")]
-    if done.returncode != 0 or not lines:
-        raise RuntimeError(f"the diffusers process failed: {done.stderr[-2000:]}")
-    found = json.loads(lines[-1][5:])
+    args = [str(model), str(threads), *map(str, files)]
+    found = run_script(script, args, "PEER ", "the diffusers process")
     timings = {int(k): v for k, v in found["timings"].items()}
     found["generation_s"] = _estimate_20(timings[2], timings[4])
     return found

@@ -202,7 +202,11 @@ class LoraloomService:
         if self.settings.engine.warmup:
             started = time.perf_counter()
             swap_ms = self.engine.warm_up()  # a blend swap and back: a user's first pays no one-time cost
-            job = self.engine.job(GenerateRequest(prompt="warmup", steps=2, seed=0))
+            # One step compiles every part for the default size (from the compiled-model cache on a
+            # restart); each step more is pure compute (SD 1.5 on 2 cores: ~4 s). torch.compile's
+            # graphs settle on the second call, so a compiled engine runs two.
+            steps = 2 if self.settings.engine.compile else 1
+            job = self.engine.job(GenerateRequest(prompt="warmup", steps=steps, seed=0))
             self.scheduler.submit(job, counted=False).result()
             log.info(
                 "warmed up in %.2fs (a blend swap and back: %.0f ms)", time.perf_counter() - started, swap_ms

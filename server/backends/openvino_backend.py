@@ -79,7 +79,13 @@ from server.backends.onnx_export import (
     unet_targets,
 )
 from server.backends.openvino_runtime import compile_model, core, effective_precision, openvino
-from server.backends.openvino_weights import SharedWeights, declare_bf16_inputs, share_pristine, shared_tensor
+from server.backends.openvino_weights import (
+    SharedWeights,
+    declare_bf16_inputs,
+    share_pristine,
+    shared_tensor,
+    unshared_torch_bytes,
+)
 from server.backends.pipeline_view import unet_config
 from server.engine.plan import BlendPlan
 
@@ -187,12 +193,7 @@ class OvUnet:
         ``pristine`` (``W0`` of every target, weights and biases), ``slots`` (the buffers of the
         slots made so far), ``scratch`` (a bf16 blend's float32 scratch, per slot), ``torch``
         (the torch modules' target weights that are not the pristine: freed by ``share_pristine``)."""
-        pristine = self.weights.pristine
-        torch_bytes = sum(
-            m.weight.numel() * m.weight.element_size()
-            for key, m in self._targets.items()
-            if m.weight.data_ptr() != pristine[key].data_ptr()
-        )
+        torch_bytes = unshared_torch_bytes(self._targets, self.weights.pristine)
         return {
             "pristine": self.weights.pristine_bytes,
             "slots": sum(slot.nbytes for slot in self._slots),

@@ -40,7 +40,12 @@ from server.backends.openvino_runtime import (
     effective_precision,
     openvino,
 )
-from server.backends.openvino_weights import SharedWeights, declare_bf16_inputs, share_pristine
+from server.backends.openvino_weights import (
+    SharedWeights,
+    declare_bf16_inputs,
+    share_pristine,
+    unshared_torch_bytes,
+)
 from server.engine.plan import BlendPlan
 from server.models.shapes import lora_targets
 
@@ -208,12 +213,7 @@ class OvTextEncoder:
 
     def memory_bytes(self) -> dict[str, int]:
         """The bytes this encoder holds on the host, by kind (as ``OvUnet.memory_bytes``; one slot)."""
-        pristine = self.weights.pristine
-        torch_bytes = sum(
-            m.weight.numel() * m.weight.element_size()
-            for key, m in self._targets.items()
-            if m.weight.data_ptr() != pristine[key].data_ptr()
-        )
+        torch_bytes = unshared_torch_bytes(self._targets, self.weights.pristine)
         return {
             "pristine": self.weights.pristine_bytes,
             "slots": self.weights.nbytes,

@@ -90,3 +90,13 @@ def declare_bf16_inputs(model: Any, keys) -> Any:
         if key in present and not is_bias_key(key):
             ppp.input(key).tensor().set_element_type(ov.Type.bf16)
     return ppp.build()
+
+
+def unshared_torch_bytes(targets, pristine) -> int:
+    """Bytes of the torch modules' target weights that are not the backend's ``W0`` (what
+    ``share_pristine`` frees)."""
+    return sum(
+        module.weight.numel() * module.weight.element_size()
+        for key, module in targets.items()
+        if module.weight.data_ptr() != pristine[key].data_ptr()
+    )

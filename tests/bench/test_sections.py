@@ -43,3 +43,16 @@ def test_a_20_step_generation_is_estimated_from_2_and_4_steps():
 
     assert _estimate_20(10.0, 14.0) == pytest.approx(8.0 - 2 * 2.0 + 20 * 2.0 + 2.0)
     assert _estimate_20(5.0, 4.0) == 5.0  # noise: no negative step time
+
+
+def test_a_script_run_returns_its_last_marked_json_and_a_failure_says_so():
+    from bench.report import run_script
+
+    script = (
+        "import json, sys\n"
+        "print('X ' + json.dumps({'n': 1}))\n"
+        "print('X ' + json.dumps({'n': int(sys.argv[1])}))"
+    )
+    assert run_script(script, ["2"], "X ", "the probe") == {"n": 2}
+    with pytest.raises(RuntimeError, match="the probe failed"):
+        run_script("raise SystemExit(3)", [], "X ", "the probe")
