@@ -29,10 +29,13 @@ requests (``slots=2`` by default). A swap to a blend some slot already holds
 only selects that slot's requests (no write at all, like the torch path's
 materialized blends); otherwise the least recently used other slot is rewritten
 from base. Alternating between two blends thus costs nothing after the first
-time. Each slot holds a full copy of the target weights (``small``: 68 MB at
-bf16), and each request its own activations. ``select.build_backend`` keeps the
-second slot only when one slot fits the plan budget (a quarter of the memory
-beside the model), and logs the choice.
+time. A slot holds its own buffer of every target but the spatial convolutions
+and biases, which read ``W0`` in place (the lean variant's constants hold those
+values) until a blend changes them: a LoCon blend allocates the ones it changes
+and rebinds them, the next usual blend drops them (``HostWeights``' lazy keys;
+SD 1.5 bf16: 0.6 GB a slot, was 1.6). Each request holds its own activations.
+``select.build_backend`` keeps the second slot only when one slot fits the plan
+budget (a quarter of the memory beside the model), and logs the choice.
 
 Memory (``memory_bytes()``, per kind; MiB on ``small`` measured, GB on SD 1.5 from
 its parameter counts: UNet 860 M, CLIP-L 123 M, VAE 84 M):
@@ -42,10 +45,12 @@ copy                          small fp32   small bf16  SD 1.5 bf16
 ============================  ===========  ==========  =======================
 UNet ``W0`` (``pristine``)    131 (torch)  65.5        1.7 (was 3.4: torch's)
 torch UNet target weights     shared       freed       freed (was 3.4)
-one blend slot                131          65.5        1.7 (x2 slots: 3.4)
-bf16 blend scratch, a slot    0            4.5         ~0.05
+one blend slot (eager part)   < 131        < 65.5      0.6 measured (was 1.6)
+its LoCon convs (``locon``)   only those a LoCon blend changes (20 convs: 0.25)
+bf16 blend scratch, a slot    0            4.5         0.05 (was 0.11)
 text encoder ``W0`` + buffer  3 + 3        1.5 + 1.5   0.17 + 0.17 (was 0.34 + 0.17)
-compiled lean UNet (convs)    plugin's     plugin's    ~0.7 (spatial convs, bf16)
+compiled lean UNet (convs)    plugin's     plugin's    2.2 f32 folded (a cached blob:
+                                                       mmapped) + 1.1 repacked bf16
 VAE (torch, for img2img)      kept         kept        0.33 (+ compiled decoder)
 ============================  ===========  ==========  =======================
 
@@ -67,7 +72,7 @@ import numpy as np
 import torch
 
 from adapters.errors import InvalidArgument
-from server.backends.host_weights import buffer_bytes
+from server.backends.host_weights import buffer_bytes, is_bias_key
 from server.backends.onnx_export import (
     HIDDEN,
     SAMPLE,
@@ -78,7 +83,13 @@ from server.backends.onnx_export import (
     target_tensors,
     unet_targets,
 )
-from server.backends.openvino_runtime import compile_model, core, effective_precision, openvino
+from server.backends.openvino_runtime import (
+    compile_model,
+    core,
+    effective_precision,
+    openvino,
+    release_freed_memory,
+)
 from server.backends.openvino_weights import (
     SharedWeights,
     declare_bf16_inputs,
@@ -100,9 +111,12 @@ def weight_dtype(precision: str) -> torch.dtype:
 
 
 def slot_bytes(pipeline, precision: str) -> int:
-    """What one blend slot's buffers take at an effective ``precision``: every UNet target's weight
-    in ``weight_dtype``, every bias float32 (as ``SharedWeights`` allocates them)."""
-    return buffer_bytes(target_tensors(unet_targets(pipeline)), weight_dtype(precision))
+    """What one blend slot's buffers take at an effective ``precision`` under a usual blend: every
+    UNet target's weight in ``weight_dtype`` but the spatial convolutions' and the biases (a slot
+    holds those only for a blend that changes them: ``lazy``)."""
+    tensors = target_tensors(unet_targets(pipeline))
+    eager = {key: w for key, w in tensors.items() if not is_bias_key(key) and not is_spatial(w)}
+    return buffer_bytes(eager, weight_dtype(precision))
 
 
 def is_spatial(weight: torch.Tensor) -> bool:
@@ -134,14 +148,15 @@ class OvUnet:
         self.weight_dtype = weight_dtype(self.precision)
         self.added = self.exported.added_inputs  # SDXL: text_embeds, time_ids
         targets = unet_targets(pipeline)
-        self._slots = [SharedWeights(targets, self.weight_dtype)]
+        self._spatial = frozenset(key for key, w in target_tensors(targets).items() if is_spatial(w))
+        self.bias_keys = frozenset(self.exported.bias_keys)
+        # Constants in the lean variant: what a usual blend leaves at its base. A slot holds
+        # them only while its blend changes them (they read W0 until then: ``lazy``).
+        self._lean_constants = self._spatial | self.bias_keys
+        self._slots = [SharedWeights(targets, self.weight_dtype, lazy=self._lean_constants)]
         self._slot_count = slots
         self._active = 0
         self._recent = [0]  # slot indices, least recently used first
-        self._spatial = frozenset(key for key, w in self.weights.pristine.items() if is_spatial(w))
-        self.bias_keys = frozenset(self.exported.bias_keys)
-        # Constants in the lean variant: what a usual blend leaves at its base.
-        self._lean_constants = self._spatial | self.bias_keys
         self._targets = targets
         self._source = core().read_model(str(self.exported.path))
         self._models: dict[str, Any] = {}
@@ -191,12 +206,16 @@ class OvUnet:
     def memory_bytes(self) -> dict[str, int]:
         """The bytes this UNet holds on the host, by kind (the compiled models' own copies apart):
         ``pristine`` (``W0`` of every target, weights and biases), ``slots`` (the buffers of the
-        slots made so far), ``scratch`` (a bf16 blend's float32 scratch, per slot), ``torch``
-        (the torch modules' target weights that are not the pristine: freed by ``share_pristine``)."""
+        slots made so far but ``locon``), ``locon`` (the spatial convolutions' and biases' buffers
+        the slots' blends change: none under a usual blend), ``scratch`` (a bf16 blend's float32
+        scratch, per slot), ``torch`` (the torch modules' target weights that are not the
+        pristine: freed by ``share_pristine``)."""
         torch_bytes = unshared_torch_bytes(self._targets, self.weights.pristine)
+        locon = sum(slot.lazy_bytes for slot in self._slots)
         return {
             "pristine": self.weights.pristine_bytes,
-            "slots": sum(slot.nbytes for slot in self._slots),
+            "slots": sum(slot.nbytes for slot in self._slots) - locon,
+            "locon": locon,
             "scratch": sum(slot.scratch_bytes for slot in self._slots),
             "torch": torch_bytes,
         }
@@ -272,10 +291,17 @@ class OvUnet:
         else:
             if len(self._slots) < self._slot_count:
                 first = self._slots[0]
-                self._slots.append(SharedWeights(self._targets, self.weight_dtype, pristine=first.pristine))
+                self._slots.append(
+                    SharedWeights(
+                        self._targets, self.weight_dtype, pristine=first.pristine, lazy=self._lean_constants
+                    )
+                )
                 self._recent.insert(0, len(self._slots) - 1)
             chosen = next(i for i in self._recent if i != self._active or len(self._slots) == 1)
+            held_before = self._slots[chosen].lazy_bytes
             written = self._slots[chosen].apply(plan)
+            if self._slots[chosen].lazy_bytes < held_before:
+                release_freed_memory()  # a LoCon blend's convolutions dropped: their pages back
         self._active = chosen
         self._recent.remove(chosen)
         self._recent.append(chosen)

@@ -20,13 +20,17 @@ from server.backends.openvino_runtime import openvino
 
 class SharedWeights(HostWeights):
     """The buffers of ``targets`` (canonical key -> module) in ``dtype``, each also an ``ov.Tensor``:
-    every target's weight, and the bias of each that has one (``<key>.bias``, float32)."""
+    every target's weight, and the bias of each that has one (``<key>.bias``, float32).
+
+    ``lazy`` keys read ``W0`` until a blend touches them (``HostWeights``); when one's buffer
+    is allocated or dropped, its tensor is remade and set again on every request bound."""
 
     def __init__(
         self,
         targets: Mapping[str, nn.Module],
         dtype: torch.dtype,
         pristine: Mapping[str, torch.Tensor] | None = None,
+        lazy: frozenset[str] = frozenset(),
     ) -> None:
         """``pristine``: another set's ``W0`` to share (more blend slots over the same base)."""
         ov = openvino()
@@ -39,14 +43,25 @@ class SharedWeights(HostWeights):
                 key: w if is_bias_key(key) or dtype == torch.float32 else w.to(dtype)
                 for key, w in target_tensors(dict(targets)).items()
             }
-        super().__init__(pristine, dtype)
+        super().__init__(pristine, dtype, lazy)
         self.tensors = {key: shared_tensor(ov, buffer) for key, buffer in self._buffers.items()}
+        self._bound: list[tuple[Any, frozenset[str]]] = []
 
     def bind(self, request: Any, names: set[str]) -> None:
-        """Set every tensor whose key is one of the request's input ``names`` (once per request)."""
-        for key, tensor in self.tensors.items():
-            if key in names:
-                request.set_tensor(key, tensor)
+        """Set every tensor whose key is one of the request's input ``names`` (once per request;
+        the request is kept, to set a lazy key's tensor again when its memory moves)."""
+        keys = frozenset(names) & self.tensors.keys()
+        for key in keys:
+            request.set_tensor(key, self.tensors[key])
+        self._bound.append((request, keys))
+
+    def changed(self, keys: frozenset[str]) -> None:
+        ov = openvino()
+        for key in keys:
+            self.tensors[key] = shared_tensor(ov, self._buffers[key])
+        for request, names in self._bound:
+            for key in keys & names:
+                request.set_tensor(key, self.tensors[key])
 
 
 def share_pristine(targets: Mapping[str, nn.Module], weights: HostWeights) -> int:
@@ -76,8 +91,8 @@ def share_pristine(targets: Mapping[str, nn.Module], weights: HostWeights) -> in
 def shared_tensor(ov, buffer: torch.Tensor) -> Any:
     """An ``ov.Tensor`` over ``buffer``'s memory (float32 or bf16; the buffer must outlive it)."""
     if buffer.dtype == torch.bfloat16:
-        return ov.Tensor(buffer.view(torch.int16).numpy(), list(buffer.shape), ov.Type.bf16)
-    return ov.Tensor(buffer.numpy(), shared_memory=True)
+        return ov.Tensor(buffer.detach().view(torch.int16).numpy(), list(buffer.shape), ov.Type.bf16)
+    return ov.Tensor(buffer.detach().numpy(), shared_memory=True)
 
 
 def declare_bf16_inputs(model: Any, keys) -> Any:

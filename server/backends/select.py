@@ -190,7 +190,7 @@ def build_backend(
             name, precision, unet=OrtUnet(base.pipeline, base.fingerprint, threads=threads, folder=folder)
         )
     from server.backends.openvino_backend import OvUnet, slot_bytes
-    from server.backends.openvino_runtime import compiled_cache, effective_precision
+    from server.backends.openvino_runtime import compiled_cache, effective_precision, release_freed_memory
     from server.backends.openvino_text import OvTextEncoder, supports
     from server.backends.openvino_vae import OvVaeDecoder
 
@@ -214,6 +214,7 @@ def build_backend(
     vae = OvVaeDecoder(pipeline.vae, fingerprint, **settings)
     # The torch modules OpenVINO replaces keep only W0 (bf16: shared with the backend).
     freed = sum(part.share_pristine() for part in (unet, *encoders.values()))
+    release_freed_memory()  # else much of the float32 freed stays in the heap (RSS)
     if freed:
         log.info(
             "OpenVINO holds W0 in %s: the replaced torch weights' %.0f MiB freed", precision, freed / MiB

@@ -13,7 +13,8 @@ import torch
 pytest.importorskip("openvino")
 
 from adapters.errors import InvalidArgument
-from server.backends.openvino_backend import OvUnet, slot_bytes
+from server.backends.onnx_export import example_inputs
+from server.backends.openvino_backend import FULL, OvUnet, slot_bytes
 from server.backends.openvino_runtime import cpu_supports_bf16
 from server.backends.select import build_backend
 from server.engine import MemoryResolver
@@ -36,10 +37,10 @@ def _storage_bytes(tensors) -> int:
     return sum(storages.values())
 
 
-def _a_plan(pipeline):
+def _a_plan(pipeline, name: str = "a"):
     fused = FusedWeights(lora_targets(pipeline))
-    adapter = unet_adapters(pipeline)["a"]
-    return fused.plan([(fused.prepare(adapter, name="a", version=1, sha256="a" * 8), 1.0)])
+    adapter = unet_adapters(pipeline)[name]
+    return fused.plan([(fused.prepare(adapter, name=name, version=1, sha256=name * 8), 1.0)])
 
 
 def test_the_account_matches_the_tensors_and_bf16_halves_w0(own_tiny):
@@ -53,7 +54,9 @@ def test_the_account_matches_the_tensors_and_bf16_halves_w0(own_tiny):
         slots = unet._slots
         assert len(slots) == 2
         assert held[precision]["pristine"] == _storage_bytes(unet.weights.pristine.values())
-        buffers = [slot.buffer(key) for slot in slots for key in slot.keys]
+        # A slot owns the buffers of all but the spatial convolutions and biases (W0 read in place).
+        buffers = [slot.buffer(key) for slot in slots for key in slot.keys if slot.own(key)]
+        assert {key for key in slots[0].keys if not slots[0].own(key)} == unet._lean_constants
         assert held[precision]["slots"] == _storage_bytes(buffers) == 2 * slot_bytes(own_tiny, precision)
     weights = [key for key in units["fp32"].weight_keys if not key.endswith(".bias")]
     biases = held["fp32"]["pristine"] - _storage_bytes(units["fp32"].weights.pristine[k] for k in weights)
@@ -103,3 +106,38 @@ def test_the_backend_frees_the_torch_weights_it_replaces_and_swaps_exactly(tiny_
     for name, precision in (("torch", "fp32"), ("openvino", "fp32"), ("onnxruntime", "fp32")):
         with pytest.raises(InvalidArgument, match="handed to backend openvino"):
             build_backend(name, base, precision)
+
+
+def test_a_slot_holds_a_convolution_only_while_its_blend_changes_it(own_tiny):
+    """Spatial convolutions and biases read W0 in place until a LoCon blend touches them: then the
+    slot allocates those it changes (and rebinds its full variant's requests), and drops them again
+    for a blend that does not; the images stay exact."""
+    fingerprint = base_from(own_tiny).fingerprint
+    plan = _a_plan(own_tiny, "b")  # touches 3x3 convolutions
+    unet = OvUnet(own_tiny, fingerprint, precision="bf16", threads=1, slots=1)
+    fresh = OvUnet(own_tiny, fingerprint, precision="bf16", threads=1, slots=1)
+    sample, timestep, hidden = example_inputs(own_tiny.unet, batch=1)
+
+    def run(backend: OvUnet) -> torch.Tensor:
+        return backend(sample, timestep, encoder_hidden_states=hidden)[0]
+
+    eager = unet.memory_bytes()["slots"]
+    assert eager == slot_bytes(own_tiny, "bf16")
+    unet.variant = FULL
+    full_base = run(unet)  # the full variant's request, bound to W0
+    unet.apply(plan)
+    changed = {key for key in plan.updates if key in unet._lean_constants}
+    assert changed and unet.variant == FULL
+    assert {key for key in unet.weight_keys if unet.weights.own(key)} >= changed
+    held = sum(unet.buffer(key).numel() * unet.buffer(key).element_size() for key in changed)
+    assert unet.memory_bytes()["slots"] == eager and unet.memory_bytes()["locon"] == held
+    fresh.apply(plan)
+    out = run(unet)
+    assert torch.equal(out, run(fresh))  # the request bound before the swap reads the new buffers
+    unet.apply(None)
+    assert unet.memory_bytes()["slots"] == eager and unet.memory_bytes()["locon"] == 0
+    assert all(unet.buffer(key) is unet.weights.pristine[key] for key in changed)
+    unet.variant = FULL
+    assert torch.equal(run(unet), full_base)  # rebound to W0: the base, bit for bit
+    unet.apply(plan)
+    assert torch.equal(run(unet), out)  # B -> base -> B
