@@ -86,7 +86,7 @@ from pathlib import Path
 
 import torch
 
-from bench.report import Metric, cpu_timed, median_ms, quiet_peers, run_script, timed
+from bench.report import Metric, cpu_timed, median_ms, process_memory_mb, quiet_peers, run_script, timed
 from server.engine import Engine, GenerateRequest, MemoryResolver
 from server.engine.scheduler import Scheduler
 from server.engine.synthetic import (
@@ -482,6 +482,7 @@ def loraloom_real(real: RealModel, config: Config) -> RealTimes:
         timed(lambda b=(BLEND_X if index % 2 == 0 else BLEND_Y): engine.activate(b))
         for index in range(config.real_swap_repeats)
     ]
+    switching_mb = process_memory_mb()["VmRSS"]  # W0, the blends kept (or the scratch buffers), the adapters
     first_blend = []
     for index in range(config.real_cold_repeats + 1):
         weight = round(0.3 + 0.1 * index, 2)  # a new blend each time
@@ -502,7 +503,10 @@ def loraloom_real(real: RealModel, config: Config) -> RealTimes:
             lambda steps: engine.generate(GenerateRequest(PROMPT, steps=steps, seed=1, adapters=BLEND_X))
         )
     dtype = str(real.dtype).removeprefix("torch.")
-    note = f"{dtype}; warm-up {warm_ms:.0f} ms; plan cache {engine.plan_capacity_bytes >> 20} MiB"
+    note = (
+        f"{dtype}; warm-up {warm_ms:.0f} ms; plan cache {engine.plan_capacity_bytes >> 20} MiB; "
+        f"RSS while switching {switching_mb:.0f} MB"
+    )
     engine.activate([])  # the base's own tensors again
     return RealTimes(swap, first_blend[1:], cold_load[1:], first_use[1:], first_activation, generation, note)
 
@@ -653,9 +657,7 @@ def rss_setup(side: str, model_folder: str, dtype: str, threads: str, *files: st
             for parameter in getattr(runs, component).parameters():
                 parameter.sum()
     gc.collect()
-    with open("/proc/self/status", encoding="ascii") as status:
-        fields = dict(line.split(":", 1) for line in status if ":" in line)
-    return {key: int(fields[key].split()[0]) / 1024 for key in ("VmRSS", "VmHWM", "RssAnon")}
+    return process_memory_mb()
 
 
 def real_rss_mb(side: RealModel) -> Metric:

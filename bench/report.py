@@ -132,3 +132,10 @@ def run_script(script: str, args: Sequence[str], marker: str, what: str) -> dict
     if done.returncode != 0 or not lines:
         raise RuntimeError(f"{what} failed: {done.stderr[-2000:]}")
     return json.loads(lines[-1][len(marker) :])
+
+
+def process_memory_mb(pid: int | str = "self") -> dict[str, float]:
+    """``VmRSS``, ``VmHWM`` (peak), ``RssAnon`` and ``RssFile`` of a process (this one by default), in MB."""
+    with open(f"/proc/{pid}/status", encoding="ascii") as status:
+        fields = dict(line.split(":", 1) for line in status if ":" in line)
+    return {key: int(fields[key].split()[0]) / 1024 for key in ("VmRSS", "VmHWM", "RssAnon", "RssFile")}

@@ -39,7 +39,7 @@ import threading
 import time
 from pathlib import Path
 
-from bench.report import Metric, run_script
+from bench.report import Metric, process_memory_mb, run_script
 
 ROOT = Path(__file__).resolve().parents[1]
 LISTENING = re.compile(r"listening on (127\.0\.0\.1:\d+)")
@@ -66,13 +66,6 @@ def adapter_files(folder: Path) -> list[Path]:
         path.write_bytes(diffusers_file(adapter, pipeline))
         paths.append(path)
     return paths
-
-
-def memory_of(pid: int) -> dict[str, float]:
-    """VmRSS, VmHWM, RssAnon and RssFile of a process, in MB."""
-    with open(f"/proc/{pid}/status", encoding="ascii") as status:
-        fields = dict(line.split(":", 1) for line in status if ":" in line)
-    return {key: int(fields[key].split()[0]) / 1024 for key in ("VmRSS", "VmHWM", "RssAnon", "RssFile")}
 
 
 class Server:
@@ -166,7 +159,7 @@ def loraloom_side(model: Path, files: list[Path]) -> dict[str, object]:
                     found["generation_s"] = _estimate_20(timings[2], timings[4])
                     info = client.server_info()
                     found["backend"] = f"{info.backend} {info.precision}".strip()
-                found["memory"] = memory_of(server.process.pid)
+                found["memory"] = process_memory_mb(server.process.pid)
             finally:
                 server.stop()
     return found
@@ -196,9 +189,8 @@ for steps in (2, 4):
     generator = torch.Generator().manual_seed(1)
     pipeline(PROMPT, num_inference_steps=steps, height=SIZE, width=SIZE, generator=generator)
     timings[steps] = time.perf_counter() - began
-with open("/proc/self/status", encoding="ascii") as status:
-    fields = dict(line.split(":", 1) for line in status if ":" in line)
-memory = {k: int(fields[k].split()[0]) / 1024 for k in ("VmRSS", "VmHWM", "RssAnon", "RssFile")}
+from bench.report import process_memory_mb
+memory = process_memory_mb()
 print("PEER " + json.dumps({"ready_s": ready, "timings": timings, "memory": memory}))
 """
 

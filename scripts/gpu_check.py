@@ -17,6 +17,10 @@ Sections, each a few lines of output, then a one-line summary:
   request, none by the swaps after it, per-step ms vs eager, and the image
   difference from the eager engine for each blend;
 - tensorrt (if installed): build, refit times, difference after A -> B -> A;
+- w0_on_host: VRAM with ``W0`` on the device (blends repointed, kept computed) and with it
+  in pinned host memory (``--w0-on-host``: blends written in place), on ``--w0-model``
+  (default ``small``) in fp16 through base, A, B, A+B, base: model and peak allocated MiB,
+  swap ms, and the images of both modes against each other;
 - sdxl: the tiny SDXL (``--sdxl-model``): the fp16 engine, its ``force_upcast`` VAE kept
   in fp32, through base, A, B, A+B, base (blends over the UNet and both text encoders)
   against the fp32 engine; then its TensorRT UNet (with SDXL's ``text_embeds`` and
@@ -131,13 +135,17 @@ def _plans(pipeline, adapters) -> tuple[FusedWeights, Any, Any]:
 
 
 def _engine(
-    args, dtype: torch.dtype, compile: bool | CompileSettings = False, model: str | None = None
+    args,
+    dtype: torch.dtype,
+    compile: bool | CompileSettings = False,
+    model: str | None = None,
+    w0_on_host: bool = False,
 ) -> Engine:
     base = load_base_model(model or args.model, device=args.device, dtype=dtype)
     resolver = MemoryResolver()
     for name, adapter in _adapters(base.pipeline).items():
         resolver.add_adapter(name, adapter)
-    return Engine(base, resolver=resolver, compile=compile)
+    return Engine(base, resolver=resolver, compile=compile, w0_on_host=w0_on_host)
 
 
 def _image_diff(first, second) -> tuple[float, int]:
@@ -270,6 +278,53 @@ def check_compiled(args, report: Report, eager_images: dict[str, Any]) -> None:
     report.say(f"compiled first base image vs eager fp16: mean diff {eager_mean:.2f}")
 
 
+def _allocated(device: torch.device) -> tuple[int, int]:
+    """(allocated, peak allocated) bytes on a GPU; zeros on the CPU."""
+    if device.type != "cuda":
+        return 0, 0
+    torch.cuda.synchronize(device)
+    return torch.cuda.memory_allocated(device), torch.cuda.max_memory_allocated(device)
+
+
+def check_w0_on_host(args, report: Report) -> None:
+    """VRAM and swap times with W0 on the device vs in pinned host memory, images compared."""
+    import gc
+
+    device = torch.device(args.device)
+    peaks: dict[bool, int] = {}
+    images: dict[bool, list[Any]] = {}
+    for on_host in (False, True):
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(device)
+        before, _ = _allocated(device)
+        engine = _engine(args, torch.float16, model=args.w0_model, w0_on_host=on_host)
+        loaded, _ = _allocated(device)
+        swaps, images[on_host] = [], []
+        for _, blend in BLENDS:
+            started = time.perf_counter()
+            engine.activate(list(blend))
+            _sync(device)
+            swaps.append((time.perf_counter() - started) * 1000)
+            images[on_host].append(_generate(engine, blend, args).images[0])
+        _, peak = _allocated(device)
+        peaks[on_host] = peak - before
+        where = ("pinned host" if device.type == "cuda" else "host") if on_host else "device"
+        report.say(
+            f"w0 on {where}: model {(loaded - before) >> 20} MiB, peak {(peak - before) >> 20} MiB "
+            f"allocated, host W0 {engine._fused.host_bytes >> 20} MiB, swaps "
+            + " ".join(f"{ms:.1f}" for ms in swaps)
+            + " ms"
+        )
+        del engine
+    worst = max(_image_diff(a, b)[0] for a, b in zip(images[False], images[True], strict=True))
+    report.say(f"w0 on host vs device: images differ by mean {worst:.3f} at most (of 255)")
+    report.check(worst <= IMAGE_MEAN_TOLERANCE, f"w0 on host: images differ by mean {worst:.2f}")
+    if device.type == "cuda":
+        report.check(peaks[True] < peaks[False], "w0 on host did not lower the peak VRAM")
+
+
 def check_sdxl(args, report: Report) -> None:
     """The tiny SDXL: the fp16 engine (VAE kept in fp32) against fp32, then TensorRT with added inputs."""
     model = args.sdxl_model
@@ -329,14 +384,21 @@ def main() -> int:
         "--gen-steps", type=int, default=None, help="denoising steps per image (20; 2 on cpu)"
     )
     parser.add_argument("--sdxl-model", default="tiny-sdxl", help="the SDXL model of the sdxl section")
+    parser.add_argument(
+        "--w0-model", default=None, help="the model of the w0_on_host section (small; micro with --cpu)"
+    )
     parser.add_argument("--compile-backend", default=None, help="inductor (default; aot_eager with --cpu)")
     parser.add_argument("--cpu", action="store_true", help="dry run of every section on the CPU")
     parser.add_argument(
-        "--skip", nargs="*", default=[], help="sections to skip: unet engine channels_last compiled sdxl"
+        "--skip",
+        nargs="*",
+        default=[],
+        help="sections to skip: unet engine channels_last compiled w0_on_host sdxl",
     )
     args = parser.parse_args()
     args.device = "cpu" if args.cpu else "cuda"
     args.model = args.model or ("micro" if args.cpu else "tiny")
+    args.w0_model = args.w0_model or ("micro" if args.cpu else "small")
     args.steps = args.steps or (2 if args.cpu else 20)
     args.gen_steps = args.gen_steps or (2 if args.cpu else 20)
     args.compile_backend = args.compile_backend or ("aot_eager" if args.cpu else "inductor")
@@ -363,6 +425,8 @@ def main() -> int:
         check_channels_last(args, report)
     if "compiled" not in args.skip and images is not None:
         check_compiled(args, report, images)
+    if "w0_on_host" not in args.skip:
+        check_w0_on_host(args, report)
     if "sdxl" not in args.skip:
         check_sdxl(args, report)
     verdict = (

@@ -81,6 +81,7 @@ def build_service(settings: Settings, *, before_step: BeforeStep | None = None):
             limits=settings.limits,
             before_step=before_step,
             compile=engine_settings.compile,
+            w0_on_host=engine_settings.w0_on_host,
         )
         scheduler = Scheduler(
             engine,

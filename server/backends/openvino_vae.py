@@ -95,6 +95,10 @@ class OvVaeDecoder:
         """The infer request for latents of ``shape`` (compiled the first time)."""
         return self._requests.get(shape)[1]
 
+    def prepare(self, shape: tuple[int, ...]) -> None:
+        """Compile for latents of ``shape`` now (the server's warm-up), without decoding."""
+        self.request(shape)
+
     def _compile(self, shape: tuple[int, ...]) -> tuple[Any, Any]:
         log.info("compiling the OpenVINO VAE decoder (%s) for latents %s", self.precision, shape)
         model = self._source.clone()

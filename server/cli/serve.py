@@ -36,6 +36,7 @@ def register(app: typer.Typer) -> None:
         compile_cache: Annotated[
             bool | None, _opt("compile_cache", "--compile-cache/--no-compile-cache")
         ] = None,
+        w0_on_host: Annotated[bool | None, _opt("w0_on_host", "--w0-on-host/--w0-on-device")] = None,
         home: Annotated[Path | None, _opt("home", "--home")] = None,
         store_db_url: Annotated[str | None, _opt("store_db_url", "--store-db-url")] = None,
         max_queue: Annotated[int | None, _opt("max_queue", "--max-queue")] = None,

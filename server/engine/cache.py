@@ -55,6 +55,11 @@ class ByteLRU(Generic[V]):
         self._entries.move_to_end(key)
         return entry.value
 
+    def nbytes_of(self, key: Hashable) -> int:
+        """The bytes ``key`` holds (0 when it is not here)."""
+        entry = self._entries.get(key)
+        return 0 if entry is None else entry.nbytes
+
     def peek(self, key: Hashable) -> V | None:
         entry = self._entries.get(key)
         return None if entry is None else entry.value
@@ -129,8 +134,10 @@ MiB = 1 << 20
 GiB = 1 << 30
 # The plan cache's budget when none is given: this fraction of the memory left beside the base
 # model's weights, between the two bounds (the floor is the older fixed default, a quarter of the
-# adapter cache's default 512 MiB).
-PLAN_MEMORY_FRACTION = 0.25
+# adapter cache's default 512 MiB). 0.4: on a 24 GiB host an SDXL (bf16) blend's weights (5.8 GB)
+# fit beside the factors of others, so switching between two blends only repoints (the second is
+# kept by the scratch buffers); the fused design then holds W0 + one blend + the scratch.
+PLAN_MEMORY_FRACTION = 0.4
 PLAN_MIN_BYTES = 128 * MiB
 PLAN_MAX_BYTES = 32 * GiB
 
@@ -171,4 +178,38 @@ def host_memory_bytes() -> int | None:
         if text.isdigit() and int(text) < (1 << 60):  # "max" or a huge number: no limit
             found.append(int(text))
     found = [value for value in found if value > 0]
+    return min(found) if found else None
+
+
+# What a blend's weights may not take when kept: this share of the device's memory (at least
+# PLAN_HEADROOM_MIN) stays free for generating (activations, a request's images, the runtime).
+PLAN_HEADROOM_FRACTION = 0.15
+PLAN_HEADROOM_MIN = 2 * GiB
+
+
+def plan_headroom_bytes(memory_bytes: int | None) -> int:
+    """The memory kept free beside kept blend weights on a device of ``memory_bytes``."""
+    return max(PLAN_HEADROOM_MIN, int((memory_bytes or 0) * PLAN_HEADROOM_FRACTION))
+
+
+def host_free_bytes() -> int | None:
+    """The memory this process can still take on the host without swapping or an out-of-memory
+    kill: ``MemAvailable`` (free plus reclaimable page cache), or what the container's limit
+    leaves (cgroup v2 ``memory.max - memory.current``) when lower; ``None`` when unknown."""
+    found: list[int] = []
+    try:
+        with open("/proc/meminfo") as handle:
+            for line in handle:
+                if line.startswith("MemAvailable:"):
+                    found.append(int(line.split()[1]) * 1024)
+                    break
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        with open("/sys/fs/cgroup/memory.max") as limit, open("/sys/fs/cgroup/memory.current") as used:
+            text = limit.read().strip()
+            if text.isdigit() and int(text) < (1 << 60):
+                found.append(max(0, int(text) - int(used.read().strip())))
+    except (OSError, ValueError):
+        pass
     return min(found) if found else None

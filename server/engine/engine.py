@@ -40,7 +40,13 @@ from adapters.errors import (
 )
 from adapters.store.names import parse_ref
 from adapters.validation import validate_against_base
-from server.engine.cache import ByteLRU, host_memory_bytes, plan_budget_bytes
+from server.engine.cache import (
+    ByteLRU,
+    host_free_bytes,
+    host_memory_bytes,
+    plan_budget_bytes,
+    plan_headroom_bytes,
+)
 from server.engine.compiled import CompileSettings, compile_engine_unet
 from server.engine.denoise import BeforeStep, DenoiseOutput, denoise_batch
 from server.engine.fuse import FusedWeights, PreparedAdapter
@@ -55,6 +61,7 @@ from server.engine.types import (
     GenerateRequest,
     GenerateResult,
     GenerationParameters,
+    GenerationSettings,
     Job,
     Limits,
     Progress,
@@ -114,6 +121,8 @@ class Engine:
         limits: Limits | None = None,
         before_step: BeforeStep | None = None,
         compile: bool | CompileSettings = False,
+        free_memory: Callable[[], int | None] | None = None,
+        w0_on_host: bool = False,
     ) -> None:
         """``base`` is a ``server.models.loader.BaseModel``.
 
@@ -130,6 +139,11 @@ class Engine:
         (fault injection in tests: a slow step, a failure).
         ``compile`` (torch backend): ``torch.compile`` the UNet in place; swaps do not
         recompile (``server.engine.compiled``).
+        ``free_memory()``: the bytes still free on the weights' device (default: the host's
+        ``MemAvailable`` or the container's, a GPU's free memory); a blend's weights are kept
+        only while ``plan_headroom_bytes`` stays free beside them.
+        ``w0_on_host``: keep ``W0`` in (pinned) host memory and write blends in place
+        (``FusedWeights``): one copy of each weight on a GPU; no blend is kept computed.
         """
         self.base = base
         self.pipeline = base.pipeline
@@ -143,7 +157,13 @@ class Engine:
         self.resolver: AdapterResolver = resolver or MemoryResolver()
         self.limits = limits or Limits()
         self._before_step = before_step
-        self._fused = FusedWeights(targets)
+        self._fused = FusedWeights(targets, w0_on_host=w0_on_host)
+        if w0_on_host:
+            log.info(
+                "W0 in %s host memory (%d MiB): blends are written in place",
+                "pinned" if self.base_on_gpu else "plain",
+                self._fused.host_bytes >> 20,
+            )
         self._backend: EngineBackend = backend or TorchBackend()
         # Keys the backend writes itself; the fused torch path writes the rest. A layer's bias
         # (written by adapters with bias differences) is the backend's only if it says so.
@@ -160,6 +180,8 @@ class Engine:
         plan_budget = default_plan_budget(base, cache_bytes) if plan_cache_bytes is None else plan_cache_bytes
         self._cache: ByteLRU[PreparedAdapter] = ByteLRU(cache_bytes)
         self._plans: ByteLRU[BlendPlan] = ByteLRU(plan_budget)
+        self._free_memory = free_memory or device_free_memory(base)
+        self._headroom = plan_headroom_bytes(device_memory_bytes(base))
         self._cache_lock = threading.Lock()
         self._run_lock = threading.RLock()
         # sha256 -> the load under way (one load per adapter however many threads ask for it).
@@ -182,6 +204,10 @@ class Engine:
     def backend_name(self) -> str:
         """The backend as shown to clients: ``torch``, ``onnxruntime``, ``openvino (bf16)``."""
         return self._backend.label
+
+    @property
+    def base_on_gpu(self) -> bool:
+        return _weights_device(self.base).type == "cuda"
 
     @property
     def plan_capacity_bytes(self) -> int:
@@ -294,7 +320,11 @@ class Engine:
         blends being generated or written into the weights now, one of ``blend``'s own or one
         in ``protect`` (the adapters of the blends queued ahead of it); else it is dropped.
         Errors are logged at debug level and swallowed: the request's own load reports them.
+        A blend whose plan is cached (or that is written now) needs no adapter: nothing is loaded.
         """
+        with self._cache_lock:
+            if blend.signature == self._fused.signature or blend.signature in self._plans:
+                return 0
         shas = {resolved.sha256 for resolved, _ in blend.entries}
         loaded = 0
         for resolved, _ in blend.entries:
@@ -421,24 +451,45 @@ class Engine:
             return plan
         plan = self._fused.plan(prepared, blend.merge)
         part = self._torch_part(plan)  # materialized weights only for what torch runs
-        needed = plan.update_bytes + self._fused.materialized_bytes(part)
-        if needed <= self._plans.capacity_bytes:
+        materialized = self._fused.materialized_bytes(part)
+        if self._may_materialize(plan.update_bytes + materialized, materialized):
             with self._cache_lock:  # room first: an evicted blend's memory is reused, not faulted in anew
-                evicted = self._plans.make_room(needed)
+                evicted = self._plans.make_room(plan.update_bytes + materialized)
             for old in evicted:
                 self._fused.recycle(old)
             self._fused.materialize(part)
             plan.weights = part.weights
+            plan.release_materialized()
         with self._cache_lock:
             try:
                 self._plans.put(signature, plan, plan.nbytes)
-            except ResourceExhausted:
-                plan.weights = None  # keep the updates only; swaps then write into scratch buffers
-                try:
-                    self._plans.put(signature, plan, plan.nbytes)
-                except ResourceExhausted:  # larger than the plan budget: used once, not kept
-                    log.debug("blend plan of %d bytes not cached", plan.nbytes)
+            except ResourceExhausted:  # larger than the plan budget: used once, not kept
+                log.debug("blend plan of %d bytes not cached", plan.nbytes)
         return plan
+
+    def _may_materialize(self, needed: int, materialized: int) -> bool:
+        """Whether a new blend's weights (``materialized`` bytes; ``needed`` with its factors) are
+        kept with its plan: they fit the plan budget beside the blend written now (evicting that
+        one to make room would turn every switch between the two into a full rewrite; the new
+        one goes to the scratch buffers instead, which keep it until another blend needs them,
+        so alternating between them only repoints), and the device keeps ``PLAN_HEADROOM`` of
+        its memory free after them (the budget is a share of the memory; this is what is free)."""
+        if not self._fused.keeps_blends:
+            return False
+        with self._cache_lock:
+            current = self._plans.nbytes_of(self._fused.signature) if self._fused.signature else 0
+            if needed > self._plans.capacity_bytes - current:
+                return False
+        free = self._free_memory()
+        if free is not None and free - materialized < self._headroom:
+            log.info(
+                "blend weights of %d MiB not kept: %d MiB free, %d MiB kept free for generating",
+                materialized >> 20,
+                free >> 20,
+                self._headroom >> 20,
+            )
+            return False
+        return True
 
     @contextmanager
     def _in_use(self, blend: ResolvedBlend) -> Iterator[None]:
@@ -453,18 +504,33 @@ class Engine:
                 self._busy.subtract(shas)
                 self._busy += Counter()  # drop the keys at zero
 
-    def _prepare_blend(self, blend: ResolvedBlend) -> tuple[list[tuple[PreparedAdapter, Weight]], float]:
-        """Load (outside the run lock) what a blend needs; returns (prepared, ms)."""
+    def _prepare_blend(
+        self, blend: ResolvedBlend
+    ) -> tuple[list[tuple[PreparedAdapter, Weight]] | None, float]:
+        """Load (outside the run lock) what a blend needs; returns (prepared, ms). ``None``: nothing
+        to load, the blend is written now or its plan is cached (a swap to it needs no adapter:
+        at SDXL size reading its two adapters again took 1.6 s of a switch)."""
+        with self._cache_lock:
+            if blend.signature == self._fused.signature or blend.signature in self._plans:
+                return None, 0.0
         started = time.perf_counter()
         prepared = [(self._prepared(resolved), weight) for resolved, weight in blend.entries]
         return prepared, (time.perf_counter() - started) * 1000.0
 
-    def _swap(self, blend: ResolvedBlend, prepared: Sequence[tuple[PreparedAdapter, Weight]]) -> float:
-        """Write the blend into the weights (caller holds the run lock); returns ms (0: already there)."""
+    def _swap(self, blend: ResolvedBlend, prepared: Sequence[tuple[PreparedAdapter, Weight]] | None) -> float:
+        """Write the blend into the weights (caller holds the run lock); returns ms (0: already there).
+        ``prepared`` is ``None`` when the blend's plan was cached (``_prepare_blend``)."""
         if blend.signature == self._fused.signature:
             return 0.0
         started = time.perf_counter()
-        plan = self._plan(blend, prepared) if prepared else None
+        plan = None
+        if blend.entries:
+            if prepared is None:
+                with self._cache_lock:
+                    cached = blend.signature in self._plans
+                if not cached:  # evicted since: load what it needs now
+                    prepared = [(self._prepared(resolved), weight) for resolved, weight in blend.entries]
+            plan = self._plan(blend, prepared or ())
         self._fused.apply(self._torch_part(plan))
         self._backend.apply(plan)
         swap_ms = (time.perf_counter() - started) * 1000.0
@@ -513,13 +579,26 @@ class Engine:
         with self._run_lock:
             plan = self._fused.plan([(prepared, 1.0)])
             part = self._torch_part(plan)
-            if part.update_bytes + self._fused.materialized_bytes(part) <= self._plans.capacity_bytes:
+            kept = part.update_bytes + self._fused.materialized_bytes(part) <= self._plans.capacity_bytes
+            if kept and self._fused.keeps_blends:
                 self._fused.materialize(part)
             for torch_part, whole in ((part, plan), (None, None)):  # the blend, then the base
                 self._fused.apply(torch_part)
                 self._backend.apply(whole)
             self._fused.recycle(part)  # its memory, faulted in, for the first user blend
         return (time.perf_counter() - started) * 1000.0
+
+    def prepare_decode(self, settings: GenerationSettings) -> None:
+        """Get the VAE decoder ready for ``settings``' images without decoding any: a backend's
+        decoder compiled per shape (``prepare(latent_shape)``) compiles now; torch's needs nothing."""
+        vae = self._run_pipeline.vae
+        prepare = getattr(vae, "prepare", None)
+        if prepare is None:
+            return
+        factor = int(getattr(self.pipeline, "vae_scale_factor", 8))
+        channels = int(vae.config.latent_channels)
+        with self._run_lock:
+            prepare((len(settings.seeds), channels, settings.height // factor, settings.width // factor))
 
     # ------------------------------------------------------------ generating
 
@@ -639,24 +718,44 @@ class Engine:
 
 
 def default_plan_budget(base: Any, cache_bytes: int = DEFAULT_CACHE_BYTES) -> int:
-    """The blend-plan cache budget for ``base`` (a ``BaseModel``) when none is given: a quarter of
-    the memory of the device its weights are on (the host's RAM or container limit, a GPU's memory)
-    less the weights themselves, at least a quarter of ``cache_bytes``, at most 32 GiB
-    (``server.engine.cache.plan_budget_bytes``)."""
-    import torch
-
-    device = torch.device(getattr(base, "device", "cpu"))
+    """The blend-plan cache budget for ``base`` (a ``BaseModel``) when none is given: a share
+    (``PLAN_MEMORY_FRACTION``) of the memory of the device its weights are on (the host's RAM or
+    container limit, a GPU's memory) less the weights themselves, at least a quarter of
+    ``cache_bytes``, at most 32 GiB (``server.engine.cache.plan_budget_bytes``)."""
     pipeline = base.pipeline
     model_bytes = 0
     for component in family_of(pipeline).weight_components:
         module = getattr(pipeline, component, None)
         if module is not None:
             model_bytes += sum(p.numel() * p.element_size() for p in module.parameters())
+    return plan_budget_bytes(device_memory_bytes(base), model_bytes, floor=cache_bytes // 4)
+
+
+def _weights_device(base: Any):
+    import torch
+
+    return torch.device(getattr(base, "device", "cpu"))
+
+
+def device_memory_bytes(base: Any) -> int | None:
+    """The memory of the device ``base``'s weights are on: a GPU's, or the host's (or its container's)."""
+    import torch
+
+    device = _weights_device(base)
     if device.type == "cuda" and torch.cuda.is_available():
-        memory: int | None = torch.cuda.get_device_properties(device).total_memory
-    else:
-        memory = host_memory_bytes()
-    return plan_budget_bytes(memory, model_bytes, floor=cache_bytes // 4)
+        return int(torch.cuda.get_device_properties(device).total_memory)
+    return host_memory_bytes()
+
+
+def device_free_memory(base: Any) -> Callable[[], int | None]:
+    """What says how much memory is still free on ``base``'s device (``torch.cuda.mem_get_info``
+    on a GPU, ``host_free_bytes`` on the host)."""
+    import torch
+
+    device = _weights_device(base)
+    if device.type == "cuda" and torch.cuda.is_available():
+        return lambda: int(torch.cuda.mem_get_info(device)[0])
+    return host_free_bytes
 
 
 class _Stopped(Exception):

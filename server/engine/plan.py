@@ -26,14 +26,28 @@ def bias_key(key: str) -> str:
     return key + BIAS_SUFFIX
 
 
+class Materialized:
+    """Stands in a plan for a module's update once the plan holds the module's weights
+    (``BlendPlan.weights``): the factors are let go, the weights say it all."""
+
+    nbytes = 0
+
+    def __repr__(self) -> str:
+        return "MATERIALIZED"
+
+
+MATERIALIZED = Materialized()
+
+
 @dataclass
 class BlendPlan:
     """One blend, ready to write: per module its ``Update`` (a stacked low-rank pair, a dense
     delta or a DoRA rescale; a bias difference under ``bias_key(key)``), and optionally the
-    blend's materialized weights (then a swap only repoints)."""
+    blend's materialized weights (then a swap only repoints, and the updates of the modules
+    they cover are ``MATERIALIZED``: ``release_materialized``)."""
 
     signature: Signature
-    updates: Mapping[str, Update]
+    updates: Mapping[str, Update | Materialized]
     update_bytes: int
     weights: dict[str, torch.Tensor] | None = None
 
@@ -41,6 +55,18 @@ class BlendPlan:
     def nbytes(self) -> int:
         held = sum(t.numel() * t.element_size() for t in self.weights.values()) if self.weights else 0
         return self.update_bytes + held
+
+    def release_materialized(self) -> int:
+        """Let go of the updates whose result ``weights`` holds (at SDXL size a 2-adapter blend's
+        stacked factors are 0.9 GB beside its 5.8 GB of weights); returns the bytes released."""
+        if not self.weights:
+            return 0
+        released = sum(self.updates[key].nbytes for key in self.weights)
+        self.updates = {
+            key: MATERIALIZED if key in self.weights else update for key, update in self.updates.items()
+        }
+        self.update_bytes -= released
+        return released
 
     def only(self, keys) -> BlendPlan:
         """This plan restricted to ``keys`` (a backend's share, or torch's)."""

@@ -26,6 +26,7 @@ from server.models import factory
 from server.models.checkpoint_configs import check_prediction_type
 from server.models.errors import BaseModelError
 from server.models.families import FAMILIES, Family, family_of
+from server.models.fingerprint import files_key, remembered
 from server.models.noise import no_loading_bars, quiet_library_noise
 from server.models.shapes import module_shapes
 
@@ -55,6 +56,9 @@ class BaseModel:
     device: torch.device
     dtype: torch.dtype
     load_seconds: float = field(default=0.0)
+    # Names the files the weights came from (``server.models.fingerprint.files_key``): the
+    # fingerprint is then computed once per files and read back from the cache on a restart.
+    files_key: str | None = None
 
     @property
     def family(self) -> Family:
@@ -67,6 +71,9 @@ class BaseModel:
     @cached_property
     def fingerprint(self) -> str:
         """sha256 over every weight (names, shapes, float32 values): names the exact base."""
+        return remembered(self.files_key, self._hash_weights)
+
+    def _hash_weights(self) -> str:
         digest = hashlib.sha256()
         for component in self.family.weight_components:
             model = getattr(self.pipeline, component)
@@ -105,6 +112,7 @@ def load_base_model(
     quiet_library_noise()
     started = time.perf_counter()
     text = str(source)
+    key = None
     if text in BUILTIN_FOLDERS:
         pipeline = _load_path(BUILTIN_FOLDERS[text], dtype, prediction_type)
         name = text
@@ -115,6 +123,7 @@ def load_base_model(
         path = Path(text).expanduser()
         name = path.stem if path.is_file() else path.name
         pipeline = _load_path(path, dtype, prediction_type)
+        key = files_key(path, dtype)
     _set_prediction_type(pipeline, prediction_type)
     pipeline = pipeline.to(device)
     family = family_of(pipeline)
@@ -132,6 +141,7 @@ def load_base_model(
         device=torch.device(device),
         dtype=dtype,
         load_seconds=time.perf_counter() - started,
+        files_key=key,
     )
     log.info(
         "loaded base model %s (%s, %s, %d px) on %s in %.2fs",

@@ -52,10 +52,16 @@ def test_metrics_move_with_real_requests(metered, micro_shapes, caplog):
         client.upload_adapter(adapter_bytes(micro_shapes, seed=1, rank=32), "big-a")
         client.upload_adapter(adapter_bytes(micro_shapes, seed=2, rank=32), "big-b")
         client.upload_adapter(adapter_bytes(micro_shapes, seed=3, rank=32), "big-c")
-        # Two of these fit the 1 MiB cache, three do not: miss, hit, two misses (c evicts a), miss.
+        # Two of these fit the 1 MiB cache, three do not: miss, hit (a new blend of a), two misses
+        # (c evicts a), then a blend whose plan is cached (written from it: no adapter is read).
         with caplog.at_level(logging.INFO, logger="loraloom.requests"):
-            for names in (["big-a"], ["big-a"], ["big-b", "big-c"], ["big-a"]):
-                blend = [f"{name}:0.7" for name in names]
+            for names, weight in (
+                (["big-a"], 0.7),
+                (["big-a"], 0.5),
+                (["big-b", "big-c"], 0.7),
+                (["big-a"], 0.7),
+            ):
+                blend = [f"{name}:{weight}" for name in names]
                 client.generate(PROMPT, adapters=blend, steps=1, seed=5, request_id=f"req-{names[0]}")
         with pytest.raises(errors.NotFound):
             client.generate(PROMPT, adapters=["nobody:1"], steps=1)
