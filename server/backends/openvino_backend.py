@@ -17,12 +17,16 @@ convolution's weights on every call when they are an input (measured on
 convolutions, and every target's bias, as constants at their base values and
 takes only the other targets as inputs; it runs while the blend leaves every
 spatial convolution and bias at its base (attention/linear LoRA, the usual
-kind). A blend that touches one (LoCon-style, or a full diff that changes
-biases) runs on the *full* variant, where every target and bias is an input. Both
-are compiled for static shapes, once per (variant, input shapes) the first time
-it is used, and kept. A UNet with added conditioning (SDXL) takes its
-``added_cond_kwargs`` (``text_embeds``, ``time_ids``) as two more inputs
-(``onnx_export.added_inputs``).
+kind). At bf16 each of its spatial convolutions is a bf16 ``Convolution`` over
+``W0`` itself, its bias added in bf16 right after it (the plugin fuses the two and
+rounds once, as on its float32-weight path) and the sum widened to float32
+(``_bf16_convolution``); a bf16 constant behind a ``Convert`` would be folded by the
+plugin into a float32 copy (SD 1.5: 2.2 GB). A blend that touches one
+(LoCon-style, or a full diff that changes biases) runs on the *full* variant,
+where every target and bias is an input. Both are compiled for static shapes,
+once per (variant, input shapes) the first time it is used, and kept. A UNet with
+added conditioning (SDXL) takes its ``added_cond_kwargs`` (``text_embeds``,
+``time_ids``) as two more inputs (``onnx_export.added_inputs``).
 
 Blend slots: ``slots`` sets of weight buffers, each bound to its own infer
 requests (``slots=2`` by default). A swap to a blend some slot already holds
@@ -35,7 +39,7 @@ values) until a blend changes them: a LoCon blend allocates the ones it changes
 and rebinds them, the next usual blend drops them (``HostWeights``' lazy keys;
 SD 1.5 bf16: 0.6 GB a slot, was 1.6). Each request holds its own activations.
 ``select.build_backend`` keeps the second slot only when one slot fits the plan
-budget (a quarter of the memory beside the model), and logs the choice.
+budget (40 % of the memory beside the model), and logs the choice.
 
 Memory (``memory_bytes()``, per kind; MiB on ``small`` measured, GB on SD 1.5 from
 its parameter counts: UNet 860 M, CLIP-L 123 M, VAE 84 M):
@@ -49,8 +53,9 @@ one blend slot (eager part)   < 131        < 65.5      0.6 measured (was 1.6)
 its LoCon convs (``locon``)   only those a LoCon blend changes (20 convs: 0.25)
 bf16 blend scratch, a slot    0            4.5         0.05 (was 0.11)
 text encoder ``W0`` + buffer  3 + 3        1.5 + 1.5   0.17 + 0.17 (was 0.34 + 0.17)
-compiled lean UNet (convs)    plugin's     plugin's    2.2 f32 folded (a cached blob:
-                                                       mmapped) + 1.1 repacked bf16
+compiled lean UNet (convs)    plugin's     plugin's    1.1 repacked bf16 (was + 2.2 f32
+                                                       folded); + 1.0 when imported from a
+                                                       cached blob (its copy, mmapped)
 VAE (torch, for img2img)      kept         kept        0.33 (+ compiled decoder)
 ============================  ===========  ==========  =======================
 
@@ -122,6 +127,57 @@ def slot_bytes(pipeline, precision: str) -> int:
 def is_spatial(weight: torch.Tensor) -> bool:
     """A convolution weight with a kernel larger than 1x1 (the plugin repacks those per call)."""
     return weight.dim() == 4 and tuple(weight.shape[2:]) != (1, 1)
+
+
+def _bf16_convolution(ov: Any, parameter: Any, constant: Any) -> None:
+    """Make the convolution that reads ``parameter`` a bfloat16 one over ``constant`` (a bf16 ``W0``).
+
+    The plugin folds a bf16 constant behind a ``Convert`` to float32 (SD 1.5: 2.2 GB of spatial
+    convolution weights); a bf16 convolution keeps reading ``W0`` as is. Its bias is added in bf16
+    right after it, so the plugin fuses the two and rounds once, as on its float32-weight path; a
+    ``Convert`` between them would round the sum of the convolution twice (max pixel error 13 on
+    the tiny SDXL, past the tolerance). The sum is widened back to float32 for the rest of the
+    graph."""
+    (target,) = parameter.output(0).get_target_inputs()
+    convolution = target.get_node()
+    if convolution.get_type_name() != "Convolution" or target.get_index() != 1:
+        raise ValueError(f"{parameter.get_friendly_name()}: read by {convolution.get_type_name()}")
+    convolution.input(0).replace_source_output(
+        ov.opset13.convert(convolution.input_value(0), ov.Type.bf16).output(0)
+    )
+    convolution.input(1).replace_source_output(constant.output(0))
+    convolution.validate_and_infer_types()
+    out = convolution.output(0)
+    # A ShapeOf reads only the shape (the ONNX Conv's bias is reshaped by the output's rank): kept.
+    readers = [r for r in out.get_target_inputs() if r.get_node().get_type_name() != "ShapeOf"]
+    bias = _bias_of(readers, convolution.get_output_partial_shape(0).rank.get_length())
+    if bias is not None:  # the Add that holds the bias, made bf16 (a float32 constant: folded)
+        (reader,) = readers
+        add = reader.get_node()
+        add.input(1 - reader.get_index()).replace_source_output(
+            ov.opset13.convert(bias, ov.Type.bf16).output(0)
+        )
+        add.validate_and_infer_types()
+        out = add.output(0)
+        readers = list(out.get_target_inputs())
+    widened = ov.opset13.convert(out, ov.Type.f32)
+    for reader in readers:
+        reader.replace_source_output(widened.output(0))
+
+
+def _bias_of(readers: list, rank: int) -> Any:
+    """The bias a convolution's sole reader adds: an ``Add`` of one value per channel (static shape
+    ``[1, C, 1, 1]``: the ONNX ``Conv``'s bias, a reshaped constant in the lean variant); else
+    ``None`` (an ``Add`` of activations, a residual, is left in float32)."""
+    if len(readers) != 1 or readers[0].get_node().get_type_name() != "Add":
+        return None
+    add, index = readers[0].get_node(), readers[0].get_index()
+    other = add.input_value(1 - index)
+    shape = other.get_partial_shape()
+    if not shape.is_static or len(shape) != rank:
+        return None
+    per_channel = all(size == 1 for i, size in enumerate(shape.to_shape()) if i != 1)
+    return other if per_channel else None
 
 
 class OvUnet:
@@ -237,10 +293,14 @@ class OvUnet:
                 parameter = by_name[key]
                 w0 = self.weights.pristine[key]
                 constant = ov.opset13.constant(shared_tensor(ov, w0), shared_memory=True)
-                if w0.dtype != torch.float32:  # a bf16 W0, widened in the graph (the plugin folds it)
-                    constant = ov.opset13.convert(constant, ov.Type.f32)
-                parameter.output(0).replace(constant.output(0))
+                if w0.dtype == torch.bfloat16 and key in self._spatial:  # read in place, never folded
+                    _bf16_convolution(ov, parameter, constant)
+                else:
+                    if w0.dtype != torch.float32:  # a bf16 W0, widened in the graph (the plugin folds it)
+                        constant = ov.opset13.convert(constant, ov.Type.f32)
+                    parameter.output(0).replace(constant.output(0))
                 model.remove_parameter(parameter)
+            model.validate_nodes_and_infer_types()
         if self.weight_dtype == torch.bfloat16:
             model = declare_bf16_inputs(model, self.weights.keys)
         return model

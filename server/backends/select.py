@@ -168,7 +168,7 @@ def build_backend(
     ``folder`` overrides where exports are cached (default: the data folder's cache).
     OpenVINO keeps a second blend slot (switching back to it writes nothing) when one
     slot's weights fit in ``slot_budget_bytes`` (``None``: always; the server passes the
-    plan budget, a quarter of the memory beside the model), and with ``compile_cache``
+    plan budget, 40 % of the memory beside the model), and with ``compile_cache``
     keeps its compiled models in ``<cache>/compiled`` (``openvino_runtime``).
     """
     check_backend(name, precision)

@@ -145,8 +145,9 @@ PLAN_MAX_BYTES = 32 * GiB
 def plan_budget_bytes(memory_bytes: int | None, model_bytes: int = 0, *, floor: int = PLAN_MIN_BYTES) -> int:
     """The blend-plan cache's budget on a device of ``memory_bytes`` (``None``: unknown, then
     ``floor``) that holds ``model_bytes`` of base weights: ``PLAN_MEMORY_FRACTION`` of the rest,
-    at least ``floor``, at most ``PLAN_MAX_BYTES``. On the 24 GiB development machine with SD 1.5
-    (4.3 GB) it holds three of its 2-adapter blends (1.4 GB each, materialized)."""
+    at least ``floor``, at most ``PLAN_MAX_BYTES``. On the 24 GiB development machine: SD 1.5
+    (4.3 GB in float32) 8.6 GB, six of its 2-adapter blends (1.4 GB each, materialized); SDXL in
+    bfloat16 (6.9 GB) 7.5 GB, one blend's weights (5.8 GB) and the factors of others."""
     if memory_bytes is None:
         return floor
     share = int(max(0, memory_bytes - model_bytes) * PLAN_MEMORY_FRACTION)

@@ -133,7 +133,7 @@ class Engine:
         ``cache_bytes`` bounds the prepared adapters (LRU, pinning). Blend plans
         (stacked factors, and the blend's weights when they fit, which makes a
         swap to it nearly free) are kept apart, in ``plan_cache_bytes`` (default
-        ``default_plan_budget``: a quarter of the memory the weights' device has
+        ``default_plan_budget``: 40 % of the memory the weights' device has
         beside the base model, bounded).
         ``before_step(index, total)`` is a seam called before every denoising step
         (fault injection in tests: a slow step, a failure).

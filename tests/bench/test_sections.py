@@ -38,11 +38,12 @@ def test_cpu_declares_its_served_sd15_rows_opt_in_and_they_are_no_suite():
     assert "served" not in SUITES and "cpu" in SUITES
 
 
-def test_a_20_step_generation_is_estimated_from_2_and_4_steps():
-    from bench.served import _estimate_20
+def test_a_20_step_generation_is_estimated_from_a_warm_2_and_4_step_request():
+    from bench.served import RUNS, _estimate_20
 
-    assert _estimate_20(10.0, 14.0) == pytest.approx(8.0 - 2 * 2.0 + 20 * 2.0 + 2.0)
-    assert _estimate_20(5.0, 4.0) == 5.0  # noise: no negative step time
+    assert RUNS[0][0] == "first"  # the first request carries one-time costs
+    assert _estimate_20({"first": 99.0, "again": 10.0, "long": 14.0}) == pytest.approx(10.0 - 4.0 + 40.0)
+    assert _estimate_20({"first": 9.0, "again": 5.0, "long": 4.0}) == 5.0  # noise: no negative step
 
 
 def test_a_script_run_returns_its_last_marked_json_and_a_failure_says_so():
