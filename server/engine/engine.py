@@ -481,7 +481,8 @@ class Engine:
             if needed > self._plans.capacity_bytes - current:
                 return False
         free = self._free_memory()
-        if free is not None and free - materialized < self._headroom:
+        fresh = materialized - self._fused.reusable_bytes(materialized)  # a spare slab is no new memory
+        if free is not None and free - fresh < self._headroom:
             log.info(
                 "blend weights of %d MiB not kept: %d MiB free, %d MiB kept free for generating",
                 materialized >> 20,

@@ -128,6 +128,12 @@ class FusedWeights:
         """Bytes of the host copy of ``W0`` (``w0_on_host``), else 0."""
         return sum(_nbytes(t) for t in self._pristine.values()) if self.w0_on_host else 0
 
+    def reusable_bytes(self, nbytes: int) -> int:
+        """Of ``nbytes`` of new blend weights, what a spare slab (its pages already faulted in)
+        would give: all of it when one fits within ``SPARE_SLACK``, else nothing."""
+        fits = any(nbytes <= _nbytes(spare) <= nbytes * SPARE_SLACK for spare in self._spares)
+        return nbytes if fits else 0
+
     def materialized_bytes(self, plan: BlendPlan) -> int:
         """What materializing ``plan`` would hold: one copy of every weight it touches."""
         return sum(_nbytes(self._like[key]) for key in plan.updates)

@@ -132,3 +132,24 @@ def test_the_headroom_is_a_share_of_the_memory_with_a_floor():
     assert plan_headroom_bytes(100 * GiB) == 15 * GiB
     free = host_free_bytes()
     assert free is not None and free > 0
+
+
+def test_a_spare_slab_counts_as_memory_already_held(micro_pipeline, micro_adapters):
+    """The headroom check counts only fresh memory: a blend whose weights fit a spare slab (an
+    evicted blend's, the warm-up's) is kept even when the free memory alone would say no."""
+    free = {"bytes": 64 * GiB}
+    engine = make_engine(micro_pipeline, "micro", micro_adapters, free_memory=lambda: free["bytes"])
+    engine.activate(X)
+    size = materialized_size(engine, X)
+    # Evict X (its slab becomes a spare) and go back to the base.
+    engine.activate([])
+    with engine._cache_lock:
+        evicted = engine._plans.make_room(engine.plan_capacity_bytes)
+    for plan in evicted:
+        engine._fused.recycle(plan)
+    assert engine._fused.reusable_bytes(size) == size
+    free["bytes"] = engine._headroom + size // 2  # too little for fresh weights of this size
+    engine.activate(X)
+    assert plan_of(engine, X).weights is not None  # carved from the spare
+    engine.activate(Y)  # no spare left: written into the scratch buffers
+    assert plan_of(engine, Y).weights is None
