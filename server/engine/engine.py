@@ -322,9 +322,8 @@ class Engine:
         Errors are logged at debug level and swallowed: the request's own load reports them.
         A blend whose plan is cached (or that is written now) needs no adapter: nothing is loaded.
         """
-        with self._cache_lock:
-            if blend.signature == self._fused.signature or blend.signature in self._plans:
-                return 0
+        if self._needs_no_adapters(blend):
+            return 0
         shas = {resolved.sha256 for resolved, _ in blend.entries}
         loaded = 0
         for resolved, _ in blend.entries:
@@ -511,12 +510,16 @@ class Engine:
         """Load (outside the run lock) what a blend needs; returns (prepared, ms). ``None``: nothing
         to load, the blend is written now or its plan is cached (a swap to it needs no adapter:
         at SDXL size reading its two adapters again took 1.6 s of a switch)."""
-        with self._cache_lock:
-            if blend.signature == self._fused.signature or blend.signature in self._plans:
-                return None, 0.0
+        if self._needs_no_adapters(blend):
+            return None, 0.0
         started = time.perf_counter()
         prepared = [(self._prepared(resolved), weight) for resolved, weight in blend.entries]
         return prepared, (time.perf_counter() - started) * 1000.0
+
+    def _needs_no_adapters(self, blend: ResolvedBlend) -> bool:
+        """Whether ``blend`` is written now or its plan is cached (a swap to it reads no adapter)."""
+        with self._cache_lock:
+            return blend.signature == self._fused.signature or blend.signature in self._plans
 
     def _swap(self, blend: ResolvedBlend, prepared: Sequence[tuple[PreparedAdapter, Weight]] | None) -> float:
         """Write the blend into the weights (caller holds the run lock); returns ms (0: already there).

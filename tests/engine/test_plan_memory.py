@@ -153,3 +153,23 @@ def test_a_spare_slab_counts_as_memory_already_held(micro_pipeline, micro_adapte
     assert plan_of(engine, X).weights is not None  # carved from the spare
     engine.activate(Y)  # no spare left: written into the scratch buffers
     assert plan_of(engine, Y).weights is None
+
+
+def test_a_plan_evicted_between_the_load_and_the_swap_is_built_again(micro_pipeline, micro_adapters):
+    """``_prepare_blend`` loads nothing for a cached plan; if another request evicts that plan
+    before this one's swap, the swap loads the adapters itself (under the run lock)."""
+    engine = make_engine(micro_pipeline, "micro", micro_adapters)
+    reference = make_engine(micro_pipeline, "micro", micro_adapters, plan_cache_bytes=0)
+    blend = engine.resolve_blend(X)
+    engine.activate(X)
+    engine.activate(Y)
+    prepared, load_ms = engine._prepare_blend(blend)
+    assert prepared is None and load_ms == 0.0  # cached: nothing loaded
+    with engine._cache_lock:
+        evicted = engine._plans.make_room(engine.plan_capacity_bytes)  # another request's doing
+    for plan in evicted:
+        engine._fused.recycle(plan)
+    with engine._run_lock:
+        engine._swap(blend, prepared)
+    reference.activate(X)
+    assert same(weights_of(engine), weights_of(reference))
